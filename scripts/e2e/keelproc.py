@@ -1,0 +1,80 @@
+"""Starts the keel binary on ephemeral ports and reads its bound addresses
+from the startup log line, so e2e checks never guess a free port."""
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+
+
+class Keel:
+    def __init__(self, binary, env=None, args=None):
+        self.binary = binary
+        full_env = {k: v for k, v in os.environ.items() if not k.startswith("KEEL")}
+        full_env.update({
+            "KEEL__GRPC__ADDR": "127.0.0.1:0",
+            "KEEL__HTTP__ADDR": "127.0.0.1:0",
+            "KEEL__ADMIN__ADDR": "127.0.0.1:0",
+            "KEEL__LOG__FORMAT": "json",
+            "KEEL__SHUTDOWN__DRAIN_DELAY": "0s",
+        })
+        full_env.update(env or {})
+        self.proc = subprocess.Popen(
+            [binary, *(args or []), "serve"],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines = []
+        self.addrs = {}
+        ready = threading.Event()
+
+        def pump():
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("message") == "keel serving":
+                    for key in ("grpc.addr", "http.addr", "admin.addr"):
+                        if key in record:
+                            self.addrs[key.split(".")[0]] = record[key]
+                    ready.set()
+            ready.set()
+
+        self.pump = threading.Thread(target=pump, daemon=True)
+        self.pump.start()
+        if not ready.wait(30) or "grpc" not in self.addrs:
+            self.proc.kill()
+            raise RuntimeError("keel did not start: " + "".join(self.lines) + self.proc.stderr.read())
+
+    @property
+    def grpc(self):
+        return self.addrs["grpc"]
+
+    def logs(self):
+        return list(self.lines)
+
+    def json_logs(self):
+        out = []
+        for line in self.lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+        return out
+
+    def signal(self, sig=signal.SIGTERM):
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout=30):
+        """SIGTERM, then the exit code and the seconds it took."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.pump.join(5)
+        return code, time.monotonic() - started

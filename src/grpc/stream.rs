@@ -1,0 +1,182 @@
+//! Server-streaming plumbing shared by every streaming RPC.
+//!
+//! Each stream gets one producer task, owned by the shutdown tracker, that
+//! feeds a bounded channel. The bound is the backpressure: a slow client
+//! stalls its producer instead of growing a buffer. The producer checks on
+//! every message whether the client is gone, the deadline has passed or
+//! shutdown wants it to stop, and ends with a clean status when it must.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_stream::Stream;
+use tonic::Status;
+
+use crate::shutdown::Shutdown;
+
+/// Whether a stream ends by itself or only when something stops it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamKind {
+    /// Ends by itself (ListUsers): it may finish while the server drains, and
+    /// is cut off only when the drain bound passes.
+    Finite,
+    /// Never ends by itself (WatchUsers): told to finish as soon as draining
+    /// begins, so clients reconnect to another replica.
+    Endless,
+}
+
+/// Why a producer has to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StreamEnd {
+    ClientGone,
+    DeadlineExceeded,
+    ShuttingDown,
+}
+
+impl From<StreamEnd> for Status {
+    fn from(end: StreamEnd) -> Self {
+        match end {
+            // Nobody is left to read it; the status only ends the producer.
+            StreamEnd::ClientGone => Status::cancelled("client cancelled the stream"),
+            StreamEnd::DeadlineExceeded => Status::deadline_exceeded("deadline exceeded"),
+            StreamEnd::ShuttingDown => Status::unavailable("server shutting down"),
+        }
+    }
+}
+
+/// Counts producers that are still running. A stream whose client went away
+/// must drop out of this count promptly; tests and metrics rely on it.
+#[derive(Clone, Debug, Default)]
+pub struct LiveStreams(Arc<AtomicUsize>);
+
+impl LiveStreams {
+    pub fn get(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    fn enter(&self) -> LiveGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        LiveGuard(self.0.clone())
+    }
+}
+
+struct LiveGuard(Arc<AtomicUsize>);
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts producer tasks for streaming responses.
+#[derive(Clone, Debug)]
+pub struct StreamSpawner {
+    shutdown: Shutdown,
+    buffer: usize,
+    live: LiveStreams,
+}
+
+impl StreamSpawner {
+    pub fn new(shutdown: Shutdown, buffer: usize, live: LiveStreams) -> Self {
+        Self { shutdown, buffer: buffer.max(1), live }
+    }
+
+    /// Runs `produce` in a tracked task and returns the response stream it
+    /// feeds. An `Err` from the producer becomes the stream's final status,
+    /// delivered after the messages already queued.
+    pub fn spawn<T, F, Fut>(&self, kind: StreamKind, deadline: Option<Instant>, produce: F) -> ResponseStream<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(StreamSink<T>) -> Fut,
+        Fut: Future<Output = Result<(), Status>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(self.buffer);
+        let (status_tx, status_rx) = oneshot::channel();
+        let sink = StreamSink { tx, deadline, kind, shutdown: self.shutdown.clone(), _live: self.live.enter() };
+        let producer = produce(sink);
+        self.shutdown.spawn(async move {
+            // The sink, and with it the sender, is gone once the producer
+            // returns, so the reader sees the queued messages, then this.
+            if let Err(status) = producer.await {
+                let _ = status_tx.send(status);
+            }
+        });
+        ResponseStream { messages: rx, status: Some(status_rx) }
+    }
+}
+
+/// The producer's end of a stream.
+pub struct StreamSink<T> {
+    tx: mpsc::Sender<Result<T, Status>>,
+    deadline: Option<Instant>,
+    kind: StreamKind,
+    shutdown: Shutdown,
+    _live: LiveGuard,
+}
+
+/// A reserved slot in the stream's buffer.
+pub type Slot<'a, T> = mpsc::Permit<'a, Result<T, Status>>;
+
+impl<T: Send> StreamSink<T> {
+    /// Resolves when the producer must stop for a reason outside itself.
+    pub async fn stopped(&self) -> StreamEnd {
+        let deadline = async {
+            match self.deadline {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let drain = async {
+            match self.kind {
+                StreamKind::Endless => self.shutdown.draining().await,
+                StreamKind::Finite => self.shutdown.aborted().await,
+            }
+        };
+        tokio::select! {
+            _ = self.tx.closed() => StreamEnd::ClientGone,
+            _ = deadline => StreamEnd::DeadlineExceeded,
+            _ = drain => StreamEnd::ShuttingDown,
+        }
+    }
+
+    /// Waits for buffer space, or for a reason to stop.
+    pub async fn reserve(&self) -> Result<Slot<'_, T>, StreamEnd> {
+        tokio::select! {
+            biased;
+            end = self.stopped() => Err(end),
+            slot = self.tx.reserve() => slot.map_err(|_| StreamEnd::ClientGone),
+        }
+    }
+
+    /// Sends one message, waiting while the client is slow.
+    pub async fn send(&self, message: T) -> Result<(), StreamEnd> {
+        self.reserve().await?.send(Ok(message));
+        Ok(())
+    }
+}
+
+/// The response side handed to tonic: queued messages, then the final status.
+pub struct ResponseStream<T> {
+    messages: mpsc::Receiver<Result<T, Status>>,
+    status: Option<oneshot::Receiver<Status>>,
+}
+
+impl<T> Stream for ResponseStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(item) = ready!(self.messages.poll_recv(cx)) {
+            return Poll::Ready(Some(item));
+        }
+        let Some(status) = self.status.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let outcome = ready!(Pin::new(status).poll(cx));
+        self.status = None;
+        Poll::Ready(outcome.ok().map(Err))
+    }
+}

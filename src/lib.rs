@@ -1,0 +1,37 @@
+//! keel: a gRPC microservice template for Kubernetes.
+//!
+//! # Layout
+//! - [`config`]: typed settings, layered loading and validation (exit 78).
+//! - [`telemetry`]: the tracing subscriber (JSON or pretty).
+//! - [`app`]: `App::build` binds the listeners, `App::run` serves and shuts
+//!   down.
+//! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
+//!   and the signals that trigger it.
+//! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown.
+//! - [`grpc`]: the server, its layer stack ([`grpc::middleware`]) and the
+//!   streaming plumbing ([`grpc::stream`]).
+//! - [`users`]: the example service over a `Store` trait — the part to
+//!   replace.
+//! - [`proto`]: code generated from `proto/` at build time, and the
+//!   descriptor set reflection reads.
+
+pub mod app;
+pub mod config;
+pub mod grpc;
+pub mod health;
+pub mod shutdown;
+pub mod telemetry;
+pub mod users;
+
+/// Generated from `proto/` by `build.rs`; never edited by hand.
+pub mod proto {
+    pub mod user {
+        pub mod v1 {
+            #![allow(clippy::all, clippy::pedantic, missing_docs)]
+            tonic::include_proto!("user.v1");
+        }
+    }
+
+    /// Every file under `proto/` with its imports, well-known types included.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/keel_descriptor.bin"));
+}

@@ -1,0 +1,100 @@
+//! The `keel` binary: CLI → config → telemetry → build → run → exit code.
+//! Config comes before telemetry because the log format and level are
+//! config; a config error is printed plainly to stderr.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keel::app::{App, AppError};
+use keel::config::{ConfigSources, EXIT_CONFIG, Settings};
+use keel::shutdown::{Signal, SignalListener};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser, Debug)]
+#[command(name = "keel", version, about = "A gRPC microservice with an HTTP/JSON gateway")]
+struct Cli {
+    /// A YAML file layered over config/default.yaml and config/$KEEL_ENV.yaml.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+enum Command {
+    /// Serve gRPC, the HTTP gateway and the admin endpoints (the default).
+    Serve,
+    /// Print the effective configuration, secrets redacted.
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match Settings::load(&ConfigSources::from_process(cli.config.clone())) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("keel: {error}");
+            return ExitCode::from(EXIT_CONFIG as u8);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Config => {
+            println!("{}", settings.to_redacted_json());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(settings),
+    }
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    if let Err(error) = keel::telemetry::init(&settings.log) {
+        eprintln!("keel: {error}");
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            tracing::error!(%error, "cannot start the async runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let signals = SignalListener::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+        let app = App::build(settings).await?;
+        let stop = CancellationToken::new();
+        tokio::spawn(handle_signals(signals, stop.clone()));
+        app.run(stop.cancelled_owned()).await?;
+        Ok::<_, anyhow::Error>(())
+    });
+    // Don't wait on abandoned handlers: they were given their bound.
+    runtime.shutdown_background();
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let bind = error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. }));
+            tracing::error!(error = %error, "keel failed");
+            if bind {
+                eprintln!("keel: {error}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one, or
+/// SIGQUIT, exits at once.
+async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
+    while let Some(signal) = signals.recv().await {
+        if signal == Signal::Quit {
+            tracing::warn!(?signal, "exiting immediately");
+            std::process::exit(signal.exit_code().into());
+        }
+        if stop.is_cancelled() {
+            tracing::warn!(?signal, "second signal during shutdown; exiting immediately");
+            std::process::exit(130);
+        }
+        tracing::info!(?signal, "shutdown requested");
+        stop.cancel();
+    }
+}

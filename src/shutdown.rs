@@ -1,0 +1,125 @@
+//! Shutdown coordination: one cloneable [`Shutdown`] handle that every server,
+//! stream and background task listens to, and the signals that trigger it.
+//!
+//! Shutdown has two phases after the readiness flip and the drain delay
+//! (sequenced by `app`):
+//! 1. *draining*: listeners stop accepting, unary calls finish, endless
+//!    streams end with UNAVAILABLE, finite streams finish if they can;
+//! 2. *aborted*: the drain bound (`shutdown.timeout`) has passed and whatever
+//!    is still running is cancelled.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// The process-wide shutdown handle. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Shutdown {
+    /// Cancelled when the listeners close: endless work should wind down.
+    draining: CancellationToken,
+    /// Cancelled when the drain bound has passed: all work must stop now.
+    aborted: CancellationToken,
+    /// Owns every task spawned on behalf of a request, so shutdown can wait
+    /// for them and no task outlives the process' orderly exit.
+    tracker: TaskTracker,
+}
+
+impl Shutdown {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Resolves once draining has begun (also after an abort).
+    pub async fn draining(&self) {
+        self.draining.cancelled().await;
+    }
+
+    /// Resolves once the drain bound has passed.
+    pub async fn aborted(&self) {
+        self.aborted.cancelled().await;
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// Spawns request-scoped work that shutdown waits for.
+    pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn(task)
+    }
+
+    /// Number of tracked tasks still running.
+    pub fn tasks_running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    pub(crate) fn begin_draining(&self) {
+        self.draining.cancel();
+    }
+
+    pub(crate) fn abort(&self) {
+        self.draining.cancel();
+        self.aborted.cancel();
+    }
+
+    /// Waits for every tracked task; new ones may no longer be expected.
+    pub(crate) async fn wait_for_tasks(&self) {
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+/// The signals keel reacts to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGTERM: Kubernetes asking for a graceful stop.
+    Terminate,
+    /// SIGINT: Ctrl-C; treated like SIGTERM.
+    Interrupt,
+    /// SIGQUIT: stop now, without draining.
+    Quit,
+}
+
+impl Signal {
+    /// The conventional exit code of a process ended by this signal.
+    pub fn exit_code(self) -> u8 {
+        128 + match self {
+            Self::Interrupt => 2,
+            Self::Quit => 3,
+            Self::Terminate => 15,
+        }
+    }
+}
+
+/// Delivers process signals as a stream of [`Signal`]s.
+pub struct SignalListener {
+    signals: signal_hook_tokio::Signals,
+}
+
+impl SignalListener {
+    /// Registers the handlers. Until then the default actions apply, so call
+    /// this before the listeners are bound.
+    pub fn install() -> std::io::Result<Self> {
+        use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+        Ok(Self { signals: signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGQUIT])? })
+    }
+
+    /// The next signal; `None` once the listener is closed.
+    pub async fn recv(&mut self) -> Option<Signal> {
+        use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+        use tokio_stream::StreamExt;
+        loop {
+            match self.signals.next().await? {
+                SIGTERM => return Some(Signal::Terminate),
+                SIGINT => return Some(Signal::Interrupt),
+                SIGQUIT => return Some(Signal::Quit),
+                _ => continue,
+            }
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The example service, `user.v1.UserService`: the part a team replaces.
+//!
+//! Handlers translate between the wire and the domain ([`validation`]) and
+//! the persistence ([`store`]); streams run on the shared stream plumbing.
+
+pub mod store;
+pub mod validation;
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Request, Response, Status};
+
+use crate::grpc::middleware::deadline::deadline_of;
+use crate::grpc::stream::{ResponseStream, StreamKind, StreamSink, StreamSpawner};
+use crate::proto::user::v1::user_service_server::UserService;
+use crate::proto::user::v1::{
+    CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User, UserEvent,
+    WatchUsersRequest,
+};
+use store::{Store, StoreError};
+use validation::FieldViolation;
+
+/// How many users ListUsers reads from the store at a time.
+const LIST_PAGE: usize = 100;
+
+/// `user.v1.UserService` over any [`Store`].
+pub struct Users<S> {
+    store: Arc<S>,
+    streams: StreamSpawner,
+    /// How many events a watcher may fall behind before it is dropped.
+    watch_buffer: usize,
+}
+
+impl<S: Store> Users<S> {
+    pub fn new(store: Arc<S>, streams: StreamSpawner, watch_buffer: usize) -> Self {
+        Self { store, streams, watch_buffer: watch_buffer.max(1) }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound(_) => Status::not_found(error.to_string()),
+            StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
+            StoreError::Invalid(violation) => violation.into(),
+            StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+        }
+    }
+}
+
+impl From<FieldViolation> for Status {
+    fn from(violation: FieldViolation) -> Self {
+        Status::invalid_argument(violation.to_string())
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> UserService for Users<S> {
+    async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
+        let user = request.into_inner().user.unwrap_or_default();
+        let user = validation::new_user(user, SystemTime::now())?;
+        Ok(Response::new(self.store.create(user).await?))
+    }
+
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<User>, Status> {
+        let GetUserRequest { user_id } = request.into_inner();
+        validation::check_user_id(&user_id, "user_id")?;
+        Ok(Response::new(self.store.get(&user_id).await?))
+    }
+
+    async fn update_user(&self, request: Request<UpdateUserRequest>) -> Result<Response<User>, Status> {
+        let UpdateUserRequest { user, update_mask } = request.into_inner();
+        let patch = user.unwrap_or_default();
+        validation::check_user_id(&patch.user_id, "user.user_id")?;
+        let updated = self
+            .store
+            .update(&patch.user_id, |existing| {
+                validation::apply_update(existing, &patch, update_mask.as_ref(), SystemTime::now())
+            })
+            .await?;
+        Ok(Response::new(updated))
+    }
+
+    async fn delete_user(&self, request: Request<DeleteUserRequest>) -> Result<Response<()>, Status> {
+        let DeleteUserRequest { user_id } = request.into_inner();
+        validation::check_user_id(&user_id, "user_id")?;
+        self.store.delete(&user_id).await?;
+        Ok(Response::new(()))
+    }
+
+    type ListUsersStream = ResponseStream<User>;
+
+    async fn list_users(&self, request: Request<ListUsersRequest>) -> Result<Response<Self::ListUsersStream>, Status> {
+        let deadline = deadline_of(&request);
+        let store = self.store.clone();
+        let stream = self.streams.spawn(StreamKind::Finite, deadline, move |sink| list_all(store, sink));
+        Ok(Response::new(stream))
+    }
+
+    type WatchUsersStream = ResponseStream<UserEvent>;
+
+    async fn watch_users(
+        &self,
+        request: Request<WatchUsersRequest>,
+    ) -> Result<Response<Self::WatchUsersStream>, Status> {
+        let deadline = deadline_of(&request);
+        // Subscribe before answering, so every change after the call starts
+        // is seen.
+        let events = self.store.subscribe();
+        let limit = self.watch_buffer;
+        let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| watch(events, limit, sink));
+        Ok(Response::new(stream))
+    }
+}
+
+/// Streams every user in id order, a page at a time.
+async fn list_all<S: Store>(store: Arc<S>, sink: StreamSink<User>) -> Result<(), Status> {
+    let mut after: Option<String> = None;
+    loop {
+        let page = store.list_after(after.as_deref(), LIST_PAGE).await?;
+        let full = page.len() == LIST_PAGE;
+        after = page.last().map(|u| u.user_id.clone());
+        for user in page {
+            sink.send(user).await?;
+        }
+        if !full {
+            return Ok(());
+        }
+    }
+}
+
+/// Forwards change events until the client, the deadline or shutdown ends
+/// the stream. Events wait in a queue of at most `limit` while the client is
+/// slow; a client that falls further behind is cut off rather than buffered
+/// for without bound.
+async fn watch(
+    mut events: tokio::sync::broadcast::Receiver<UserEvent>,
+    limit: usize,
+    sink: StreamSink<UserEvent>,
+) -> Result<(), Status> {
+    let too_slow =
+        || Status::resource_exhausted("subscriber too slow: fell more than streams.watch_buffer events behind");
+    let mut pending: VecDeque<UserEvent> = VecDeque::new();
+    loop {
+        tokio::select! {
+            biased;
+            end = sink.stopped() => return Err(end.into()),
+            slot = sink.reserve(), if !pending.is_empty() => {
+                let slot = slot?;
+                if let Some(event) = pending.pop_front() {
+                    slot.send(Ok(event));
+                }
+            }
+            received = events.recv() => match received {
+                Ok(event) => {
+                    pending.push_back(event);
+                    if pending.len() > limit {
+                        return Err(too_slow());
+                    }
+                }
+                Err(RecvError::Lagged(_)) => return Err(too_slow()),
+                Err(RecvError::Closed) => return Err(Status::unavailable("change feed closed")),
+            },
+        }
+    }
+}

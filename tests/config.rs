@@ -1,0 +1,221 @@
+//! Layered configuration: the order of the layers, and every kind of bad
+//! value stopping the binary with exit code 78 and the key named.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use keel::config::{ConfigError, ConfigSources, LogFormat, Settings};
+
+/// A scratch directory removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Result<Self> {
+        let dir = std::env::temp_dir().join(format!("keel-config-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        Ok(Self(dir))
+    }
+
+    fn write(&self, name: &str, text: &str) -> Result<PathBuf> {
+        let path = self.0.join(name);
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
+}
+
+#[test]
+fn each_layer_overrides_the_one_before() -> Result<()> {
+    let scratch = Scratch::new("layers")?;
+    scratch.write(
+        "default.yaml",
+        "grpc:\n  addr: 127.0.0.1:1001\nhttp:\n  addr: 127.0.0.1:2001\nadmin:\n  addr: 127.0.0.1:3001\nlog:\n  level: debug\n",
+    )?;
+    scratch.write("staging.yaml", "http:\n  addr: 127.0.0.1:2002\nadmin:\n  addr: 127.0.0.1:3002\n")?;
+    let file = scratch.write("extra.yaml", "admin:\n  addr: 127.0.0.1:3003\nshutdown:\n  drain_delay: 250ms\n")?;
+    let sources = ConfigSources {
+        dir: scratch.0.clone(),
+        environment: Some("staging".into()),
+        file: Some(file),
+        env_vars: vars(&[
+            ("KEEL__SHUTDOWN__DRAIN_DELAY", "1s"),
+            ("KEEL__AUTH__TOKENS", "alpha, beta"),
+            ("KEEL_ENV", "ignored-here"),
+            ("OTHER__GRPC__ADDR", "not ours"),
+        ]),
+    };
+    let settings = Settings::load(&sources)?;
+    let addr = |s: &str| s.parse::<SocketAddr>();
+    assert_eq!(settings.grpc.addr, addr("127.0.0.1:1001")?, "default.yaml");
+    assert_eq!(settings.http.addr, addr("127.0.0.1:2002")?, "staging.yaml over default.yaml");
+    assert_eq!(settings.admin.addr, addr("127.0.0.1:3003")?, "--config over staging.yaml");
+    assert_eq!(settings.shutdown.drain_delay, Duration::from_secs(1), "env over --config");
+    assert_eq!(settings.auth.tokens, vec!["alpha".to_owned(), "beta".to_owned()]);
+    assert_eq!(settings.log.level, "debug");
+    // Untouched keys keep their built-in defaults.
+    assert_eq!(settings.shutdown.timeout, Duration::from_secs(20));
+    assert_eq!(settings.log.format, LogFormat::Json);
+    Ok(())
+}
+
+#[test]
+fn built_in_defaults_apply_without_any_file() -> Result<()> {
+    let scratch = Scratch::new("empty")?;
+    let settings = Settings::load(&ConfigSources { dir: scratch.0.clone(), ..Default::default() })?;
+    assert_eq!(settings, Settings::default());
+    assert_eq!(settings.grpc.addr, "0.0.0.0:9000".parse::<SocketAddr>()?);
+    assert_eq!(settings.shutdown.max_duration(), Duration::from_secs(25));
+    Ok(())
+}
+
+#[test]
+fn the_shipped_default_file_matches_the_built_in_defaults() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let settings = Settings::load(&ConfigSources { dir, ..Default::default() })?;
+    assert_eq!(settings, Settings::default());
+    Ok(())
+}
+
+#[test]
+fn errors_name_the_key_and_its_layer() -> Result<()> {
+    let scratch = Scratch::new("errors")?;
+    let file = scratch.write("bad.yaml", "grpc:\n  adress: 127.0.0.1:1\n")?;
+    let sources = ConfigSources { dir: scratch.0.clone(), file: Some(file.clone()), ..Default::default() };
+    match Settings::load(&sources) {
+        Err(ConfigError::UnknownKey { key, origin }) => {
+            assert_eq!(key, "grpc.adress");
+            assert!(origin.contains("bad.yaml"), "{origin}");
+        }
+        other => panic!("expected an unknown key error, got {other:?}"),
+    }
+
+    let sources = ConfigSources {
+        dir: scratch.0.clone(),
+        env_vars: vars(&[("KEEL__SHUTDOWN__TIMEOUT", "soon")]),
+        ..Default::default()
+    };
+    match Settings::load(&sources) {
+        Err(ConfigError::Invalid { key, origin, .. }) => {
+            assert_eq!(key, "shutdown.timeout");
+            assert_eq!(origin, "environment variable KEEL__SHUTDOWN__TIMEOUT");
+        }
+        other => panic!("expected an invalid value error, got {other:?}"),
+    }
+    Ok(())
+}
+
+mod binary {
+    use super::*;
+
+    fn keel(args: &[&str], env: &[(&str, &str)], dir: &Path) -> Result<Output> {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command.args(args).env_clear().env("KEEL_CONFIG_DIR", dir);
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        command.output().context("cannot run keel")
+    }
+
+    fn assert_config_error(output: &Output, key: &str, origin: &str) {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "stderr: {stderr}");
+        assert!(stderr.contains(&format!("`{key}`")), "stderr should name {key}: {stderr}");
+        assert!(stderr.contains(origin), "stderr should name {origin}: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear message: {stderr}");
+    }
+
+    #[test]
+    fn an_unparseable_address_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-addr")?;
+        scratch.write("default.yaml", "grpc:\n  addr: not-an-address\n")?;
+        let output = keel(&["config"], &[], &scratch.0)?;
+        assert_config_error(&output, "grpc.addr", "default.yaml");
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_log_format_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-format")?;
+        let output = keel(&["config"], &[("KEEL__LOG__FORMAT", "xml")], &scratch.0)?;
+        assert_config_error(&output, "log.format", "KEEL__LOG__FORMAT");
+        Ok(())
+    }
+
+    #[test]
+    fn an_unparseable_duration_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-duration")?;
+        let file = scratch.write("override.yaml", "shutdown:\n  drain_delay: five seconds\n")?;
+        let file = file.to_string_lossy().into_owned();
+        let output = keel(&["--config", &file, "config"], &[], &scratch.0)?;
+        assert_config_error(&output, "shutdown.drain_delay", "override.yaml");
+        Ok(())
+    }
+
+    #[test]
+    fn a_misspelt_key_in_a_file_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-typo")?;
+        scratch.write("production.yaml", "http:\n  adress: 0.0.0.0:8080\n")?;
+        let output = keel(&["config"], &[("KEEL_ENV", "production")], &scratch.0)?;
+        assert_config_error(&output, "http.adress", "production.yaml");
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_config_file_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-missing")?;
+        let output = keel(&["--config", "/nonexistent/keel.yaml"], &[], &scratch.0)?;
+        assert_eq!(output.status.code(), Some(78));
+        assert!(String::from_utf8_lossy(&output.stderr).contains("/nonexistent/keel.yaml"));
+        Ok(())
+    }
+
+    #[test]
+    fn env_beats_file_and_tokens_are_never_printed() -> Result<()> {
+        let scratch = Scratch::new("bin-print")?;
+        scratch.write("default.yaml", "grpc:\n  addr: 127.0.0.1:7000\nauth:\n  tokens: [file-secret-token]\n")?;
+        let output = keel(
+            &["config"],
+            &[("KEEL__GRPC__ADDR", "127.0.0.1:7100"), ("KEEL__AUTH__TOKENS", "env-secret-1,env-secret-2")],
+            &scratch.0,
+        )?;
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let printed = String::from_utf8(output.stdout)?;
+        let effective: serde_json::Value = serde_json::from_str(&printed)?;
+        assert_eq!(effective["grpc"]["addr"], "127.0.0.1:7100");
+        assert_eq!(effective["auth"]["tokens"].as_array().map(Vec::len), Some(2));
+        for secret in ["file-secret-token", "env-secret-1", "env-secret-2"] {
+            assert!(!printed.contains(secret), "{secret} leaked: {printed}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_port_in_use_exits_1_naming_the_address() -> Result<()> {
+        let scratch = Scratch::new("bin-port")?;
+        let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = taken.local_addr()?.to_string();
+        let output = keel(
+            &["serve"],
+            &[("KEEL__GRPC__ADDR", &addr), ("KEEL__HTTP__ADDR", "127.0.0.1:0"), ("KEEL__ADMIN__ADDR", "127.0.0.1:0")],
+            &scratch.0,
+        )?;
+        assert_eq!(output.status.code(), Some(1));
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(&addr), "stderr should name {addr}: {stderr}");
+        drop(taken);
+        Ok(())
+    }
+}

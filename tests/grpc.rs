@@ -1,0 +1,423 @@
+//! The gRPC face of keel over real sockets: health, reflection, every RPC and
+//! its errors, and the behaviour of streams under cancellation, slowness and
+//! deadlines.
+
+mod support;
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use keel::proto::user::v1::user_event::Kind;
+use keel::proto::user::v1::{
+    CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User, WatchUsersRequest,
+};
+use prost_types::FieldMask;
+use support::{READY_BOUND, eventually, spawn_app, spawn_app_with};
+use tokio_stream::StreamExt;
+use tonic::Code;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+fn user(id: &str, name: &str, email: &str) -> User {
+    User { user_id: id.into(), display_name: name.into(), email: email.into(), ..Default::default() }
+}
+
+fn create(u: User) -> CreateUserRequest {
+    CreateUserRequest { user: Some(u) }
+}
+
+#[tokio::test]
+async fn health_is_serving_for_the_server_and_the_user_service() -> Result<()> {
+    let app = spawn_app().await?;
+    let mut health = app.health()?;
+    for service in ["", "user.v1.UserService"] {
+        let status = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner().status;
+        assert_eq!(status, ServingStatus::Serving as i32, "service {service:?}");
+    }
+    let unknown = health.check(HealthCheckRequest { service: "no.such.Service".into() }).await;
+    assert_eq!(unknown.err().map(|s| s.code()), Some(Code::NotFound));
+    app.stop().await
+}
+
+mod reflection {
+    use super::*;
+
+    #[tokio::test]
+    async fn v1_lists_services_and_resolves_well_known_types() -> Result<()> {
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+        let app = spawn_app().await?;
+        let mut client = ServerReflectionClient::new(app.channel()?);
+        let ask =
+            |request: MessageRequest| ServerReflectionRequest { host: String::new(), message_request: Some(request) };
+        let requests = vec![
+            ask(MessageRequest::ListServices(String::new())),
+            ask(MessageRequest::FileContainingSymbol("google.protobuf.Timestamp".into())),
+            ask(MessageRequest::FileContainingSymbol("google.protobuf.FieldMask".into())),
+            ask(MessageRequest::FileContainingSymbol("google.protobuf.Empty".into())),
+            ask(MessageRequest::FileContainingSymbol("user.v1.UserService".into())),
+        ];
+        let mut responses = client.server_reflection_info(tokio_stream::iter(requests)).await?.into_inner();
+
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await?.and_then(|r| r.message_response)
+        else {
+            return Err(anyhow!("expected a service list"));
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        for expected in ["user.v1.UserService", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        }
+        for symbol in ["Timestamp", "FieldMask", "Empty", "UserService"] {
+            match responses.message().await?.and_then(|r| r.message_response) {
+                Some(MessageResponse::FileDescriptorResponse(files)) => {
+                    assert!(!files.file_descriptor_proto.is_empty(), "no descriptor for {symbol}")
+                }
+                other => return Err(anyhow!("no descriptor for {symbol}: {other:?}")),
+            }
+        }
+        drop(responses);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn v1alpha_lists_services_for_older_clients() -> Result<()> {
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+
+        let app = spawn_app().await?;
+        let mut client = ServerReflectionClient::new(app.channel()?);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client.server_reflection_info(tokio_stream::iter([request])).await?.into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            responses.message().await?.and_then(|r| r.message_response)
+        else {
+            return Err(anyhow!("expected a service list"));
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == "user.v1.UserService"), "{names:?}");
+        assert!(names.iter().any(|n| n == "grpc.health.v1.Health"), "{names:?}");
+        assert!(names.iter().any(|n| n == "grpc.reflection.v1.ServerReflection"), "{names:?}");
+        assert!(names.iter().any(|n| n == "grpc.reflection.v1alpha.ServerReflection"), "{names:?}");
+        drop(responses);
+        app.stop().await
+    }
+}
+
+mod crud {
+    use super::*;
+
+    #[tokio::test]
+    async fn create_then_get_round_trips_and_sets_timestamps() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let created = users.create_user(create(user("ada", "Ada", "ada@example.com"))).await?.into_inner();
+        assert_eq!(created.user_id, "ada");
+        assert!(created.roles.is_empty());
+        let create_time = created.create_time.context("create_time unset")?;
+        assert_eq!(Some(create_time), created.update_time);
+        assert!(create_time.seconds > 1_600_000_000, "create_time looks unset: {create_time:?}");
+
+        let fetched = users.get_user(GetUserRequest { user_id: "ada".into() }).await?.into_inner();
+        assert_eq!(fetched, created);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn an_empty_id_is_generated_by_the_server() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let a = users.create_user(create(user("", "A", "a@example.com"))).await?.into_inner();
+        let b = users.create_user(create(user("", "B", "b@example.com"))).await?.into_inner();
+        assert!(!a.user_id.is_empty());
+        assert_ne!(a.user_id, b.user_id);
+        let fetched = users.get_user(GetUserRequest { user_id: a.user_id.clone() }).await?.into_inner();
+        assert_eq!(fetched.display_name, "A");
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn create_rejects_duplicates_and_invalid_fields() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        users.create_user(create(user("dup", "Dup", "dup@example.com"))).await?;
+
+        let duplicate = users.create_user(create(user("dup", "Dup", "dup@example.com"))).await;
+        assert_eq!(duplicate.err().map(|s| s.code()), Some(Code::AlreadyExists));
+
+        let cases = [
+            (user("x1", "", "x@example.com"), "display_name"),
+            (user("x2", "   ", "x@example.com"), "display_name"),
+            (user("x3", "X", "no-at-sign"), "email"),
+            (user("x4", "X", ""), "email"),
+            (user("bad/id", "X", "x@example.com"), "user_id"),
+        ];
+        for (bad, field) in cases {
+            let status = users.create_user(create(bad.clone())).await.err().context("accepted an invalid user")?;
+            assert_eq!(status.code(), Code::InvalidArgument, "{bad:?}");
+            assert!(status.message().contains(field), "message {:?} should name {field}", status.message());
+        }
+        // A missing user message is the same as an empty one.
+        let status = users.create_user(CreateUserRequest { user: None }).await.err().context("accepted no user")?;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn get_and_delete_of_unknown_ids_are_not_found() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let get = users.get_user(GetUserRequest { user_id: "ghost".into() }).await;
+        assert_eq!(get.err().map(|s| s.code()), Some(Code::NotFound));
+        let delete = users.delete_user(DeleteUserRequest { user_id: "ghost".into() }).await;
+        assert_eq!(delete.err().map(|s| s.code()), Some(Code::NotFound));
+        let empty = users.get_user(GetUserRequest { user_id: String::new() }).await;
+        assert_eq!(empty.err().map(|s| s.code()), Some(Code::InvalidArgument));
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn delete_removes_the_user() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        users.create_user(create(user("gone", "Gone", "gone@example.com"))).await?;
+        users.delete_user(DeleteUserRequest { user_id: "gone".into() }).await?;
+        let get = users.get_user(GetUserRequest { user_id: "gone".into() }).await;
+        assert_eq!(get.err().map(|s| s.code()), Some(Code::NotFound));
+        let again = users.delete_user(DeleteUserRequest { user_id: "gone".into() }).await;
+        assert_eq!(again.err().map(|s| s.code()), Some(Code::NotFound));
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn update_changes_only_the_masked_paths() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let mut original = user("u1", "Ada", "ada@example.com");
+        original.roles = vec!["admin".into()];
+        let created = users.create_user(create(original)).await?.into_inner();
+
+        let patch = User { user_id: "u1".into(), display_name: "Bob".into(), ..Default::default() };
+        let updated = users
+            .update_user(UpdateUserRequest {
+                user: Some(patch),
+                update_mask: Some(FieldMask { paths: vec!["display_name".into()] }),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(updated.display_name, "Bob");
+        assert_eq!(updated.email, "ada@example.com");
+        assert_eq!(updated.roles, vec!["admin".to_owned()]);
+        assert_eq!(updated.create_time, created.create_time);
+        let stamp = |t: Option<prost_types::Timestamp>| t.map(|t| (t.seconds, t.nanos));
+        assert!(stamp(updated.update_time) >= stamp(created.update_time));
+
+        let stored = users.get_user(GetUserRequest { user_id: "u1".into() }).await?.into_inner();
+        assert_eq!(stored, updated);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn an_empty_mask_replaces_every_mutable_field() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let mut original = user("u2", "Ada", "ada@example.com");
+        original.roles = vec!["admin".into()];
+        users.create_user(create(original)).await?;
+
+        let replacement = user("u2", "Eve", "eve@example.com");
+        let updated =
+            users.update_user(UpdateUserRequest { user: Some(replacement), update_mask: None }).await?.into_inner();
+        assert_eq!((updated.display_name.as_str(), updated.email.as_str()), ("Eve", "eve@example.com"));
+        assert!(updated.roles.is_empty(), "roles should have been cleared: {:?}", updated.roles);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn update_rejects_unknown_paths_invalid_values_and_unknown_users() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        users.create_user(create(user("u3", "Ada", "ada@example.com"))).await?;
+
+        let unknown_path = users
+            .update_user(UpdateUserRequest {
+                user: Some(user("u3", "Bob", "")),
+                update_mask: Some(FieldMask { paths: vec!["nickname".into()] }),
+            })
+            .await
+            .err()
+            .context("accepted an unknown mask path")?;
+        assert_eq!(unknown_path.code(), Code::InvalidArgument);
+        assert!(unknown_path.message().contains("nickname"), "{}", unknown_path.message());
+
+        let bad_email = users
+            .update_user(UpdateUserRequest {
+                user: Some(user("u3", "", "broken")),
+                update_mask: Some(FieldMask { paths: vec!["email".into()] }),
+            })
+            .await
+            .err()
+            .context("accepted an invalid email")?;
+        assert_eq!(bad_email.code(), Code::InvalidArgument);
+        assert!(bad_email.message().contains("email"), "{}", bad_email.message());
+
+        let missing = users
+            .update_user(UpdateUserRequest { user: Some(user("nobody", "N", "n@example.com")), update_mask: None })
+            .await;
+        assert_eq!(missing.err().map(|s| s.code()), Some(Code::NotFound));
+
+        // Nothing changed after the failed updates.
+        let stored = users.get_user(GetUserRequest { user_id: "u3".into() }).await?.into_inner();
+        assert_eq!((stored.display_name.as_str(), stored.email.as_str()), ("Ada", "ada@example.com"));
+        app.stop().await
+    }
+}
+
+mod streams {
+    use super::*;
+
+    #[tokio::test]
+    async fn list_users_streams_everyone_ordered_by_id() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        // More than one store page, inserted out of order.
+        let mut ids: Vec<String> = (0..257).map(|i| format!("user-{:04}", (i * 7919) % 257)).collect();
+        for id in &ids {
+            users.create_user(create(user(id, "U", "u@example.com"))).await?;
+        }
+        let listed: Vec<String> = users
+            .list_users(ListUsersRequest {})
+            .await?
+            .into_inner()
+            .map(|r| r.map(|u| u.user_id))
+            .collect::<Result<_, _>>()
+            .await?;
+        ids.sort();
+        assert_eq!(listed, ids);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn watch_users_sees_each_change_after_it_starts() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        users.create_user(create(user("before", "B", "b@example.com"))).await?;
+
+        let mut events = users.watch_users(WatchUsersRequest {}).await?.into_inner();
+        users.create_user(create(user("w1", "W", "w@example.com"))).await?;
+        users
+            .update_user(UpdateUserRequest {
+                user: Some(user("w1", "W2", "")),
+                update_mask: Some(FieldMask { paths: vec!["display_name".into()] }),
+            })
+            .await?;
+        users.delete_user(DeleteUserRequest { user_id: "w1".into() }).await?;
+
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let event = tokio::time::timeout(READY_BOUND, events.message()).await??.context("stream ended")?;
+            let who = event.user.map(|u| (u.user_id, u.display_name)).unwrap_or_default();
+            seen.push((Kind::try_from(event.kind)?, who));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (Kind::Created, ("w1".to_owned(), "W".to_owned())),
+                (Kind::Updated, ("w1".to_owned(), "W2".to_owned())),
+                (Kind::Deleted, ("w1".to_owned(), "W2".to_owned())),
+            ]
+        );
+        drop(events);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn cancelling_a_stream_stops_its_producer() -> Result<()> {
+        let app = spawn_app_with(|s| s.streams.buffer = 1).await?;
+        let mut users = app.users()?;
+        for i in 0..300 {
+            users.create_user(create(user(&format!("c{i:03}"), "C", "c@example.com"))).await?;
+        }
+
+        let mut listing = users.list_users(ListUsersRequest {}).await?.into_inner();
+        assert!(listing.message().await?.is_some());
+        let mut watching = users.watch_users(WatchUsersRequest {}).await?.into_inner();
+        eventually(READY_BOUND, || async { app.live_streams.get() == 2 }).await.context("producers never started")?;
+
+        drop(listing);
+        eventually(READY_BOUND, || async { app.live_streams.get() == 1 })
+            .await
+            .context("list producer kept running")?;
+        // The watch stream is still healthy after its neighbour went away.
+        users.create_user(create(user("late", "L", "l@example.com"))).await?;
+        assert!(watching.message().await?.is_some());
+        drop(watching);
+        eventually(READY_BOUND, || async { app.live_streams.get() == 0 })
+            .await
+            .context("watch producer kept running")?;
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn a_subscriber_that_falls_behind_gets_resource_exhausted() -> Result<()> {
+        let app = spawn_app_with(|s| {
+            s.streams.buffer = 1;
+            s.streams.watch_buffer = 4;
+        })
+        .await?;
+        // Small HTTP/2 windows on the watcher's own connection, so its
+        // transport buffers fill after a few dozen events.
+        let watcher_channel = app
+            .endpoint()?
+            .initial_stream_window_size(Some(16 * 1024))
+            .initial_connection_window_size(Some(16 * 1024))
+            .connect()
+            .await?;
+        let mut watcher = keel::proto::user::v1::user_service_client::UserServiceClient::new(watcher_channel);
+        let mut events = watcher.watch_users(WatchUsersRequest {}).await?.into_inner();
+
+        let mut writer = app.users()?;
+        let name = "n".repeat(200);
+        for i in 0..1000 {
+            writer.create_user(create(user(&format!("s{i:04}"), &name, "s@example.com"))).await?;
+        }
+
+        let mut delivered = 0usize;
+        let status = loop {
+            match tokio::time::timeout(READY_BOUND, events.message()).await? {
+                Ok(Some(_)) => delivered += 1,
+                Ok(None) => return Err(anyhow!("stream ended cleanly after {delivered} events")),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("too slow"), "{}", status.message());
+        assert!(delivered < 1000, "all {delivered} events were delivered");
+        eventually(READY_BOUND, || async { app.live_streams.get() == 0 }).await?;
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn a_deadline_ends_watch_users_with_deadline_exceeded() -> Result<()> {
+        let app = spawn_app().await?;
+        let mut users = app.users()?;
+        let mut request = tonic::Request::new(WatchUsersRequest {});
+        request.set_timeout(Duration::from_millis(300));
+        let started = tokio::time::Instant::now();
+        let mut events = users.watch_users(request).await?.into_inner();
+        let outcome = tokio::time::timeout(READY_BOUND, events.message()).await?;
+        let status = outcome.err().context("the watch did not fail")?;
+        assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+        assert!(started.elapsed() >= Duration::from_millis(250), "ended early: {:?}", started.elapsed());
+        eventually(READY_BOUND, || async { app.live_streams.get() == 0 }).await?;
+        app.stop().await
+    }
+}

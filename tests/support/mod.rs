@@ -1,0 +1,141 @@
+//! Spawns the whole app in-process on ephemeral ports and hands out real
+//! clients. Every test tears its app down explicitly with [`TestApp::stop`].
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use keel::app::{App, AppError};
+use keel::config::Settings;
+use keel::grpc::stream::LiveStreams;
+use keel::proto::user::v1::user_service_client::UserServiceClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+/// How long any readiness wait may take before the test fails.
+pub const READY_BOUND: Duration = Duration::from_secs(10);
+
+pub struct TestApp {
+    pub grpc_addr: SocketAddr,
+    pub live_streams: LiveStreams,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), AppError>>>,
+}
+
+/// Settings for tests: loopback, ephemeral ports, no drain delay.
+pub fn test_settings() -> Settings {
+    let mut settings = Settings::default();
+    let loopback: SocketAddr = ([127, 0, 0, 1], 0).into();
+    settings.grpc.addr = loopback;
+    settings.http.addr = loopback;
+    settings.admin.addr = loopback;
+    settings.shutdown.drain_delay = Duration::ZERO;
+    settings.shutdown.timeout = Duration::from_secs(5);
+    settings
+}
+
+pub async fn spawn_app() -> Result<TestApp> {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> Result<TestApp> {
+    let mut settings = test_settings();
+    adjust(&mut settings);
+    let app = App::build(settings).await?;
+    let grpc_addr = app.grpc_addr();
+    let live_streams = app.live_streams();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    let test_app = TestApp { grpc_addr, live_streams, stop: Some(stop), task: Some(task) };
+    test_app.wait_until_serving("").await?;
+    Ok(test_app)
+}
+
+impl TestApp {
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc_addr)
+    }
+
+    /// A lazily connecting channel of its own.
+    pub fn channel(&self) -> Result<Channel> {
+        Ok(Endpoint::from_shared(self.grpc_url())?.connect_lazy())
+    }
+
+    pub fn endpoint(&self) -> Result<Endpoint> {
+        Ok(Endpoint::from_shared(self.grpc_url())?)
+    }
+
+    pub fn users(&self) -> Result<UserServiceClient<Channel>> {
+        Ok(UserServiceClient::new(self.channel()?))
+    }
+
+    pub fn health(&self) -> Result<HealthClient<Channel>> {
+        Ok(HealthClient::new(self.channel()?))
+    }
+
+    /// Polls the health service until `service` reports SERVING.
+    pub async fn wait_until_serving(&self, service: &str) -> Result<()> {
+        let health = self.health()?;
+        eventually(READY_BOUND, || {
+            let mut health = health.clone();
+            let service = service.to_owned();
+            async move {
+                let response = health.check(HealthCheckRequest { service }).await;
+                matches!(response, Ok(r) if r.get_ref().status == ServingStatus::Serving as i32)
+            }
+        })
+        .await
+        .context("the app never reported SERVING")
+    }
+
+    /// Triggers shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<()> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let Some(task) = self.task.take() else { return Ok(()) };
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .context("the app did not stop within 30s")??
+            .context("the app failed")?;
+        Ok(())
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        // A failed assertion skips stop(); end the server anyway.
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Polls `condition` with a short backoff until it holds or `bound` passes.
+pub async fn eventually<F, Fut>(bound: Duration, mut condition: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + bound;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if condition().await {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("condition still false after {bound:?}");
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
