@@ -18,10 +18,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let relative = file.strip_prefix(proto_root)?;
         compiler.open_file(relative)?;
     }
-    let descriptors = compiler.file_descriptor_set();
-
+    // Encoded by protox itself: a round trip through prost-types would drop
+    // custom options such as the google.api.http annotations.
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
-    std::fs::write(out_dir.join("keel_descriptor.bin"), prost::Message::encode_to_vec(&descriptors))?;
+    std::fs::write(out_dir.join("keel_descriptor.bin"), compiler.encode_file_descriptor_set())?;
+    let descriptors = compiler.file_descriptor_set();
 
     // prost-build needs the imports to analyse types; it writes a module for
     // them too, but only our own packages are included by src/lib.rs.

@@ -9,9 +9,14 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
 use crate::config::Settings;
+use crate::gateway::forward::Forwarder;
+use crate::gateway::{self, BuildError, Gateway};
+use crate::grpc::incoming::Incoming;
 use crate::grpc::stream::{LiveStreams, StreamSpawner};
 use crate::grpc::{self, GrpcError};
 use crate::health::Health;
@@ -28,8 +33,12 @@ const ABORT_GRACE: Duration = Duration::from_millis(500);
 pub enum AppError {
     #[error("cannot listen on {addr} (the {listener} address): {source}")]
     Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("cannot build the HTTP gateway: {0}")]
+    Gateway(#[from] BuildError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
+    #[error("the HTTP gateway failed: {0}")]
+    Http(std::io::Error),
     #[error("the {0} server stopped unexpectedly: {1}")]
     Crashed(&'static str, String),
 }
@@ -37,8 +46,11 @@ pub enum AppError {
 /// A built, not yet running, keel.
 pub struct App {
     settings: Settings,
-    grpc_listener: TcpListener,
+    grpc_incoming: Incoming,
     grpc_addr: SocketAddr,
+    http_listener: TcpListener,
+    http_addr: SocketAddr,
+    gateway: Gateway,
     shutdown: Shutdown,
     health: Health,
     live_streams: LiveStreams,
@@ -49,15 +61,38 @@ impl App {
     /// Binds every listener, so port 0 works and the real addresses can be
     /// read before anything is served.
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
+        let shutdown = Shutdown::new();
         let grpc_listener = bind("grpc.addr", settings.grpc.addr).await?;
         let grpc_addr = local_addr("grpc.addr", settings.grpc.addr, &grpc_listener)?;
+        let http_listener = bind("http.addr", settings.http.addr).await?;
+        let http_addr = local_addr("http.addr", settings.http.addr, &http_listener)?;
+
+        // The TCP listener closes as soon as draining begins; the gateway's
+        // in-process connection lives on until the gateway has drained.
+        let close_tcp = {
+            let shutdown = shutdown.clone();
+            async move { shutdown.draining().await }
+        };
+        let (grpc_incoming, local) = Incoming::new(grpc_listener, close_tcp);
+        // One channel for the whole gateway, connected on first use.
+        let channel = Endpoint::from_static("http://keel.internal").connect_with_connector_lazy(local);
+        let gateway = Gateway::build(
+            crate::proto::FILE_DESCRIPTOR_SET,
+            &[USER_SERVICE],
+            Forwarder::new(channel),
+            &settings.http,
+        )?;
+
         let health = Health::new(vec![USER_SERVICE.to_owned()]).await;
         let store = Arc::new(MemoryStore::new(settings.streams.watch_buffer));
         Ok(Self {
             settings,
-            grpc_listener,
+            grpc_incoming,
             grpc_addr,
-            shutdown: Shutdown::new(),
+            http_listener,
+            http_addr,
+            gateway,
+            shutdown,
             health,
             live_streams: LiveStreams::default(),
             store,
@@ -66,6 +101,10 @@ impl App {
 
     pub fn grpc_addr(&self) -> SocketAddr {
         self.grpc_addr
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
     }
 
     pub fn settings(&self) -> &Settings {
@@ -90,23 +129,49 @@ impl App {
     /// finish, and at most `shutdown.timeout` of draining before the rest is
     /// cancelled.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), AppError> {
-        let App { settings, grpc_listener, grpc_addr, shutdown, health, live_streams, store } = self;
+        let App {
+            settings,
+            grpc_incoming,
+            grpc_addr,
+            http_listener,
+            http_addr,
+            gateway,
+            shutdown,
+            health,
+            live_streams,
+            store,
+        } = self;
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams);
         let users = Users::new(store, streams, settings.streams.watch_buffer);
 
-        let stop = {
+        // The gRPC server says GOAWAY only once the gateway, its in-process
+        // client, has drained (or the drain bound has passed).
+        let gateway_drained = CancellationToken::new();
+        let grpc_stop = {
+            let drained = gateway_drained.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                tokio::select! {
+                    () = drained.cancelled() => {}
+                    () = shutdown.aborted() => {}
+                }
+            }
+        };
+        let mut grpc_server: JoinHandle<Result<(), GrpcError>> =
+            tokio::spawn(grpc::serve(grpc_incoming, settings.grpc.clone(), health.clone(), users, grpc_stop));
+        let http_stop = {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let mut grpc_server: JoinHandle<Result<(), GrpcError>> =
-            tokio::spawn(grpc::serve(grpc_listener, settings.grpc.clone(), health.clone(), users, stop));
+        let mut http_server = tokio::spawn(gateway::serve(http_listener, gateway.into_router(), http_stop));
 
         health.set_serving().await;
-        info!(grpc.addr = %grpc_addr, "keel serving");
+        info!(grpc.addr = %grpc_addr, http.addr = %http_addr, "keel serving");
 
         tokio::select! {
             () = signal => {}
-            joined = &mut grpc_server => return Err(crashed("gRPC", joined)),
+            joined = &mut grpc_server => return Err(grpc_crashed(joined)),
+            joined = &mut http_server => return Err(http_crashed(joined)),
         }
 
         let begun = Instant::now();
@@ -118,23 +183,24 @@ impl App {
             info!(drain_delay = %humantime::format_duration(delay), "shutdown 2/4: serving through the drain delay");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                joined = &mut grpc_server => return Err(crashed("gRPC", joined)),
+                joined = &mut grpc_server => return Err(grpc_crashed(joined)),
+                joined = &mut http_server => return Err(http_crashed(joined)),
             }
         }
 
-        info!(
-            elapsed_ms = begun.elapsed().as_millis() as u64,
-            "shutdown 3/4: closing listeners, draining calls and streams"
-        );
+        info!(elapsed_ms = elapsed_ms(begun), "shutdown 3/4: closing listeners, draining calls and streams");
         shutdown.begin_draining();
+        let abort_servers = [http_server.abort_handle(), grpc_server.abort_handle()];
         let drained = async {
-            let served = (&mut grpc_server).await;
+            let http = (&mut http_server).await;
+            gateway_drained.cancel();
+            let grpc = (&mut grpc_server).await;
             shutdown.wait_for_tasks().await;
-            served
+            (http, grpc)
         };
         tokio::pin!(drained);
         let outcome = match tokio::time::timeout(settings.shutdown.timeout, &mut drained).await {
-            Ok(joined) => joined,
+            Ok(joined) => Some(joined),
             Err(_) => {
                 warn!(
                     timeout = %humantime::format_duration(settings.shutdown.timeout),
@@ -142,27 +208,43 @@ impl App {
                     "shutdown: drain bound passed; cancelling what remains"
                 );
                 shutdown.abort();
-                match tokio::time::timeout(ABORT_GRACE, &mut drained).await {
-                    Ok(joined) => joined,
-                    // Abandon handlers that ignore cancellation; their tasks
-                    // end with the runtime.
-                    Err(_) => Ok(Ok(())),
-                }
+                // Abandon handlers that ignore cancellation; their tasks end
+                // with the runtime.
+                tokio::time::timeout(ABORT_GRACE, &mut drained).await.ok()
             }
         };
-        info!(elapsed_ms = begun.elapsed().as_millis() as u64, "shutdown 4/4: complete");
+        info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
         match outcome {
-            Ok(served) => served.map_err(AppError::from),
-            Err(join) => Err(AppError::Crashed("gRPC", join.to_string())),
+            Some((http, grpc)) => {
+                http.map_err(|e| AppError::Crashed("HTTP", e.to_string()))?.map_err(AppError::Http)?;
+                grpc.map_err(|e| AppError::Crashed("gRPC", e.to_string()))??;
+                Ok(())
+            }
+            None => {
+                abort_servers.iter().for_each(tokio::task::AbortHandle::abort);
+                Ok(())
+            }
         }
     }
 }
 
-fn crashed(server: &'static str, joined: Result<Result<(), GrpcError>, tokio::task::JoinError>) -> AppError {
+fn elapsed_ms(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+fn grpc_crashed(joined: Result<Result<(), GrpcError>, tokio::task::JoinError>) -> AppError {
     match joined {
         Ok(Err(error)) => AppError::from(error),
-        Ok(Ok(())) => AppError::Crashed(server, "it returned before shutdown".to_owned()),
-        Err(join) => AppError::Crashed(server, join.to_string()),
+        Ok(Ok(())) => AppError::Crashed("gRPC", "it returned before shutdown".to_owned()),
+        Err(join) => AppError::Crashed("gRPC", join.to_string()),
+    }
+}
+
+fn http_crashed(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> AppError {
+    match joined {
+        Ok(Err(error)) => AppError::Http(error),
+        Ok(Ok(())) => AppError::Crashed("HTTP", "it returned before shutdown".to_owned()),
+        Err(join) => AppError::Crashed("HTTP", join.to_string()),
     }
 }
 

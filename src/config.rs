@@ -75,11 +75,36 @@ impl Default for GrpcSettings {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
     pub addr: SocketAddr,
+    /// Largest request body the gateway reads; larger ones get 413.
+    pub max_body_size: ByteSize,
+    /// Deadline of a unary call without a `Grpc-Timeout` header.
+    #[serde(with = "human_duration")]
+    pub default_timeout: Duration,
+    /// Deadline of a streaming call without a `Grpc-Timeout` header.
+    #[serde(with = "human_duration")]
+    pub default_stream_timeout: Duration,
+    /// No call through the gateway may ask for a longer deadline.
+    #[serde(with = "human_duration")]
+    pub max_timeout: Duration,
+    /// Interval of keep-alive comments on Server-Sent Events streams.
+    #[serde(with = "human_duration")]
+    pub sse_keepalive: Duration,
+    /// Serves methods without a `google.api.http` annotation at
+    /// `POST /{package.Service}/{Method}`.
+    pub unannotated_routes: bool,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([0, 0, 0, 0], 8080)) }
+        Self {
+            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            max_body_size: ByteSize(4 * 1024 * 1024),
+            default_timeout: Duration::from_secs(30),
+            default_stream_timeout: Duration::from_secs(3600),
+            max_timeout: Duration::from_secs(3600),
+            sse_keepalive: Duration::from_secs(15),
+            unannotated_routes: true,
+        }
     }
 }
 
@@ -367,9 +392,19 @@ impl Settings {
             ("grpc.max_decoding_message_size", self.grpc.max_decoding_message_size.0),
             ("grpc.max_encoding_message_size", self.grpc.max_encoding_message_size.0),
             ("grpc.max_concurrent_streams", self.grpc.max_concurrent_streams as usize),
+            ("http.max_body_size", self.http.max_body_size.0),
         ];
         for (key, value) in positive {
             if value == 0 {
+                return Err(fail(key, "must be greater than zero".to_owned()));
+            }
+        }
+        for (key, value) in [
+            ("http.default_timeout", self.http.default_timeout),
+            ("http.default_stream_timeout", self.http.default_stream_timeout),
+            ("http.max_timeout", self.http.max_timeout),
+        ] {
+            if value.is_zero() {
                 return Err(fail(key, "must be greater than zero".to_owned()));
             }
         }

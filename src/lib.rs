@@ -8,6 +8,8 @@
 //! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
 //!   and the signals that trigger it.
 //! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown.
+//! - [`gateway`]: the HTTP/JSON gateway, routes derived from the
+//!   `google.api.http` annotations, forwarding over one shared channel.
 //! - [`grpc`]: the server, its layer stack ([`grpc::middleware`]) and the
 //!   streaming plumbing ([`grpc::stream`]).
 //! - [`users`]: the example service over a `Store` trait — the part to
@@ -17,6 +19,7 @@
 
 pub mod app;
 pub mod config;
+pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod shutdown;
@@ -29,6 +32,14 @@ pub mod proto {
         pub mod v1 {
             #![allow(clippy::all, clippy::pedantic, missing_docs)]
             tonic::include_proto!("user.v1");
+        }
+    }
+
+    /// `google.api.HttpRule`, read from method options by the gateway.
+    pub mod google {
+        pub mod api {
+            #![allow(clippy::all, clippy::pedantic, missing_docs)]
+            tonic::include_proto!("google.api");
         }
     }
 

@@ -421,3 +421,19 @@ mod streams {
         app.stop().await
     }
 }
+
+#[tokio::test]
+async fn shutdown_ends_watch_streams_with_unavailable() -> Result<()> {
+    let app = spawn_app().await?;
+    let mut users = app.users()?;
+    let mut events = users.watch_users(WatchUsersRequest {}).await?.into_inner();
+    let live = app.live_streams.clone();
+    eventually(READY_BOUND, || async { live.get() == 1 }).await?;
+    let stopping = tokio::spawn(app.stop());
+    let status = tokio::time::timeout(READY_BOUND, events.message()).await?.err().context("the watch did not fail")?;
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "server shutting down");
+    stopping.await??;
+    assert_eq!(live.get(), 0);
+    Ok(())
+}

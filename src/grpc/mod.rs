@@ -1,20 +1,20 @@
 //! The gRPC server: health, reflection (v1 and v1alpha), the application
 //! services, and the ordered layer stack they all sit behind.
 
+pub mod incoming;
 pub mod middleware;
 pub mod stream;
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::GrpcSettings;
 use crate::health::Health;
 use crate::proto::user::v1::user_service_server::UserServiceServer;
 use crate::users::Users;
 use crate::users::store::Store;
+use incoming::Incoming;
 use middleware::logging::LoggingLayer;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +25,10 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Serves every gRPC service on `listener` until `stop` resolves, then stops
-/// accepting, sends GOAWAY and waits for open calls to finish (the caller
-/// bounds that wait).
+/// Serves every gRPC service on `incoming` until `stop` resolves, then sends
+/// GOAWAY and waits for open calls to finish (the caller bounds that wait).
 pub async fn serve<S: Store>(
-    listener: TcpListener,
+    incoming: Incoming,
     settings: GrpcSettings,
     health: Health,
     users: Users<S>,
@@ -62,7 +61,7 @@ pub async fn serve<S: Store>(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(users)
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stop)
+        .serve_with_incoming_shutdown(incoming, stop)
         .await?;
     Ok(())
 }

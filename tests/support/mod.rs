@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -24,7 +26,10 @@ pub const READY_BOUND: Duration = Duration::from_secs(10);
 
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
     pub live_streams: LiveStreams,
+    /// The app's serving state, to flip in tests.
+    pub health_state: keel::health::Health,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), AppError>>>,
 }
@@ -50,12 +55,14 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> Result<TestAp
     adjust(&mut settings);
     let app = App::build(settings).await?;
     let grpc_addr = app.grpc_addr();
+    let http_addr = app.http_addr();
     let live_streams = app.live_streams();
+    let health_state = app.health();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(async move {
         let _ = stopped.await;
     }));
-    let test_app = TestApp { grpc_addr, live_streams, stop: Some(stop), task: Some(task) };
+    let test_app = TestApp { grpc_addr, http_addr, live_streams, health_state, stop: Some(stop), task: Some(task) };
     test_app.wait_until_serving("").await?;
     Ok(test_app)
 }
@@ -63,6 +70,11 @@ pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> Result<TestAp
 impl TestApp {
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc_addr)
+    }
+
+    /// A client for the HTTP gateway.
+    pub fn http(&self) -> http::HttpClient {
+        http::HttpClient::new(self.http_addr)
     }
 
     /// A lazily connecting channel of its own.

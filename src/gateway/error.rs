@@ -1,0 +1,173 @@
+//! Errors on the HTTP side, in one shape: a gRPC status becomes the HTTP
+//! status grpc-gateway would use, and the body is always the
+//! `google.rpc.Status` JSON (`{"code", "message", "details"}`), for upstream
+//! failures and the gateway's own alike.
+
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::{HeaderValue, Method, StatusCode, header};
+use prost::Message;
+use tonic::{Code, Status};
+
+/// Everything the gateway can answer with instead of a result.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("no route for {0}")]
+    NotFound(String),
+    #[error("method {method} is not allowed here")]
+    MethodNotAllowed { method: Method, allowed: Vec<Method> },
+    #[error("unsupported content type {0:?}: send application/json")]
+    UnsupportedMediaType(String),
+    #[error("request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("cannot read the request body: {0}")]
+    BodyRead(String),
+    #[error(transparent)]
+    Upstream(#[from] Status),
+}
+
+impl GatewayError {
+    /// The gRPC code this error is reported with.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::NotFound(_) => Code::NotFound,
+            Self::MethodNotAllowed { .. } => Code::Unimplemented,
+            Self::UnsupportedMediaType(_) | Self::MalformedJson(_) | Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::PayloadTooLarge(_) => Code::ResourceExhausted,
+            Self::BodyRead(_) => Code::Cancelled,
+            Self::Upstream(status) => status.code(),
+        }
+    }
+
+    pub fn http_status(&self) -> StatusCode {
+        match self {
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::MalformedJson(_) | Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+            Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::Upstream(status) => http_status(status.code()),
+        }
+    }
+
+    fn message(&self) -> String {
+        match self {
+            Self::Upstream(status) => status.message().to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    fn details(&self) -> Vec<serde_json::Value> {
+        match self {
+            Self::Upstream(status) => status_details(status.details()),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The `google.rpc.Status` JSON object.
+    pub fn to_json(&self) -> serde_json::Value {
+        status_json(self.code(), &self.message(), self.details())
+    }
+}
+
+impl IntoResponse for GatewayError {
+    fn into_response(self) -> Response {
+        let body = Bytes::from(self.to_json().to_string());
+        let mut response = (self.http_status(), body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Self::MethodNotAllowed { allowed, .. } = &self {
+            let list = allowed.iter().map(Method::as_str).collect::<Vec<_>>().join(", ");
+            if let Ok(value) = HeaderValue::from_str(&list) {
+                headers.insert(header::ALLOW, value);
+            }
+        }
+        response
+    }
+}
+
+/// grpc-gateway's mapping from gRPC codes to HTTP statuses.
+pub fn http_status(code: Code) -> StatusCode {
+    match code {
+        Code::Ok => StatusCode::OK,
+        Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange => StatusCode::BAD_REQUEST,
+        Code::Unauthenticated => StatusCode::UNAUTHORIZED,
+        Code::PermissionDenied => StatusCode::FORBIDDEN,
+        Code::NotFound => StatusCode::NOT_FOUND,
+        Code::AlreadyExists | Code::Aborted => StatusCode::CONFLICT,
+        Code::ResourceExhausted => StatusCode::TOO_MANY_REQUESTS,
+        // 499 "Client Closed Request" is not in the IANA registry but is
+        // what grpc-gateway and nginx use.
+        Code::Cancelled => StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+        Code::Unimplemented => StatusCode::NOT_IMPLEMENTED,
+        Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        Code::DeadlineExceeded => StatusCode::GATEWAY_TIMEOUT,
+        Code::Internal | Code::Unknown | Code::DataLoss => StatusCode::INTERNAL_SERVER_ERROR,
+    }
+}
+
+pub fn status_json(code: Code, message: &str, details: Vec<serde_json::Value>) -> serde_json::Value {
+    serde_json::json!({ "code": code as i32, "message": message, "details": details })
+}
+
+/// `google.rpc.Status` as sent in `grpc-status-details-bin`.
+#[derive(Clone, PartialEq, Message)]
+struct RpcStatus {
+    #[prost(int32, tag = "1")]
+    code: i32,
+    #[prost(string, tag = "2")]
+    message: String,
+    #[prost(message, repeated, tag = "3")]
+    details: Vec<prost_types::Any>,
+}
+
+/// Renders status details as `Any` JSON: decoded when the type is in the
+/// descriptor pool, otherwise its type URL with the raw bytes in base64.
+fn status_details(raw: &[u8]) -> Vec<serde_json::Value> {
+    if raw.is_empty() {
+        return Vec::new();
+    }
+    let Ok(status) = RpcStatus::decode(raw) else { return Vec::new() };
+    status.details.iter().map(super::transcode::any_to_json).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_map_like_grpc_gateway() {
+        let table = [
+            (Code::InvalidArgument, 400),
+            (Code::FailedPrecondition, 400),
+            (Code::OutOfRange, 400),
+            (Code::Unauthenticated, 401),
+            (Code::PermissionDenied, 403),
+            (Code::NotFound, 404),
+            (Code::AlreadyExists, 409),
+            (Code::Aborted, 409),
+            (Code::ResourceExhausted, 429),
+            (Code::Cancelled, 499),
+            (Code::Unimplemented, 501),
+            (Code::Unavailable, 503),
+            (Code::DeadlineExceeded, 504),
+            (Code::Internal, 500),
+            (Code::Unknown, 500),
+            (Code::DataLoss, 500),
+        ];
+        for (code, expected) in table {
+            assert_eq!(http_status(code).as_u16(), expected, "{code:?}");
+        }
+    }
+
+    #[test]
+    fn the_body_is_a_google_rpc_status() {
+        let error = GatewayError::Upstream(Status::not_found("user \"x\" not found"));
+        assert_eq!(error.to_json(), serde_json::json!({"code": 5, "message": "user \"x\" not found", "details": []}));
+    }
+}

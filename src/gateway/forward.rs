@@ -1,0 +1,236 @@
+//! Calls over the one shared tonic `Channel`: a codec for dynamic messages,
+//! HTTP headers → gRPC metadata on the way in, metadata → `Grpc-Metadata-*`
+//! headers on the way out, and the call deadline.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Buf, BufMut};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue};
+use prost::Message;
+use prost_reflect::{DynamicMessage, MessageDescriptor};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::error::GatewayError;
+use crate::grpc::middleware::deadline::parse_grpc_timeout;
+
+/// Deadlines for calls made through the gateway.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// For unary calls without a `Grpc-Timeout` header.
+    pub unary: Duration,
+    /// For streaming calls without a `Grpc-Timeout` header.
+    pub stream: Duration,
+    /// No call may ask for more.
+    pub max: Duration,
+}
+
+impl Timeouts {
+    /// The deadline a request asked for (`Grpc-Timeout`), or the default,
+    /// capped by the maximum.
+    pub fn for_request(&self, headers: &HeaderMap, streaming: bool) -> Result<Duration, GatewayError> {
+        let asked = match headers.get("grpc-timeout") {
+            Some(value) => Some(value.to_str().ok().and_then(parse_grpc_timeout).ok_or_else(|| {
+                GatewayError::InvalidArgument(format!(
+                    "invalid Grpc-Timeout header {value:?}: expected e.g. 2S, 500m or 1M"
+                ))
+            })?),
+            None => None,
+        };
+        let default = if streaming { self.stream } else { self.unary };
+        Ok(asked.unwrap_or(default).min(self.max))
+    }
+}
+
+/// Forwards calls to the local gRPC server.
+#[derive(Clone, Debug)]
+pub struct Forwarder {
+    /// Cloned per call; clones share one HTTP/2 connection.
+    channel: Channel,
+}
+
+impl Forwarder {
+    pub fn new(channel: Channel) -> Self {
+        Self { channel }
+    }
+
+    pub async fn unary(
+        &self,
+        path: PathAndQuery,
+        output: MessageDescriptor,
+        request: Request<DynamicMessage>,
+    ) -> Result<Response<DynamicMessage>, Status> {
+        let mut client = tonic::client::Grpc::new(self.channel.clone());
+        client.ready().await.map_err(|e| Status::unavailable(format!("gRPC server unreachable: {e}")))?;
+        client.unary(request, path, DynamicCodec { output }).await
+    }
+
+    pub async fn server_streaming(
+        &self,
+        path: PathAndQuery,
+        output: MessageDescriptor,
+        request: Request<DynamicMessage>,
+    ) -> Result<Response<Streaming<DynamicMessage>>, Status> {
+        let mut client = tonic::client::Grpc::new(self.channel.clone());
+        client.ready().await.map_err(|e| Status::unavailable(format!("gRPC server unreachable: {e}")))?;
+        client.server_streaming(request, path, DynamicCodec { output }).await
+    }
+
+    /// The channel, for other clients of the same server (health checks).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+}
+
+/// Request headers that become gRPC metadata, besides `Grpc-Metadata-*`.
+const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
+const METADATA_PREFIX: &str = "grpc-metadata-";
+
+/// Builds the outgoing metadata from the HTTP request headers.
+pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>) -> MetadataMap {
+    let mut out = HeaderMap::with_capacity(8);
+    for name in FORWARDED {
+        if let Some(value) = headers.get(name) {
+            out.insert(HeaderName::from_static(name), value.clone());
+        }
+    }
+    for (name, value) in headers {
+        let Some(key) = name.as_str().strip_prefix(METADATA_PREFIX) else { continue };
+        if is_reserved(key) {
+            continue;
+        }
+        if let Ok(key) = HeaderName::from_bytes(key.as_bytes()) {
+            out.append(key, value.clone());
+        }
+    }
+    // X-Forwarded-For: what earlier proxies said, then the peer we saw.
+    let earlier = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let chain = match (earlier, peer) {
+        (Some(earlier), Some(peer)) => Some(format!("{earlier}, {}", peer.ip())),
+        (None, Some(peer)) => Some(peer.ip().to_string()),
+        (Some(earlier), None) => Some(earlier.to_owned()),
+        (None, None) => None,
+    };
+    if let Some(value) = chain.and_then(|c| HeaderValue::from_str(&c).ok()) {
+        out.insert(HeaderName::from_static("x-forwarded-for"), value);
+    }
+    if let Some(host) = headers.get("x-forwarded-host").or_else(|| headers.get(http::header::HOST)) {
+        out.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    }
+    MetadataMap::from_headers(out)
+}
+
+/// Adds a response's metadata as `Grpc-Metadata-*` headers.
+pub fn response_headers(metadata: &MetadataMap, headers: &mut HeaderMap) {
+    for (name, value) in metadata.as_ref() {
+        if is_reserved(name.as_str()) {
+            continue;
+        }
+        if let Ok(prefixed) = HeaderName::from_bytes(format!("{METADATA_PREFIX}{}", name.as_str()).as_bytes()) {
+            headers.append(prefixed, value.clone());
+        }
+    }
+}
+
+/// Transport and protocol headers that are never copied across.
+fn is_reserved(name: &str) -> bool {
+    name.starts_with("grpc-")
+        || matches!(
+            name,
+            "content-type" | "content-length" | "te" | "host" | "connection" | "date" | "user-agent" | "trailer"
+        )
+}
+
+/// Encodes any dynamic message; decodes the method's output type.
+struct DynamicCodec {
+    output: MessageDescriptor,
+}
+
+impl Codec for DynamicCodec {
+    type Encode = DynamicMessage;
+    type Decode = DynamicMessage;
+    type Encoder = DynamicEncoder;
+    type Decoder = DynamicDecoder;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        DynamicEncoder
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        DynamicDecoder { output: self.output.clone() }
+    }
+}
+
+struct DynamicEncoder;
+
+impl Encoder for DynamicEncoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn encode(&mut self, item: Self::Item, dst: &mut EncodeBuf<'_>) -> Result<(), Self::Error> {
+        dst.reserve(item.encoded_len());
+        item.encode(&mut dst.writer().get_mut()).map_err(|e| Status::internal(format!("cannot encode request: {e}")))
+    }
+}
+
+struct DynamicDecoder {
+    output: MessageDescriptor,
+}
+
+impl Decoder for DynamicDecoder {
+    type Item = DynamicMessage;
+    type Error = Status;
+
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
+        let bytes = src.copy_to_bytes(src.remaining());
+        DynamicMessage::decode(self.output.clone(), bytes)
+            .map(Some)
+            .map_err(|e| Status::internal(format!("cannot decode response: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwards_the_documented_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer t"));
+        headers.insert("x-request-id", HeaderValue::from_static("r1"));
+        headers.insert("grpc-metadata-tenant", HeaderValue::from_static("acme"));
+        headers.insert("grpc-metadata-grpc-timeout", HeaderValue::from_static("1S"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        headers.insert("host", HeaderValue::from_static("api.example.com"));
+        headers.insert("cookie", HeaderValue::from_static("secret"));
+        let peer: SocketAddr = ([192, 0, 2, 7], 5555).into();
+        let md = request_metadata(&headers, Some(peer));
+        let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        assert_eq!(get("authorization").as_deref(), Some("Bearer t"));
+        assert_eq!(get("x-request-id").as_deref(), Some("r1"));
+        assert_eq!(get("tenant").as_deref(), Some("acme"));
+        assert_eq!(get("x-forwarded-for").as_deref(), Some("10.0.0.1, 192.0.2.7"));
+        assert_eq!(get("x-forwarded-host").as_deref(), Some("api.example.com"));
+        assert_eq!(get("cookie"), None);
+        assert_eq!(get("grpc-timeout"), None);
+    }
+
+    #[test]
+    fn timeouts_default_and_cap() {
+        let t =
+            Timeouts { unary: Duration::from_secs(30), stream: Duration::from_secs(600), max: Duration::from_secs(60) };
+        let mut headers = HeaderMap::new();
+        assert_eq!(t.for_request(&headers, false).ok(), Some(Duration::from_secs(30)));
+        assert_eq!(t.for_request(&headers, true).ok(), Some(Duration::from_secs(60)));
+        headers.insert("grpc-timeout", HeaderValue::from_static("2S"));
+        assert_eq!(t.for_request(&headers, false).ok(), Some(Duration::from_secs(2)));
+        headers.insert("grpc-timeout", HeaderValue::from_static("10M"));
+        assert_eq!(t.for_request(&headers, false).ok(), Some(Duration::from_secs(60)));
+        headers.insert("grpc-timeout", HeaderValue::from_static("soon"));
+        assert!(t.for_request(&headers, false).is_err());
+    }
+}
