@@ -22,6 +22,7 @@ pub mod config;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
+pub mod healthcheck;
 pub mod shutdown;
 pub mod telemetry;
 pub mod users;

@@ -21,12 +21,29 @@ struct Cli {
     command: Option<Command>,
 }
 
-#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Subcommand, Debug, Clone, PartialEq, Eq)]
 enum Command {
     /// Serve gRPC, the HTTP gateway and the admin endpoints (the default).
     Serve,
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Check the gRPC health of a running server: exit 0 when SERVING, 1
+    /// otherwise. Serves as Docker HEALTHCHECK and Kubernetes exec probe.
+    Healthcheck(HealthcheckArgs),
+}
+
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
+struct HealthcheckArgs {
+    /// The server's gRPC address; defaults to grpc.addr (on loopback when
+    /// it is a wildcard address).
+    #[arg(long, value_name = "HOST:PORT")]
+    addr: Option<String>,
+    /// The service to check; empty means the server as a whole.
+    #[arg(long, default_value = "")]
+    service: String,
+    /// How long to wait for an answer.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
 }
 
 fn main() -> ExitCode {
@@ -42,6 +59,16 @@ fn main() -> ExitCode {
         Command::Config => {
             println!("{}", settings.to_redacted_json());
             ExitCode::SUCCESS
+        }
+        Command::Healthcheck(args) => {
+            let addr = args.addr.unwrap_or_else(|| keel::healthcheck::local_target(settings.grpc.addr).to_string());
+            match keel::healthcheck::check(&addr, &args.service, args.timeout) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(reason) => {
+                    eprintln!("keel healthcheck: {addr}: {reason}");
+                    ExitCode::FAILURE
+                }
+            }
         }
         Command::Serve => serve(settings),
     }
