@@ -13,13 +13,18 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
+use crate::admin::{self, Readiness};
 use crate::config::Settings;
 use crate::gateway::forward::Forwarder;
 use crate::gateway::{self, BuildError, Gateway};
 use crate::grpc::incoming::Incoming;
+use crate::grpc::middleware::auth::Authenticator;
+use crate::grpc::middleware::method::{MethodTable, ServiceEntry};
+use crate::grpc::middleware::metrics::GrpcMetricsLayer;
 use crate::grpc::stream::{LiveStreams, StreamSpawner};
-use crate::grpc::{self, GrpcError};
+use crate::grpc::{self, GrpcError, INFRASTRUCTURE_SERVICES};
 use crate::health::Health;
+use crate::metrics::{Metrics, MetricsError};
 use crate::proto::user::v1::user_service_server::SERVICE_NAME as USER_SERVICE;
 use crate::shutdown::Shutdown;
 use crate::users::Users;
@@ -36,9 +41,15 @@ pub enum AppError {
     #[error("cannot build the HTTP gateway: {0}")]
     Gateway(#[from] BuildError),
     #[error(transparent)]
+    Metrics(#[from] MetricsError),
+    #[error("cannot read the service descriptors: {0}")]
+    Descriptors(#[from] prost_reflect::DescriptorError),
+    #[error(transparent)]
     Grpc(#[from] GrpcError),
     #[error("the HTTP gateway failed: {0}")]
     Http(std::io::Error),
+    #[error("the admin server failed: {0}")]
+    Admin(std::io::Error),
     #[error("the {0} server stopped unexpectedly: {1}")]
     Crashed(&'static str, String),
 }
@@ -50,11 +61,19 @@ pub struct App {
     grpc_addr: SocketAddr,
     http_listener: TcpListener,
     http_addr: SocketAddr,
+    admin_listener: TcpListener,
+    admin_addr: SocketAddr,
     gateway: Gateway,
+    methods: Arc<MethodTable>,
+    auth: Authenticator,
+    metrics: Metrics,
+    readiness: Readiness,
     shutdown: Shutdown,
     health: Health,
     live_streams: LiveStreams,
     store: Arc<MemoryStore>,
+    /// Services added with [`App::add_grpc_service`].
+    extra_routes: Option<tonic::service::Routes>,
 }
 
 impl App {
@@ -66,6 +85,26 @@ impl App {
         let grpc_addr = local_addr("grpc.addr", settings.grpc.addr, &grpc_listener)?;
         let http_listener = bind("http.addr", settings.http.addr).await?;
         let http_addr = local_addr("http.addr", settings.http.addr, &http_listener)?;
+        let admin_listener = bind("admin.addr", settings.admin.addr).await?;
+        let admin_addr = local_addr("admin.addr", settings.admin.addr, &admin_listener)?;
+
+        let metrics = Metrics::new()?;
+        let descriptor_sets = grpc::descriptor_sets();
+        let services: Vec<ServiceEntry<'_>> =
+            std::iter::once(ServiceEntry { name: USER_SERVICE, auth_exempt: false, shed_exempt: false })
+                .chain(INFRASTRUCTURE_SERVICES.iter().map(|name| ServiceEntry {
+                    name,
+                    auth_exempt: true,
+                    shed_exempt: *name == "grpc.health.v1.Health",
+                }))
+                .collect();
+        let methods = Arc::new(MethodTable::build(&descriptor_sets, &services, &metrics.grpc_server)?);
+        // The gateway calls the user service and health checks.
+        let client_methods = Arc::new(MethodTable::build(&descriptor_sets, &services[..2], &metrics.grpc_client)?);
+        let auth = Authenticator::new(&settings.auth);
+        if !auth.enabled() {
+            warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
+        }
 
         // The TCP listener closes as soon as draining begins; the gateway's
         // in-process connection lives on until the gateway has drained.
@@ -79,11 +118,13 @@ impl App {
         let gateway = Gateway::build(
             crate::proto::FILE_DESCRIPTOR_SET,
             &[USER_SERVICE],
-            Forwarder::new(channel),
+            Forwarder::new(channel, GrpcMetricsLayer::client(client_methods)),
             &settings.http,
+            &metrics.http,
         )?;
 
         let health = Health::new(vec![USER_SERVICE.to_owned()]).await;
+        let readiness = Readiness::new(health.clone(), shutdown.clone());
         let store = Arc::new(MemoryStore::new(settings.streams.watch_buffer));
         Ok(Self {
             settings,
@@ -91,12 +132,37 @@ impl App {
             grpc_addr,
             http_listener,
             http_addr,
+            admin_listener,
+            admin_addr,
             gateway,
+            methods,
+            auth,
+            live_streams: LiveStreams::new(metrics.live_streams.clone()),
+            metrics,
+            readiness,
             shutdown,
             health,
-            live_streams: LiveStreams::default(),
             store,
+            extra_routes: None,
         })
+    }
+
+    /// Serves one more gRPC service behind the same layer stack. Add its
+    /// descriptors to `grpc::descriptor_sets` to have it measured,
+    /// reflected and routed by the gateway.
+    pub fn add_grpc_service<S>(&mut self, service: S)
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
+            + tonic::server::NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Response: axum::response::IntoResponse,
+        S::Future: Send + 'static,
+    {
+        let routes = self.extra_routes.take().unwrap_or_default();
+        self.extra_routes = Some(routes.add_service(service));
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -105,6 +171,14 @@ impl App {
 
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> Metrics {
+        self.metrics.clone()
     }
 
     pub fn settings(&self) -> &Settings {
@@ -135,11 +209,18 @@ impl App {
             grpc_addr,
             http_listener,
             http_addr,
+            admin_listener,
+            admin_addr,
             gateway,
+            methods,
+            auth,
+            metrics,
+            readiness,
             shutdown,
             health,
             live_streams,
             store,
+            extra_routes,
         } = self;
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams);
         let users = Users::new(store, streams, settings.streams.watch_buffer);
@@ -157,24 +238,30 @@ impl App {
                 }
             }
         };
+        let stack = grpc::Stack { methods, auth, extra_routes };
         let mut grpc_server: JoinHandle<Result<(), GrpcError>> =
-            tokio::spawn(grpc::serve(grpc_incoming, settings.grpc.clone(), health.clone(), users, grpc_stop));
-        let http_stop = {
+            tokio::spawn(grpc::serve(grpc_incoming, settings.grpc.clone(), stack, health.clone(), users, grpc_stop));
+        let draining = || {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let mut http_server = tokio::spawn(gateway::serve(http_listener, gateway.into_router(), http_stop));
+        let mut http_server = tokio::spawn(gateway::serve(http_listener, gateway.into_router(), draining()));
+        let mut admin_server =
+            tokio::spawn(admin::serve(admin_listener, admin::router(metrics, readiness.clone()), draining()));
 
         health.set_serving().await;
-        info!(grpc.addr = %grpc_addr, http.addr = %http_addr, "keel serving");
+        readiness.mark_started();
+        info!(grpc.addr = %grpc_addr, http.addr = %http_addr, admin.addr = %admin_addr, "keel serving");
 
         tokio::select! {
             () = signal => {}
             joined = &mut grpc_server => return Err(grpc_crashed(joined)),
-            joined = &mut http_server => return Err(http_crashed(joined)),
+            joined = &mut http_server => return Err(io_crashed("HTTP", joined)),
+            joined = &mut admin_server => return Err(io_crashed("admin", joined)),
         }
 
         let begun = Instant::now();
+        shutdown.request();
         health.set_not_serving().await;
         info!("shutdown 1/4: reporting NOT_SERVING");
 
@@ -184,19 +271,21 @@ impl App {
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
                 joined = &mut grpc_server => return Err(grpc_crashed(joined)),
-                joined = &mut http_server => return Err(http_crashed(joined)),
+                joined = &mut http_server => return Err(io_crashed("HTTP", joined)),
+                joined = &mut admin_server => return Err(io_crashed("admin", joined)),
             }
         }
 
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 3/4: closing listeners, draining calls and streams");
         shutdown.begin_draining();
-        let abort_servers = [http_server.abort_handle(), grpc_server.abort_handle()];
+        let abort_servers = [http_server.abort_handle(), grpc_server.abort_handle(), admin_server.abort_handle()];
         let drained = async {
             let http = (&mut http_server).await;
             gateway_drained.cancel();
             let grpc = (&mut grpc_server).await;
+            let admin = (&mut admin_server).await;
             shutdown.wait_for_tasks().await;
-            (http, grpc)
+            (http, grpc, admin)
         };
         tokio::pin!(drained);
         let outcome = match tokio::time::timeout(settings.shutdown.timeout, &mut drained).await {
@@ -215,9 +304,10 @@ impl App {
         };
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
         match outcome {
-            Some((http, grpc)) => {
+            Some((http, grpc, admin)) => {
                 http.map_err(|e| AppError::Crashed("HTTP", e.to_string()))?.map_err(AppError::Http)?;
                 grpc.map_err(|e| AppError::Crashed("gRPC", e.to_string()))??;
+                admin.map_err(|e| AppError::Crashed("admin", e.to_string()))?.map_err(AppError::Admin)?;
                 Ok(())
             }
             None => {
@@ -240,11 +330,11 @@ fn grpc_crashed(joined: Result<Result<(), GrpcError>, tokio::task::JoinError>) -
     }
 }
 
-fn http_crashed(joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> AppError {
+fn io_crashed(server: &'static str, joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> AppError {
     match joined {
-        Ok(Err(error)) => AppError::Http(error),
-        Ok(Ok(())) => AppError::Crashed("HTTP", "it returned before shutdown".to_owned()),
-        Err(join) => AppError::Crashed("HTTP", join.to_string()),
+        Ok(Err(error)) => AppError::Crashed(server, error.to_string()),
+        Ok(Ok(())) => AppError::Crashed(server, "it returned before shutdown".to_owned()),
+        Err(join) => AppError::Crashed(server, join.to_string()),
     }
 }
 

@@ -56,6 +56,23 @@ pub struct GrpcSettings {
     pub max_encoding_message_size: ByteSize,
     /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection.
     pub max_concurrent_streams: u32,
+    /// Calls in flight (streams included) beyond which new calls get
+    /// RESOURCE_EXHAUSTED at once.
+    pub max_concurrent_requests: usize,
+    /// Deadline of a unary call that names none.
+    #[serde(with = "human_duration")]
+    pub default_timeout: Duration,
+    /// No call may ask for a longer deadline; also the deadline of a
+    /// server stream that names none.
+    #[serde(with = "human_duration")]
+    pub max_timeout: Duration,
+    /// Connections are asked to go away after this long, so long-lived
+    /// HTTP/2 connections rebalance across pods.
+    #[serde(with = "human_duration")]
+    pub max_connection_age: Duration,
+    /// How long a connection past its age may finish its calls.
+    #[serde(with = "human_duration")]
+    pub max_connection_age_grace: Duration,
 }
 
 impl Default for GrpcSettings {
@@ -67,6 +84,11 @@ impl Default for GrpcSettings {
             max_decoding_message_size: ByteSize(4 * 1024 * 1024),
             max_encoding_message_size: ByteSize(4 * 1024 * 1024),
             max_concurrent_streams: 1024,
+            max_concurrent_requests: 4096,
+            default_timeout: Duration::from_secs(30),
+            max_timeout: Duration::from_secs(3600),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_connection_age_grace: Duration::from_secs(60),
         }
     }
 }
@@ -373,6 +395,15 @@ impl Settings {
 
         let settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
         settings.validate(&tree)?;
+        if sources.is_production() && settings.auth.tokens.is_empty() && !settings.auth.disabled {
+            return Err(ConfigError::Invalid {
+                key: "auth.tokens".to_owned(),
+                origin: origin_of(&tree, "auth.tokens"),
+                reason: format!(
+                    "{ENV_NAME_VAR}=production requires at least one token (or auth.disabled: true to run without)"
+                ),
+            });
+        }
         Ok(settings)
     }
 
@@ -393,6 +424,7 @@ impl Settings {
             ("grpc.max_encoding_message_size", self.grpc.max_encoding_message_size.0),
             ("grpc.max_concurrent_streams", self.grpc.max_concurrent_streams as usize),
             ("http.max_body_size", self.http.max_body_size.0),
+            ("grpc.max_concurrent_requests", self.grpc.max_concurrent_requests),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -400,6 +432,9 @@ impl Settings {
             }
         }
         for (key, value) in [
+            ("grpc.default_timeout", self.grpc.default_timeout),
+            ("grpc.max_timeout", self.grpc.max_timeout),
+            ("grpc.max_connection_age", self.grpc.max_connection_age),
             ("http.default_timeout", self.http.default_timeout),
             ("http.default_stream_timeout", self.http.default_stream_timeout),
             ("http.max_timeout", self.http.max_timeout),

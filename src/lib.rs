@@ -7,7 +7,11 @@
 //!   down.
 //! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
 //!   and the signals that trigger it.
-//! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown.
+//! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown,
+//!   and the readiness they imply.
+//! - [`metrics`]: the Prometheus registry and every metric family.
+//! - [`admin`]: the admin server: `/metrics`, `/livez`, `/readyz`.
+//! - [`healthcheck`]: `keel healthcheck`, the probe built into the binary.
 //! - [`gateway`]: the HTTP/JSON gateway, routes derived from the
 //!   `google.api.http` annotations, forwarding over one shared channel.
 //! - [`grpc`]: the server, its layer stack ([`grpc::middleware`]) and the
@@ -17,12 +21,14 @@
 //! - [`proto`]: code generated from `proto/` at build time, and the
 //!   descriptor set reflection reads.
 
+pub mod admin;
 pub mod app;
 pub mod config;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod healthcheck;
+pub mod metrics;
 pub mod shutdown;
 pub mod telemetry;
 pub mod users;

@@ -16,6 +16,8 @@ use tokio_util::task::TaskTracker;
 /// The process-wide shutdown handle. Cheap to clone.
 #[derive(Clone, Debug, Default)]
 pub struct Shutdown {
+    /// Cancelled when shutdown is asked for: readiness fails from then on.
+    requested: CancellationToken,
     /// Cancelled when the listeners close: endless work should wind down.
     draining: CancellationToken,
     /// Cancelled when the drain bound has passed: all work must stop now.
@@ -44,6 +46,11 @@ impl Shutdown {
         self.draining.is_cancelled()
     }
 
+    /// True from the moment shutdown was asked for.
+    pub fn is_requested(&self) -> bool {
+        self.requested.is_cancelled()
+    }
+
     /// Spawns request-scoped work that shutdown waits for.
     pub fn spawn<F>(&self, task: F) -> tokio::task::JoinHandle<F::Output>
     where
@@ -58,11 +65,17 @@ impl Shutdown {
         self.tracker.len()
     }
 
+    pub(crate) fn request(&self) {
+        self.requested.cancel();
+    }
+
     pub(crate) fn begin_draining(&self) {
+        self.requested.cancel();
         self.draining.cancel();
     }
 
     pub(crate) fn abort(&self) {
+        self.requested.cancel();
         self.draining.cancel();
         self.aborted.cancel();
     }

@@ -20,9 +20,13 @@ use hyper::body::Frame;
 use keel::config::HttpSettings;
 use keel::gateway::forward::Forwarder;
 use keel::gateway::{BuildError, Gateway};
+use keel::grpc::middleware::method::MethodTable;
+use keel::grpc::middleware::metrics::GrpcMetricsLayer;
+use keel::metrics::Metrics;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage};
 use serde_json::{Value, json};
+use std::sync::Arc;
 use support::http::HttpClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -135,7 +139,9 @@ impl EchoGateway {
         });
 
         let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
-        let gateway = Gateway::build(&descriptors, &["echo.v1.EchoService"], Forwarder::new(channel), &settings)?;
+        let metrics = Metrics::new()?;
+        let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
+        let gateway = Gateway::build(&descriptors, &["echo.v1.EchoService"], forwarder, &settings, &metrics.http)?;
         let http_listener = TcpListener::bind("127.0.0.1:0").await?;
         let http_addr: SocketAddr = http_listener.local_addr()?;
         let (http_stop, http_stopped) = oneshot::channel::<()>();
@@ -376,11 +382,14 @@ mod streaming {
 async fn conflicting_routes_fail_the_build() -> Result<()> {
     let descriptors = compile("conflict.proto")?;
     let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
+    let metrics = Metrics::new()?;
+    let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
     let built = Gateway::build(
         &descriptors,
         &["conflict.v1.ConflictService"],
-        Forwarder::new(channel),
+        forwarder,
         &HttpSettings::default(),
+        &metrics.http,
     );
     match built {
         Err(BuildError::Conflict(conflict)) => {

@@ -14,9 +14,14 @@ use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
+use tower::Layer;
 
 use super::error::GatewayError;
 use crate::grpc::middleware::deadline::parse_grpc_timeout;
+use crate::grpc::middleware::metrics::{GrpcMetrics, GrpcMetricsLayer};
+
+/// The shared channel, measured as `grpc_client_*`.
+pub type GatewayChannel = GrpcMetrics<Channel>;
 
 /// Deadlines for calls made through the gateway.
 #[derive(Clone, Copy, Debug)]
@@ -50,12 +55,13 @@ impl Timeouts {
 #[derive(Clone, Debug)]
 pub struct Forwarder {
     /// Cloned per call; clones share one HTTP/2 connection.
-    channel: Channel,
+    channel: GatewayChannel,
 }
 
 impl Forwarder {
-    pub fn new(channel: Channel) -> Self {
-        Self { channel }
+    /// Forwards over `channel`, measured by `metrics`.
+    pub fn new(channel: Channel, metrics: GrpcMetricsLayer) -> Self {
+        Self { channel: metrics.layer(channel) }
     }
 
     pub async fn unary(
@@ -81,7 +87,7 @@ impl Forwarder {
     }
 
     /// The channel, for other clients of the same server (health checks).
-    pub fn channel(&self) -> Channel {
+    pub fn channel(&self) -> GatewayChannel {
         self.channel.clone()
     }
 }

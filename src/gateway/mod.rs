@@ -34,6 +34,8 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::config::HttpSettings;
+use crate::grpc::middleware::request_id::{self, RequestId};
+use crate::metrics::{HttpMetrics, RouteMetrics};
 use crate::proto::google::api::HttpRule;
 use crate::proto::google::api::http_rule::Pattern;
 use error::GatewayError;
@@ -73,11 +75,16 @@ pub struct Binding {
     pub transcoding: Arc<Transcoding>,
     /// 0 for the main binding, then 1.. for `additional_bindings`.
     pub index: usize,
+    /// Series labelled by this route's template.
+    pub metrics: RouteMetrics,
 }
 
 /// The built gateway: routes, the forwarder and the rendered OpenAPI.
 pub struct Gateway {
     routes: RouteTable<Arc<Binding>>,
+    http_metrics: HttpMetrics,
+    health_metrics: RouteMetrics,
+    openapi_metrics: RouteMetrics,
     forwarder: Forwarder,
     timeouts: Timeouts,
     max_body: usize,
@@ -92,6 +99,7 @@ impl Gateway {
         services: &[&str],
         forwarder: Forwarder,
         settings: &HttpSettings,
+        metrics: &HttpMetrics,
     ) -> Result<Self, BuildError> {
         let pool = DescriptorPool::decode(descriptors)?;
         let http_extension = pool.get_extension_by_name("google.api.http");
@@ -116,7 +124,7 @@ impl Gateway {
                     rules
                 };
                 for (index, rule) in rules.into_iter().enumerate() {
-                    let binding = binding(&method, &rule, index).map_err(fail)?;
+                    let binding = binding(&method, &rule, index, metrics).map_err(fail)?;
                     for reserved in [HEALTH_PATH, OPENAPI_PATH] {
                         if binding.template.matches(reserved).is_some() {
                             return Err(fail(format!(
@@ -136,6 +144,9 @@ impl Gateway {
         let openapi = openapi::document(routes.iter().map(|(_, _, b)| b.as_ref()));
         Ok(Self {
             routes,
+            http_metrics: metrics.clone(),
+            health_metrics: metrics.route("GET", HEALTH_PATH),
+            openapi_metrics: metrics.route("GET", OPENAPI_PATH),
             forwarder,
             timeouts: Timeouts {
                 unary: settings.default_timeout,
@@ -158,28 +169,59 @@ impl Gateway {
         Router::new().fallback(dispatch).with_state(Arc::new(self))
     }
 
-    async fn handle(&self, request: Request) -> Result<Response, GatewayError> {
-        let (parts, body) = request.into_parts();
-        let path = parts.uri.path();
-        if parts.method == Method::GET && path == HEALTH_PATH {
-            return Ok(self.healthz(parts.uri.query()).await);
+    /// Routes a request; also returns the series to record it in.
+    async fn handle(&self, request: Request) -> (RouteMetrics, Result<Response, GatewayError>) {
+        let path = request.uri().path();
+        if request.method() == Method::GET && path == HEALTH_PATH {
+            return (self.health_metrics.clone(), Ok(self.healthz(request.uri().query()).await));
         }
-        if parts.method == Method::GET && path == OPENAPI_PATH {
-            return Ok(json_response(StatusCode::OK, self.openapi.clone()));
+        if request.method() == Method::GET && path == OPENAPI_PATH {
+            return (self.openapi_metrics.clone(), Ok(json_response(StatusCode::OK, self.openapi.clone())));
         }
-        let (binding, bindings) = match self.routes.lookup(&parts.method, path) {
-            Lookup::Found { target, bindings, .. } => (target.clone(), bindings),
-            Lookup::MethodNotAllowed(allowed) => {
-                return Err(GatewayError::MethodNotAllowed { method: parts.method.clone(), allowed });
+        match self.routes.lookup(request.method(), path) {
+            Lookup::Found { target, bindings, .. } => {
+                (target.metrics.clone(), self.call(target, &bindings, request).await)
             }
-            Lookup::NotFound => return Err(GatewayError::NotFound(format!("{} {path}", parts.method))),
-        };
+            Lookup::MethodNotAllowed(allowed) => {
+                let method = request.method().clone();
+                (self.unmatched(&method), Err(GatewayError::MethodNotAllowed { method, allowed }))
+            }
+            Lookup::NotFound => {
+                let error = GatewayError::NotFound(format!("{} {path}", request.method()));
+                (self.unmatched(request.method()), Err(error))
+            }
+        }
+    }
 
+    /// Series for requests no route matched: one label value, never the
+    /// raw path, and known methods only, so cardinality stays bounded.
+    fn unmatched(&self, method: &Method) -> RouteMetrics {
+        let method = match *method {
+            Method::GET
+            | Method::POST
+            | Method::PUT
+            | Method::PATCH
+            | Method::DELETE
+            | Method::HEAD
+            | Method::OPTIONS => method.as_str(),
+            _ => "OTHER",
+        };
+        self.http_metrics.route(method, "unmatched")
+    }
+
+    /// Transcodes and forwards one call.
+    async fn call(
+        &self,
+        binding: &Binding,
+        bindings: &[(&str, String)],
+        request: Request,
+    ) -> Result<Response, GatewayError> {
+        let (parts, body) = request.into_parts();
         let json = match binding.transcoding.body {
             transcode::BodyRule::None => None,
             _ => self.read_json(&parts.headers, body).await?,
         };
-        let message = binding.transcoding.request(&bindings, parts.uri.query(), json)?;
+        let message = binding.transcoding.request(bindings, parts.uri.query(), json)?;
         let timeout = self.timeouts.for_request(&parts.headers, binding.streaming)?;
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
         let mut call =
@@ -273,11 +315,22 @@ impl Gateway {
     }
 }
 
-async fn dispatch(State(gateway): State<Arc<Gateway>>, request: Request) -> Response {
-    match gateway.handle(request).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
+async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> Response {
+    let started = std::time::Instant::now();
+    // Every call gets an id here, passed on to gRPC as metadata and echoed
+    // back, so one id follows the request through both servers' logs.
+    let id = RequestId::from_header(request.headers().get(request_id::HEADER));
+    let id_header = HeaderValue::from_str(id.as_str()).ok();
+    if let Some(value) = &id_header {
+        request.headers_mut().insert(request_id::HEADER, value.clone());
     }
+    let (metrics, outcome) = gateway.handle(request).await;
+    let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
+    metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
+    if let Some(value) = id_header {
+        response.headers_mut().insert(request_id::HEADER, value);
+    }
+    response
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response {
@@ -302,7 +355,7 @@ fn http_rules(method: &MethodDescriptor, extension: Option<&ExtensionDescriptor>
     std::iter::once(rule).chain(additional).collect()
 }
 
-fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize) -> Result<Binding, String> {
+fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize, metrics: &HttpMetrics) -> Result<Binding, String> {
     if index > 0 && !rule.additional_bindings.is_empty() {
         return Err("additional_bindings must not nest".to_owned());
     }
@@ -331,6 +384,7 @@ fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize) -> Result<B
     let grpc_path = PathAndQuery::try_from(format!("/{}/{}", method.parent_service().full_name(), method.name()))
         .map_err(|e| e.to_string())?;
     Ok(Binding {
+        metrics: metrics.route(http_method.as_str(), template.as_str()),
         method: method.clone(),
         grpc_path,
         http_method,

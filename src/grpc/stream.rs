@@ -7,15 +7,16 @@
 //! shutdown wants it to stop, and ends with a clean status when it must.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
+use prometheus::IntGauge;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_stream::Stream;
 use tonic::Status;
+use tracing::Instrument;
 
+use crate::grpc::middleware::recover::{CatchUnwind, panic_status};
 use crate::shutdown::Shutdown;
 
 /// Whether a stream ends by itself or only when something stops it.
@@ -48,27 +49,31 @@ impl From<StreamEnd> for Status {
     }
 }
 
-/// Counts producers that are still running. A stream whose client went away
-/// must drop out of this count promptly; tests and metrics rely on it.
-#[derive(Clone, Debug, Default)]
-pub struct LiveStreams(Arc<AtomicUsize>);
+/// Counts producers that are still running (`keel_grpc_live_streams`). A
+/// stream whose client went away must drop out of this count promptly.
+#[derive(Clone, Debug)]
+pub struct LiveStreams(IntGauge);
 
 impl LiveStreams {
+    pub fn new(gauge: IntGauge) -> Self {
+        Self(gauge)
+    }
+
     pub fn get(&self) -> usize {
-        self.0.load(Ordering::Relaxed)
+        usize::try_from(self.0.get()).unwrap_or(0)
     }
 
     fn enter(&self) -> LiveGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.inc();
         LiveGuard(self.0.clone())
     }
 }
 
-struct LiveGuard(Arc<AtomicUsize>);
+struct LiveGuard(IntGauge);
 
 impl Drop for LiveGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 
@@ -97,14 +102,22 @@ impl StreamSpawner {
         let (tx, rx) = mpsc::channel(self.buffer);
         let (status_tx, status_rx) = oneshot::channel();
         let sink = StreamSink { tx, deadline, kind, shutdown: self.shutdown.clone(), _live: self.live.enter() };
-        let producer = produce(sink);
-        self.shutdown.spawn(async move {
+        let producer = CatchUnwind::new(produce(sink));
+        let task = async move {
             // The sink, and with it the sender, is gone once the producer
             // returns, so the reader sees the queued messages, then this.
-            if let Err(status) = producer.await {
-                let _ = status_tx.send(status);
-            }
-        });
+            let status = match producer.await {
+                Ok(Ok(())) => return,
+                Ok(Err(status)) => status,
+                Err(panic) => {
+                    tracing::error!(%panic, "stream producer panicked");
+                    panic_status()
+                }
+            };
+            let _ = status_tx.send(status);
+        };
+        // The producer logs within the call's span, request id included.
+        self.shutdown.spawn(task.instrument(tracing::Span::current()));
         ResponseStream { messages: rx, status: Some(status_rx) }
     }
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod exposition;
 pub mod http;
 
 use std::future::Future;
@@ -27,6 +28,7 @@ pub const READY_BOUND: Duration = Duration::from_secs(10);
 pub struct TestApp {
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub live_streams: LiveStreams,
     /// The app's serving state, to flip in tests.
     pub health_state: keel::health::Health,
@@ -51,18 +53,27 @@ pub async fn spawn_app() -> Result<TestApp> {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> Result<TestApp> {
+    spawn_app_prepared(adjust, |_| {}).await
+}
+
+/// Like [`spawn_app_with`], with a hook to change the built app (e.g. add
+/// a test-only gRPC service) before it runs.
+pub async fn spawn_app_prepared(adjust: impl FnOnce(&mut Settings), prepare: impl FnOnce(&mut App)) -> Result<TestApp> {
     let mut settings = test_settings();
     adjust(&mut settings);
-    let app = App::build(settings).await?;
+    let mut app = App::build(settings).await?;
+    prepare(&mut app);
     let grpc_addr = app.grpc_addr();
     let http_addr = app.http_addr();
+    let admin_addr = app.admin_addr();
     let live_streams = app.live_streams();
     let health_state = app.health();
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(app.run(async move {
         let _ = stopped.await;
     }));
-    let test_app = TestApp { grpc_addr, http_addr, live_streams, health_state, stop: Some(stop), task: Some(task) };
+    let test_app =
+        TestApp { grpc_addr, http_addr, admin_addr, live_streams, health_state, stop: Some(stop), task: Some(task) };
     test_app.wait_until_serving("").await?;
     Ok(test_app)
 }
@@ -75,6 +86,18 @@ impl TestApp {
     /// A client for the HTTP gateway.
     pub fn http(&self) -> http::HttpClient {
         http::HttpClient::new(self.http_addr)
+    }
+
+    /// A client for the admin server.
+    pub fn admin(&self) -> http::HttpClient {
+        http::HttpClient::new(self.admin_addr)
+    }
+
+    /// The current `/metrics` exposition, parsed strictly.
+    pub async fn scrape(&self) -> Result<exposition::Exposition> {
+        let response = self.admin().get("/metrics").await?;
+        anyhow::ensure!(response.status == ::http::StatusCode::OK, "/metrics answered {}", response.status);
+        exposition::Exposition::parse(&response.text())
     }
 
     /// A lazily connecting channel of its own.
@@ -130,6 +153,12 @@ impl Drop for TestApp {
             task.abort();
         }
     }
+}
+
+/// The value of the sample of `metric` whose labels include all of
+/// `labels`.
+pub fn sample(scrape: &exposition::Exposition, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    scrape.value(metric, labels)
 }
 
 /// Polls `condition` with a short backoff until it holds or `bound` passes.

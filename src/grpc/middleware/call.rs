@@ -54,9 +54,46 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Receives the final code of a call exactly once.
+/// Receives the final code of a call exactly once, and optionally sees the
+/// response bytes on the way.
 pub trait OnCallEnd: Send + 'static {
     fn call_ended(self, code: Code);
+
+    fn data(&mut self, _bytes: &[u8]) {}
+}
+
+/// Counts gRPC messages in a byte stream by following the 5-byte
+/// length-prefixed framing across arbitrary chunk boundaries.
+#[derive(Debug, Default)]
+pub struct MessageCounter {
+    header: [u8; 5],
+    header_len: usize,
+    /// Bytes of the current message's payload still to skip.
+    remaining: u64,
+    pub messages: u64,
+}
+
+impl MessageCounter {
+    pub fn feed(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(bytes.len());
+                bytes = &bytes[skip..];
+                self.remaining -= skip as u64;
+                continue;
+            }
+            let take = (5 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+            self.header_len += take;
+            bytes = &bytes[take..];
+            if self.header_len == 5 {
+                self.messages += 1;
+                self.header_len = 0;
+                self.remaining =
+                    u64::from(u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]));
+            }
+        }
+    }
 }
 
 pin_project! {
@@ -87,6 +124,7 @@ impl<B, E: OnCallEnd> ObservedBody<B, E> {
 impl<B, E> Body for ObservedBody<B, E>
 where
     B: Body,
+    B::Data: AsRef<[u8]>,
     E: OnCallEnd,
 {
     type Data = B::Data;
@@ -95,6 +133,11 @@ where
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
+        if let (Some(Ok(frame)), Some(on_end)) = (&frame, this.on_end.as_mut())
+            && let Some(data) = frame.data_ref()
+        {
+            on_end.data(data.as_ref());
+        }
         let ended = match &frame {
             Some(Ok(frame)) => frame.trailers_ref().map(|t| status_code(t).unwrap_or(Code::Unknown)),
             Some(Err(_)) => Some(Code::Internal),
@@ -103,7 +146,11 @@ where
             // response whose code was already taken from the headers.
             None => Some(Code::Unknown),
         };
-        if let (Some(code), Some(on_end)) = (ended, this.on_end.take()) {
+        // Take the callback only once the call has ended: a data frame
+        // must leave it in place.
+        if let Some(code) = ended
+            && let Some(on_end) = this.on_end.take()
+        {
             on_end.call_ended(code);
         }
         Poll::Ready(frame)
@@ -118,9 +165,60 @@ where
     }
 }
 
+pin_project! {
+    /// A future that answers at once with a ready response, or runs the
+    /// inner service: how a layer rejects a call.
+    #[project = ShortCircuitProj]
+    pub enum ShortCircuit<F, B> {
+        Pass { #[pin] inner: F },
+        Reject { response: Option<http::Response<B>> },
+    }
+}
+
+impl<F, B> ShortCircuit<F, B> {
+    pub fn reject(status: tonic::Status) -> Self
+    where
+        B: Default,
+    {
+        Self::Reject { response: Some(status.into_http()) }
+    }
+}
+
+impl<F, B, E> Future for ShortCircuit<F, B>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+    B: Default,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            ShortCircuitProj::Pass { inner } => inner.poll(cx),
+            ShortCircuitProj::Reject { response } => Poll::Ready(Ok(response.take().unwrap_or_default())),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_messages_across_chunk_boundaries() {
+        let mut frames = Vec::new();
+        for payload in [&b"abc"[..], b"", b"0123456789"] {
+            frames.push(0u8);
+            frames.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+            frames.extend_from_slice(payload);
+        }
+        for chunk in 1..frames.len() {
+            let mut counter = MessageCounter::default();
+            for piece in frames.chunks(chunk) {
+                counter.feed(piece);
+            }
+            assert_eq!(counter.messages, 3, "chunk size {chunk}");
+        }
+    }
 
     #[test]
     fn parses_method_paths() {

@@ -1,9 +1,102 @@
-//! Call deadlines: the `grpc-timeout` header turned into an instant that
-//! handlers and stream producers can race against.
+//! Call deadlines: the `grpc-timeout` header, or `grpc.default_timeout`
+//! when a unary call has none, capped at `grpc.max_timeout`, turned into an
+//! instant that handlers and stream producers race against. Unary calls are
+//! cut off here with DEADLINE_EXCEEDED; streams end themselves at it.
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::time::Instant;
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tonic::Status;
+use tower::{Layer, Service};
+
+use super::method::method_of;
+
+#[derive(Clone, Copy, Debug)]
+pub struct DeadlineLayer {
+    /// For unary and client-streaming calls that name no deadline.
+    default: Duration,
+    /// No call may run longer; also the deadline of a server stream that
+    /// names none.
+    max: Duration,
+}
+
+impl DeadlineLayer {
+    pub fn new(default: Duration, max: Duration) -> Self {
+        Self { default: default.min(max), max }
+    }
+}
+
+impl<S> Layer<S> for DeadlineLayer {
+    type Service = DeadlineService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        DeadlineService { inner, limits: *self }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DeadlineService<S> {
+    inner: S,
+    limits: DeadlineLayer,
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for DeadlineService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = DeadlineFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let streams_out = method_of(&request).is_some_and(|m| !m.grpc_type.single_response());
+        let asked = request.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let fallback = if streams_out { self.limits.max } else { self.limits.default };
+        let at = Instant::now() + asked.unwrap_or(fallback).min(self.limits.max);
+        request.extensions_mut().insert(Deadline(at));
+        // A stream's response future ends with its headers; the stream
+        // itself watches the deadline from the extensions.
+        let sleep = (!streams_out).then(|| tokio::time::sleep_until(at));
+        DeadlineFuture { inner: self.inner.call(request), sleep }
+    }
+}
+
+pin_project! {
+    pub struct DeadlineFuture<F> {
+        #[pin]
+        inner: F,
+        #[pin]
+        sleep: Option<Sleep>,
+    }
+}
+
+impl<F, ResBody, E> Future for DeadlineFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Default,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(result) = this.inner.poll(cx) {
+            return Poll::Ready(result);
+        }
+        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Ok(Status::deadline_exceeded("deadline exceeded").into_http())),
+            _ => Poll::Pending,
+        }
+    }
+}
 
 /// The deadline of a call, stored in the request extensions by the deadline
 /// layer so handlers need not parse headers.

@@ -1,6 +1,7 @@
 //! One structured log line per call, written when the call ends (for a
 //! stream, when its last message and status have gone out), with the method,
-//! the gRPC code and the duration.
+//! the gRPC code, the duration, the peer and the request id, inside the
+//! call's span.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -9,9 +10,12 @@ use std::time::Instant;
 use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tonic::Code;
+use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
+use tracing::Span;
 
 use super::call::{ObservedBody, OnCallEnd, code_name, status_code};
+use super::request_id::{CallSpan, RequestId};
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingLayer;
@@ -33,16 +37,41 @@ pub struct Logging<S> {
 pub struct CallLog {
     path: String,
     start: Instant,
+    peer: Option<String>,
+    request_id: Option<RequestId>,
+    span: Option<Span>,
+}
+
+impl CallLog {
+    fn new<B>(request: &Request<B>) -> Self {
+        // Gateway calls arrive in-process; their peer is the HTTP client.
+        let peer = request
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr)
+            .map(|addr| addr.to_string())
+            .or_else(|| request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned));
+        Self {
+            path: request.uri().path().to_owned(),
+            start: Instant::now(),
+            peer,
+            request_id: request.extensions().get::<RequestId>().cloned(),
+            span: request.extensions().get::<CallSpan>().map(|s| s.0.clone()),
+        }
+    }
 }
 
 impl OnCallEnd for CallLog {
     fn call_ended(self, code: Code) {
+        let _entered = self.span.as_ref().map(Span::enter);
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let code_name = code_name(code);
+        let peer = self.peer.as_deref().unwrap_or("unknown");
+        let request_id = self.request_id.as_ref().map_or("", RequestId::as_str);
         if is_server_fault(code) {
-            tracing::warn!(grpc.method = %self.path, grpc.code = code_name, duration_ms, "rpc finished");
+            tracing::warn!(grpc.method = %self.path, grpc.code = code_name, duration_ms, peer, request_id, "rpc finished");
         } else {
-            tracing::info!(grpc.method = %self.path, grpc.code = code_name, duration_ms, "rpc finished");
+            tracing::info!(grpc.method = %self.path, grpc.code = code_name, duration_ms, peer, request_id, "rpc finished");
         }
     }
 }
@@ -65,7 +94,7 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let log = CallLog { path: request.uri().path().to_owned(), start: Instant::now() };
+        let log = CallLog::new(&request);
         LoggingFuture { inner: self.inner.call(request), log: Some(log) }
     }
 }

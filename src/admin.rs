@@ -1,0 +1,111 @@
+//! The admin server: `/metrics`, `/livez` and `/readyz`, on a port of its
+//! own that is never public and never behind auth.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, StatusCode, header};
+use tokio::net::TcpListener;
+
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
+
+/// What readiness is made of.
+#[derive(Clone)]
+pub struct Readiness {
+    /// Set once every server is running.
+    started: Arc<AtomicBool>,
+    health: Health,
+    shutdown: Shutdown,
+}
+
+impl Readiness {
+    pub fn new(health: Health, shutdown: Shutdown) -> Self {
+        Self { started: Arc::new(AtomicBool::new(false)), health, shutdown }
+    }
+
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// Each check with its outcome: `Err` carries the reason.
+    fn checks(&self) -> [(&'static str, Result<(), &'static str>); 3] {
+        [
+            ("startup", if self.started.load(Ordering::Acquire) { Ok(()) } else { Err("startup not complete") }),
+            ("grpc-health", if self.health.is_serving() { Ok(()) } else { Err("gRPC health is NOT_SERVING") }),
+            ("shutdown", if self.shutdown.is_requested() { Err("shutting down") } else { Ok(()) }),
+        ]
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    metrics: Metrics,
+    readiness: Readiness,
+}
+
+pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
+        .with_state(AdminState { metrics, readiness })
+}
+
+async fn metrics_handler(State(state): State<AdminState>) -> Response {
+    let mut response = state.metrics.render().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
+}
+
+/// Answering at all shows the process is alive and its runtime schedules
+/// work; shutdown does not make it fail, so Kubernetes never restarts a pod
+/// that is draining.
+async fn livez() -> &'static str {
+    "ok\n"
+}
+
+/// 200 once started, SERVING and not shutting down; otherwise 503 with the
+/// failing reason. `?verbose` lists every check, as the Kubernetes API
+/// server does.
+async fn readyz(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
+    let checks = state.readiness.checks();
+    let ready = checks.iter().all(|(_, outcome)| outcome.is_ok());
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let verbose = query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "verbose"));
+    let body = if verbose {
+        let mut text = String::new();
+        for (name, outcome) in &checks {
+            match outcome {
+                Ok(()) => text.push_str(&format!("[+]{name} ok\n")),
+                Err(reason) => text.push_str(&format!("[-]{name} failed: {reason}\n")),
+            }
+        }
+        text.push_str(if ready { "readyz check passed\n" } else { "readyz check failed\n" });
+        text
+    } else if ready {
+        "ok\n".to_owned()
+    } else {
+        let reasons: Vec<&str> = checks.iter().filter_map(|(_, o)| o.err()).collect();
+        format!("not ready: {}\n", reasons.join("; "))
+    };
+    (status, body).into_response()
+}
+
+/// Serves the admin router until `stop` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
+}

@@ -1,0 +1,130 @@
+//! Which method a call is for, resolved once per call by the outermost
+//! layer and left in the request extensions for the layers inside it: its
+//! labels, its pre-resolved metric series and whether auth and load
+//! shedding apply to it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prost_reflect::DescriptorPool;
+
+use crate::metrics::{GrpcMetrics, MethodMetrics};
+
+/// go-grpc-middleware's `grpc_type` label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrpcType {
+    Unary,
+    ClientStream,
+    ServerStream,
+    BidiStream,
+}
+
+impl GrpcType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unary => "unary",
+            Self::ClientStream => "client_stream",
+            Self::ServerStream => "server_stream",
+            Self::BidiStream => "bidi_stream",
+        }
+    }
+
+    /// Whether the client sends exactly one message.
+    pub fn single_request(self) -> bool {
+        matches!(self, Self::Unary | Self::ServerStream)
+    }
+
+    /// Whether the server answers with exactly one message.
+    pub fn single_response(self) -> bool {
+        matches!(self, Self::Unary | Self::ClientStream)
+    }
+}
+
+/// Everything the layers need to know about one method.
+#[derive(Debug)]
+pub struct MethodInfo {
+    /// `/package.Service/Method`.
+    pub path: String,
+    pub grpc_type: GrpcType,
+    /// `None` for paths no registered service serves: they are not
+    /// counted, which keeps label cardinality bounded.
+    pub metrics: Option<MethodMetrics>,
+    /// Health and reflection need no credentials.
+    pub auth_exempt: bool,
+    /// Health checks are never shed, so probes work under load.
+    pub shed_exempt: bool,
+}
+
+/// Every method of every registered service, by path.
+#[derive(Debug)]
+pub struct MethodTable {
+    by_path: HashMap<String, Arc<MethodInfo>>,
+    unknown: Arc<MethodInfo>,
+}
+
+/// A service the server registers, and how it is treated.
+pub struct ServiceEntry<'a> {
+    pub name: &'a str,
+    pub auth_exempt: bool,
+    pub shed_exempt: bool,
+}
+
+impl MethodTable {
+    /// Resolves every method of `services` from the descriptor sets, with
+    /// its metric series (so they exist at zero before the first call).
+    pub fn build(
+        descriptor_sets: &[&[u8]],
+        services: &[ServiceEntry<'_>],
+        metrics: &GrpcMetrics,
+    ) -> Result<Self, prost_reflect::DescriptorError> {
+        let pools = descriptor_sets.iter().map(|set| DescriptorPool::decode(*set)).collect::<Result<Vec<_>, _>>()?;
+        let mut by_path = HashMap::new();
+        for entry in services {
+            let Some(service) = pools.iter().find_map(|p| p.get_service_by_name(entry.name)) else {
+                tracing::warn!(service = entry.name, "no descriptor for a registered service; it is not measured");
+                continue;
+            };
+            for method in service.methods() {
+                let grpc_type = match (method.is_client_streaming(), method.is_server_streaming()) {
+                    (false, false) => GrpcType::Unary,
+                    (true, false) => GrpcType::ClientStream,
+                    (false, true) => GrpcType::ServerStream,
+                    (true, true) => GrpcType::BidiStream,
+                };
+                let path = format!("/{}/{}", service.full_name(), method.name());
+                let info = MethodInfo {
+                    metrics: Some(metrics.method(grpc_type.as_str(), service.full_name(), method.name())),
+                    path: path.clone(),
+                    grpc_type,
+                    auth_exempt: entry.auth_exempt,
+                    shed_exempt: entry.shed_exempt,
+                };
+                by_path.insert(path, Arc::new(info));
+            }
+        }
+        Ok(Self { by_path, ..Self::empty() })
+    }
+
+    /// A table that knows no method: nothing through it is measured.
+    pub fn empty() -> Self {
+        Self {
+            by_path: HashMap::new(),
+            unknown: Arc::new(MethodInfo {
+                path: String::new(),
+                grpc_type: GrpcType::Unary,
+                metrics: None,
+                auth_exempt: false,
+                shed_exempt: false,
+            }),
+        }
+    }
+
+    pub fn resolve(&self, path: &str) -> Arc<MethodInfo> {
+        self.by_path.get(path).unwrap_or(&self.unknown).clone()
+    }
+}
+
+/// The method a request was resolved to by the method layer.
+pub fn method_of<B>(request: &http::Request<B>) -> Option<Arc<MethodInfo>> {
+    request.extensions().get::<Arc<MethodInfo>>().cloned()
+}

@@ -1,0 +1,206 @@
+//! gRPC metrics, recorded the way go-grpc-middleware does: `started` when a
+//! call arrives, each message received and sent, and `handled` with the
+//! final code and the handling time when it ends. A stream the client
+//! cancels is `Canceled`. The same layer measures the gateway's client
+//! channel (`grpc_client_*`).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Instant;
+
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tonic::Code;
+use tower::{Layer, Service};
+
+use super::call::{MessageCounter, ObservedBody, OnCallEnd, status_code};
+use super::method::{MethodInfo, MethodTable, method_of};
+use crate::metrics::MethodMetrics;
+
+/// Which side of a call is measured, and so where its method comes from.
+#[derive(Clone, Debug)]
+enum Side {
+    /// The server: the method layer has resolved it already.
+    Server,
+    /// A client: resolved here from the request path.
+    Client(Arc<MethodTable>),
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcMetricsLayer {
+    side: Side,
+}
+
+impl GrpcMetricsLayer {
+    pub fn server() -> Self {
+        Self { side: Side::Server }
+    }
+
+    /// For a client channel; `table` holds its `grpc_client_*` series.
+    pub fn client(table: Arc<MethodTable>) -> Self {
+        Self { side: Side::Client(table) }
+    }
+}
+
+impl<S> Layer<S> for GrpcMetricsLayer {
+    type Service = GrpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        GrpcMetrics { inner, side: self.side.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct GrpcMetrics<S> {
+    inner: S,
+    side: Side,
+}
+
+impl<S, ResBody> Service<Request<tonic::body::Body>> for GrpcMetrics<S>
+where
+    S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
+{
+    type Response = Response<ObservedBody<ResBody, CallMetrics>>;
+    type Error = S::Error;
+    type Future = MetricsFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let info: Option<Arc<MethodInfo>> = match &self.side {
+            Side::Server => method_of(&request),
+            Side::Client(table) => Some(table.resolve(request.uri().path())),
+        };
+        let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
+            return MetricsFuture { inner: self.inner.call(request), call: None };
+        };
+        metrics.started();
+        let client = matches!(self.side, Side::Client(_));
+        // The request side: what a server receives, or a client sends.
+        let request = if info.grpc_type.single_request() {
+            record_outgoing(&metrics, !client, 1);
+            request
+        } else {
+            let metrics = metrics.clone();
+            request.map(|body| {
+                tonic::body::Body::new(CountedBody { inner: body, metrics, counter: MessageCounter::default(), client })
+            })
+        };
+        let call = CallMetrics { metrics, start: Instant::now(), counter: MessageCounter::default(), client };
+        MetricsFuture { inner: self.inner.call(request), call: Some(call) }
+    }
+}
+
+/// Records `n` messages flowing from the client to the server.
+fn record_outgoing(metrics: &MethodMetrics, server: bool, n: u64) {
+    if server { metrics.received(n) } else { metrics.sent(n) }
+}
+
+/// The response side of one measured call.
+pub struct CallMetrics {
+    metrics: MethodMetrics,
+    start: Instant,
+    counter: MessageCounter,
+    client: bool,
+}
+
+impl OnCallEnd for CallMetrics {
+    fn data(&mut self, bytes: &[u8]) {
+        self.counter.feed(bytes);
+    }
+
+    fn call_ended(self, code: Code) {
+        // Server to client: sent by a server, received by a client.
+        if self.client {
+            self.metrics.received(self.counter.messages);
+        } else {
+            self.metrics.sent(self.counter.messages);
+        }
+        self.metrics.handled(code, self.start.elapsed().as_secs_f64());
+    }
+}
+
+pin_project! {
+    pub struct MetricsFuture<F> {
+        #[pin]
+        inner: F,
+        call: Option<CallMetrics>,
+    }
+}
+
+impl<F, ResBody, E> Future for MetricsFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ObservedBody<ResBody, CallMetrics>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let call = this.call.take();
+        Poll::Ready(match result {
+            Ok(response) => {
+                let call = match (status_code(response.headers()), call) {
+                    // Trailers-only: the call is over already.
+                    (Some(code), Some(call)) => {
+                        call.call_ended(code);
+                        None
+                    }
+                    (_, call) => call,
+                };
+                Ok(response.map(|body| ObservedBody::new(body, call)))
+            }
+            Err(error) => {
+                if let Some(call) = call {
+                    call.call_ended(Code::Unavailable);
+                }
+                Err(error)
+            }
+        })
+    }
+}
+
+pin_project! {
+    /// A streaming request body whose messages are counted as they arrive.
+    struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        metrics: MethodMetrics,
+        counter: MessageCounter,
+        client: bool,
+    }
+}
+
+impl<B> Body for CountedBody<B>
+where
+    B: Body,
+    B::Data: AsRef<[u8]>,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+        {
+            let before = this.counter.messages;
+            this.counter.feed(data.as_ref());
+            record_outgoing(this.metrics, !*this.client, this.counter.messages - before);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

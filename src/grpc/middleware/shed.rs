@@ -1,0 +1,112 @@
+//! Load shedding: past `grpc.max_concurrent_requests` calls in flight, a
+//! new call is answered RESOURCE_EXHAUSTED at once rather than queued
+//! without bound. A call is in flight until its response body (for a
+//! stream, its last message) is done. Health checks are never shed.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, ready};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use tonic::{Code, Status};
+use tower::{Layer, Service};
+
+use super::call::{ObservedBody, OnCallEnd};
+use super::method::method_of;
+
+#[derive(Clone, Debug)]
+pub struct LoadShedLayer {
+    limit: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl LoadShedLayer {
+    pub fn new(limit: usize) -> Self {
+        Self { limit, in_flight: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+impl<S> Layer<S> for LoadShedLayer {
+    type Service = LoadShed<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        LoadShed { inner, limit: self.limit, in_flight: self.in_flight.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct LoadShed<S> {
+    inner: S,
+    limit: usize,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// One unit of the concurrency budget, returned when dropped.
+pub struct Permit(Option<Arc<AtomicUsize>>);
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(counter) = self.0.take() {
+            counter.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl OnCallEnd for Permit {
+    fn call_ended(self, _: Code) {}
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for LoadShed<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
+{
+    type Response = Response<ObservedBody<ResBody, Permit>>;
+    type Error = S::Error;
+    type Future = LoadShedFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+        if method_of(&request).is_some_and(|m| m.shed_exempt) {
+            return LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(None)) };
+        }
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limit {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return LoadShedFuture { inner: None, permit: None };
+        }
+        let permit = Permit(Some(self.in_flight.clone()));
+        LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(permit) }
+    }
+}
+
+pin_project! {
+    pub struct LoadShedFuture<F> {
+        #[pin]
+        inner: Option<F>,
+        permit: Option<Permit>,
+    }
+}
+
+impl<F, ResBody, E> Future for LoadShedFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Default,
+{
+    type Output = Result<Response<ObservedBody<ResBody, Permit>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let Some(inner) = this.inner.as_pin_mut() else {
+            let status = Status::resource_exhausted("server overloaded: too many concurrent requests, retry later");
+            return Poll::Ready(Ok(status.into_http::<ResBody>().map(|b| ObservedBody::new(b, None))));
+        };
+        let response = ready!(inner.poll(cx))?;
+        let permit = this.permit.take();
+        Poll::Ready(Ok(response.map(|body| ObservedBody::new(body, permit))))
+    }
+}

@@ -1,0 +1,377 @@
+//! The Prometheus registry and every metric family keel exports.
+//!
+//! gRPC metrics use exactly the names and labels of go-grpc-middleware's
+//! Prometheus provider, so dashboards and alerts built for Go services work
+//! unchanged. Label children are resolved once per method or route at
+//! startup; the request path only increments pre-resolved counters.
+
+use std::sync::Arc;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+use tonic::Code;
+
+use crate::grpc::middleware::call::code_name;
+
+/// Every gRPC code, in wire order, for pre-initialising `handled` series.
+pub const ALL_CODES: [Code; 17] = [
+    Code::Ok,
+    Code::Cancelled,
+    Code::Unknown,
+    Code::InvalidArgument,
+    Code::DeadlineExceeded,
+    Code::NotFound,
+    Code::AlreadyExists,
+    Code::PermissionDenied,
+    Code::ResourceExhausted,
+    Code::FailedPrecondition,
+    Code::Aborted,
+    Code::OutOfRange,
+    Code::Unimplemented,
+    Code::Internal,
+    Code::Unavailable,
+    Code::DataLoss,
+    Code::Unauthenticated,
+];
+
+/// HTTP statuses given their own pre-resolved child per route.
+const COMMON_HTTP_STATUSES: [u16; 16] =
+    [200, 400, 401, 403, 404, 405, 409, 413, 415, 429, 499, 500, 501, 503, 504, 502];
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot register metrics: {0}")]
+pub struct MetricsError(#[from] prometheus::Error);
+
+/// The registry and the families the layers record into. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub grpc_server: GrpcMetrics,
+    pub grpc_client: GrpcMetrics,
+    pub http: HttpMetrics,
+    /// Stream producers still running (`keel_grpc_live_streams`).
+    pub live_streams: IntGauge,
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, MetricsError> {
+        let registry = Registry::new();
+        let grpc_server = GrpcMetrics::new(&registry, Side::Server)?;
+        let grpc_client = GrpcMetrics::new(&registry, Side::Client)?;
+        let http = HttpMetrics::new(&registry)?;
+        let live_streams = IntGauge::new("keel_grpc_live_streams", "Server-stream producers currently running.")?;
+        registry.register(Box::new(live_streams.clone()))?;
+        let build_info = IntGauge::with_opts(
+            Opts::new("keel_build_info", "Build information; the value is always 1.")
+                .const_label("version", env!("CARGO_PKG_VERSION"))
+                .const_label("commit", option_env!("KEEL_GIT_COMMIT").unwrap_or("unknown")),
+        )?;
+        build_info.set(1);
+        registry.register(Box::new(build_info))?;
+        registry.register(Box::new(ProcessCollector::new()?))?;
+        Ok(Self { registry, grpc_server, grpc_client, http, live_streams })
+    }
+
+    /// The exposition in the Prometheus text format.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let families = self.registry.gather();
+        if let Err(error) = TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Server,
+    Client,
+}
+
+/// One side's (server or client) gRPC families.
+#[derive(Clone)]
+pub struct GrpcMetrics {
+    started: IntCounterVec,
+    handled: IntCounterVec,
+    msg_received: IntCounterVec,
+    msg_sent: IntCounterVec,
+    handling: HistogramVec,
+}
+
+impl GrpcMetrics {
+    fn new(registry: &Registry, side: Side) -> Result<Self, prometheus::Error> {
+        let (prefix, who) = match side {
+            Side::Server => ("grpc_server", "on the server"),
+            Side::Client => ("grpc_client", "by the client"),
+        };
+        let labels = ["grpc_type", "grpc_service", "grpc_method"];
+        let with_code = ["grpc_type", "grpc_service", "grpc_method", "grpc_code"];
+        let counter = |name: &str, help: String, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+            let vec = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels)?;
+            registry.register(Box::new(vec.clone()))?;
+            Ok(vec)
+        };
+        let (received_help, sent_help) = match side {
+            Side::Server => (
+                "Total number of RPC stream messages received on the server.",
+                "Total number of gRPC stream messages sent by the server.",
+            ),
+            Side::Client => (
+                "Total number of RPC stream messages received by the client.",
+                "Total number of gRPC stream messages sent by the client.",
+            ),
+        };
+        let handling = HistogramVec::new(
+            HistogramOpts::new(
+                format!("{prefix}_handling_seconds"),
+                format!(
+                    "Histogram of response latency (seconds) of gRPC that had been application-level handled {who}."
+                ),
+            ),
+            &labels,
+        )?;
+        registry.register(Box::new(handling.clone()))?;
+        Ok(Self {
+            started: counter("started_total", format!("Total number of RPCs started {who}."), &labels)?,
+            handled: counter(
+                "handled_total",
+                format!("Total number of RPCs completed {who}, regardless of success or failure."),
+                &with_code,
+            )?,
+            msg_received: counter("msg_received_total", received_help.to_owned(), &labels)?,
+            msg_sent: counter("msg_sent_total", sent_help.to_owned(), &labels)?,
+            handling,
+        })
+    }
+
+    /// Resolves (and so pre-initialises at zero) every series of a method.
+    pub fn method(&self, grpc_type: &str, service: &str, method: &str) -> MethodMetrics {
+        let labels = [grpc_type, service, method];
+        let handled =
+            ALL_CODES.map(|code| self.handled.with_label_values(&[grpc_type, service, method, code_name(code)]));
+        MethodMetrics(Arc::new(MethodSeries {
+            started: self.started.with_label_values(&labels),
+            msg_received: self.msg_received.with_label_values(&labels),
+            msg_sent: self.msg_sent.with_label_values(&labels),
+            handling: self.handling.with_label_values(&labels),
+            handled,
+        }))
+    }
+}
+
+/// The pre-resolved series of one method.
+#[derive(Clone, Debug)]
+pub struct MethodMetrics(Arc<MethodSeries>);
+
+#[derive(Debug)]
+struct MethodSeries {
+    started: IntCounter,
+    msg_received: IntCounter,
+    msg_sent: IntCounter,
+    handling: Histogram,
+    handled: [IntCounter; 17],
+}
+
+impl MethodMetrics {
+    pub fn started(&self) {
+        self.0.started.inc();
+    }
+
+    pub fn received(&self, messages: u64) {
+        if messages > 0 {
+            self.0.msg_received.inc_by(messages);
+        }
+    }
+
+    pub fn sent(&self, messages: u64) {
+        if messages > 0 {
+            self.0.msg_sent.inc_by(messages);
+        }
+    }
+
+    pub fn handled(&self, code: Code, seconds: f64) {
+        let index = ALL_CODES.iter().position(|c| *c == code).unwrap_or(2);
+        self.0.handled[index].inc();
+        self.0.handling.observe(seconds);
+    }
+}
+
+/// The gateway's HTTP families, labelled by route template.
+#[derive(Clone)]
+pub struct HttpMetrics {
+    requests: IntCounterVec,
+    duration: HistogramVec,
+}
+
+impl HttpMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let requests = IntCounterVec::new(
+            Opts::new("http_requests_total", "HTTP requests handled by the gateway, by route template and status."),
+            &["method", "route", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "http_request_duration_seconds",
+                "Time until the gateway's response headers, by route template.",
+            ),
+            &["method", "route"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        Ok(Self { requests, duration })
+    }
+
+    /// Resolves the series of one route (a template, never a raw path).
+    pub fn route(&self, method: &str, route: &str) -> RouteMetrics {
+        let codes = COMMON_HTTP_STATUSES
+            .iter()
+            .map(|code| (*code, self.requests.with_label_values(&[method, route, &code.to_string()])))
+            .collect();
+        RouteMetrics(Arc::new(RouteSeries {
+            method: method.to_owned(),
+            route: route.to_owned(),
+            codes,
+            requests: self.requests.clone(),
+            duration: self.duration.with_label_values(&[method, route]),
+        }))
+    }
+}
+
+/// The pre-resolved series of one route.
+#[derive(Clone, Debug)]
+pub struct RouteMetrics(Arc<RouteSeries>);
+
+#[derive(Debug)]
+struct RouteSeries {
+    method: String,
+    route: String,
+    codes: Vec<(u16, IntCounter)>,
+    /// For the rare status without a pre-resolved child.
+    requests: IntCounterVec,
+    duration: Histogram,
+}
+
+impl RouteMetrics {
+    pub fn record(&self, status: u16, seconds: f64) {
+        let series = &self.0;
+        match series.codes.iter().find(|(code, _)| *code == status) {
+            Some((_, counter)) => counter.inc(),
+            None => series.requests.with_label_values(&[&series.method, &series.route, &status.to_string()]).inc(),
+        }
+        series.duration.observe(seconds);
+    }
+}
+
+/// Process metrics read from `/proc` at scrape time, with the standard
+/// names client libraries use.
+struct ProcessCollector {
+    cpu: Counter,
+    open_fds: IntGauge,
+    max_fds: IntGauge,
+    virtual_memory: IntGauge,
+    resident_memory: IntGauge,
+    start_time: Gauge,
+    descs: Vec<Desc>,
+}
+
+impl ProcessCollector {
+    fn new() -> Result<Self, prometheus::Error> {
+        let cpu = Counter::new("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")?;
+        let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
+        let max_fds = IntGauge::new("process_max_fds", "Maximum number of open file descriptors.")?;
+        let virtual_memory = IntGauge::new("process_virtual_memory_bytes", "Virtual memory size in bytes.")?;
+        let resident_memory = IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.")?;
+        let start_time =
+            Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")?;
+        let mut descs = Vec::new();
+        for collector in [&cpu as &dyn Collector, &open_fds, &max_fds, &virtual_memory, &resident_memory, &start_time] {
+            descs.extend(collector.desc().into_iter().cloned());
+        }
+        Ok(Self { cpu, open_fds, max_fds, virtual_memory, resident_memory, start_time, descs })
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        self.descs.iter().collect()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        if let Some(stat) = proc_stat::read() {
+            let cpu = stat.cpu_seconds - self.cpu.get();
+            if cpu > 0.0 {
+                self.cpu.inc_by(cpu);
+            }
+            self.virtual_memory.set(stat.virtual_bytes);
+            self.resident_memory.set(stat.resident_bytes);
+            self.start_time.set(stat.start_time_seconds);
+        }
+        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(i64::try_from(entries.count()).unwrap_or(i64::MAX));
+        }
+        if let Some(limit) = proc_stat::max_fds() {
+            self.max_fds.set(limit);
+        }
+        let mut families = Vec::with_capacity(6);
+        for collector in [
+            &self.cpu as &dyn Collector,
+            &self.open_fds,
+            &self.max_fds,
+            &self.virtual_memory,
+            &self.resident_memory,
+            &self.start_time,
+        ] {
+            families.extend(collector.collect());
+        }
+        families
+    }
+}
+
+/// Parsing of `/proc/self/stat`, `/proc/stat` and `/proc/self/limits`.
+mod proc_stat {
+    pub struct Stat {
+        pub cpu_seconds: f64,
+        pub virtual_bytes: i64,
+        pub resident_bytes: i64,
+        pub start_time_seconds: f64,
+    }
+
+    pub fn read() -> Option<Stat> {
+        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+        // The command name may contain spaces; fields start after its ')'.
+        let fields: Vec<&str> = text.get(text.rfind(')')? + 2..)?.split_whitespace().collect();
+        // Field numbers from proc(5), minus 3 for pid, comm and the offset.
+        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
+        // SAFETY: sysconf only reads system configuration.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        // SAFETY: as above.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if ticks <= 0 || page <= 0 {
+            return None;
+        }
+        let ticks = ticks as f64;
+        let boot = boot_time()?;
+        Some(Stat {
+            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
+            virtual_bytes: i64::try_from(field(23)?).ok()?,
+            resident_bytes: i64::try_from(field(24)?).ok()?.saturating_mul(page),
+            start_time_seconds: boot + field(22)? as f64 / ticks,
+        })
+    }
+
+    fn boot_time() -> Option<f64> {
+        let text = std::fs::read_to_string("/proc/stat").ok()?;
+        text.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()
+    }
+
+    pub fn max_fds() -> Option<i64> {
+        let text = std::fs::read_to_string("/proc/self/limits").ok()?;
+        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
+        line.split_whitespace().nth(3)?.parse().ok()
+    }
+}

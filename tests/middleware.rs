@@ -1,0 +1,367 @@
+//! The gRPC layer stack, exercised through the running app: auth (gRPC and
+//! gateway), panic recovery, deadlines, load shedding and size limits. A
+//! test-only `test.v1.Faulty` service, added behind the same stack, panics
+//! or waits on demand.
+
+mod support;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use anyhow::{Context as _, Result};
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use keel::proto::user::v1::user_service_client::UserServiceClient;
+use keel::proto::user::v1::{
+    CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User, WatchUsersRequest,
+};
+use support::{READY_BOUND, TestApp, eventually, spawn_app_prepared, spawn_app_with};
+use tokio::sync::Semaphore;
+use tonic::Code;
+use tonic::server::NamedService;
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+/// A raw gRPC service that misbehaves on request.
+#[derive(Clone)]
+struct Faulty {
+    /// Calls to `Wait` block until the test adds permits.
+    gate: Arc<Semaphore>,
+    /// How many calls are inside `Wait` now.
+    waiting: Arc<AtomicUsize>,
+}
+
+impl NamedService for Faulty {
+    const NAME: &'static str = "test.v1.Faulty";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Faulty {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let method = request.uri().path().rsplit('/').next().unwrap_or_default().to_owned();
+        if method == "PanicInCall" {
+            panic!("boom in call");
+        }
+        let gate = self.gate.clone();
+        let waiting = self.waiting.clone();
+        Box::pin(async move {
+            match method.as_str() {
+                "PanicInFuture" => panic!("boom in future"),
+                "Wait" => {
+                    waiting.fetch_add(1, Ordering::SeqCst);
+                    let permit = gate.acquire().await;
+                    waiting.fetch_sub(1, Ordering::SeqCst);
+                    drop(permit);
+                }
+                _ => {}
+            }
+            // One empty message, then OK.
+            let body = http_body_util::StreamBody::new(tokio_stream::iter([
+                Ok::<_, Infallible>(hyper::body::Frame::data(Bytes::from_static(&[0, 0, 0, 0, 0]))),
+                Ok(hyper::body::Frame::trailers({
+                    let mut t = http::HeaderMap::new();
+                    t.insert("grpc-status", http::HeaderValue::from_static("0"));
+                    t
+                })),
+            ]));
+            let mut response = http::Response::new(tonic::body::Body::new(body));
+            response.headers_mut().insert("content-type", http::HeaderValue::from_static("application/grpc"));
+            Ok(response)
+        })
+    }
+}
+
+impl Faulty {
+    fn new() -> Self {
+        Self { gate: Arc::new(Semaphore::new(0)), waiting: Arc::new(AtomicUsize::new(0)) }
+    }
+}
+
+/// Calls `test.v1.Faulty/{method}` with an empty message.
+async fn call_faulty(channel: Channel, method: &str, timeout: Option<Duration>) -> Result<(), tonic::Status> {
+    let mut client = tonic::client::Grpc::new(channel);
+    client.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let path = http::uri::PathAndQuery::try_from(format!("/test.v1.Faulty/{method}"))
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let mut request = tonic::Request::new(());
+    if let Some(timeout) = timeout {
+        request.set_timeout(timeout);
+    }
+    client.unary::<(), (), _>(request, path, tonic_prost::ProstCodec::default()).await.map(|_| ())
+}
+
+async fn spawn_with_faulty(adjust: impl FnOnce(&mut keel::config::Settings)) -> Result<(TestApp, Faulty)> {
+    let faulty = Faulty::new();
+    let service = faulty.clone();
+    let app = spawn_app_prepared(adjust, move |app| app.add_grpc_service(service)).await?;
+    Ok((app, faulty))
+}
+
+mod auth {
+    use super::*;
+
+    const TOKEN: &str = "s3cret-token";
+
+    fn authed<T>(message: T, token: Option<&str>) -> Result<tonic::Request<T>> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = token {
+            request.metadata_mut().insert("authorization", format!("Bearer {token}").parse()?);
+        }
+        Ok(request)
+    }
+
+    /// Calls every UserService method; returns each call's code.
+    async fn every_method(
+        client: &mut UserServiceClient<Channel>,
+        token: Option<&str>,
+    ) -> Result<Vec<(&'static str, Code)>> {
+        let user =
+            || User { user_id: "auth-u".into(), display_name: "A".into(), email: "a@b".into(), ..Default::default() };
+        let code = |r: Result<(), tonic::Status>| r.err().map_or(Code::Ok, |s| s.code());
+        Ok(vec![
+            (
+                "CreateUser",
+                code(client.create_user(authed(CreateUserRequest { user: Some(user()) }, token)?).await.map(drop)),
+            ),
+            (
+                "GetUser",
+                code(client.get_user(authed(GetUserRequest { user_id: "auth-u".into() }, token)?).await.map(drop)),
+            ),
+            (
+                "UpdateUser",
+                code(
+                    client
+                        .update_user(authed(UpdateUserRequest { user: Some(user()), update_mask: None }, token)?)
+                        .await
+                        .map(drop),
+                ),
+            ),
+            ("ListUsers", code(client.list_users(authed(ListUsersRequest {}, token)?).await.map(drop))),
+            ("WatchUsers", code(client.watch_users(authed(WatchUsersRequest {}, token)?).await.map(drop))),
+            (
+                "DeleteUser",
+                code(
+                    client.delete_user(authed(DeleteUserRequest { user_id: "auth-u".into() }, token)?).await.map(drop),
+                ),
+            ),
+        ])
+    }
+
+    #[tokio::test]
+    async fn grpc_needs_a_valid_bearer_token_except_for_health_and_reflection() -> Result<()> {
+        let app = spawn_app_with(|s| s.auth.tokens = vec![TOKEN.into(), "other".into()]).await?;
+        let mut client = app.users()?;
+        for (token, label) in [(None, "missing"), (Some("wrong"), "wrong")] {
+            for (method, code) in every_method(&mut client, token).await? {
+                assert_eq!(code, Code::Unauthenticated, "{method} with a {label} token");
+            }
+        }
+        let unauthenticated =
+            client.get_user(GetUserRequest { user_id: "x".into() }).await.err().context("accepted")?;
+        assert_eq!(unauthenticated.message(), "missing or invalid credentials");
+        let wrong = client
+            .get_user(authed(GetUserRequest { user_id: "x".into() }, Some("nope"))?)
+            .await
+            .err()
+            .context("accepted")?;
+        assert_eq!(wrong.message(), unauthenticated.message(), "missing and wrong look the same");
+
+        for (method, code) in every_method(&mut client, Some(TOKEN)).await? {
+            assert_eq!(code, Code::Ok, "{method} with the right token");
+        }
+
+        let mut health = HealthClient::new(app.channel()?);
+        health.check(HealthCheckRequest { service: String::new() }).await?;
+        use tonic_reflection::pb::v1::ServerReflectionRequest;
+        use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut reflection = ServerReflectionClient::new(app.channel()?);
+        let mut answers = reflection.server_reflection_info(tokio_stream::iter([request])).await?.into_inner();
+        assert!(answers.message().await?.is_some(), "reflection answered without a token");
+        drop(answers);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn the_gateway_answers_401_for_missing_or_wrong_tokens() -> Result<()> {
+        let app = spawn_app_with(|s| s.auth.tokens = vec![TOKEN.into()]).await?;
+        let http = app.http();
+        let body = r#"{"user_id": "gw", "display_name": "G", "email": "g@example.com"}"#;
+        let routes: [(Method, &str, Option<&str>); 6] = [
+            (Method::POST, "/v1/users", Some(body)),
+            (Method::GET, "/v1/users/gw", None),
+            (Method::PATCH, "/v1/users/gw", Some(r#"{"display_name": "H"}"#)),
+            (Method::GET, "/v1/users", None),
+            (Method::GET, "/v1/users:watch", None),
+            (Method::DELETE, "/v1/users/gw", None),
+        ];
+        let bearer = format!("Bearer {TOKEN}");
+        for (method, path, body) in &routes {
+            for headers in [vec![], vec![("authorization", "Bearer wrong")]] {
+                let response = http.send(method.clone(), path, &headers, *body).await?;
+                assert_eq!(response.status, StatusCode::UNAUTHORIZED, "{method} {path} {headers:?}");
+                assert_eq!(response.json()?["code"], 16);
+            }
+        }
+        for (method, path, body) in &routes {
+            let headers = [("authorization", bearer.as_str()), ("grpc-timeout", "200m")];
+            let response = http.send(method.clone(), path, &headers, *body).await?;
+            assert_eq!(response.status, StatusCode::OK, "{method} {path}: {}", response.text());
+        }
+        assert_eq!(http.get("/healthz").await?.status, StatusCode::OK, "health needs no token");
+        assert_eq!(app.admin().get("/metrics").await?.status, StatusCode::OK, "admin is never behind auth");
+        app.stop().await
+    }
+
+    fn keel_config(env: &[(&str, &str)]) -> Result<std::process::Output> {
+        let dir = std::env::temp_dir().join(format!("keel-auth-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+        command.arg("config").env_clear().env("KEEL_CONFIG_DIR", &dir).env("KEEL_ENV", "production");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        Ok(command.output()?)
+    }
+
+    #[test]
+    fn production_refuses_to_start_without_tokens() -> Result<()> {
+        let refused = keel_config(&[])?;
+        assert_eq!(refused.status.code(), Some(78));
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("auth.tokens"));
+        assert!(keel_config(&[("KEEL__AUTH__DISABLED", "true")])?.status.success(), "explicitly disabled is allowed");
+        assert!(keel_config(&[("KEEL__AUTH__TOKENS", "t1")])?.status.success());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_handler_answers_internal_and_the_server_keeps_serving() -> Result<()> {
+    let (app, _faulty) = spawn_with_faulty(|_| {}).await?;
+    for method in ["PanicInCall", "PanicInFuture"] {
+        let status = call_faulty(app.channel()?, method, None).await.err().context("no error")?;
+        assert_eq!(status.code(), Code::Internal, "{method}: {status:?}");
+        assert_eq!(status.message(), "internal error", "no panic details leak to clients");
+        call_faulty(app.channel()?, "Fine", None).await?;
+    }
+    app.users()?.list_users(ListUsersRequest {}).await?;
+    app.stop().await
+}
+
+mod deadlines {
+    use super::*;
+
+    #[tokio::test]
+    async fn unary_calls_without_a_deadline_get_the_default() -> Result<()> {
+        let (app, _faulty) = spawn_with_faulty(|s| s.grpc.default_timeout = Duration::from_millis(200)).await?;
+        let status = call_faulty(app.channel()?, "Wait", None).await.err().context("no error")?;
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        app.stop().await
+    }
+
+    #[tokio::test]
+    async fn a_longer_deadline_than_the_maximum_is_capped() -> Result<()> {
+        let (app, _faulty) = spawn_with_faulty(|s| s.grpc.max_timeout = Duration::from_millis(300)).await?;
+        let started = tokio::time::Instant::now();
+        let status =
+            call_faulty(app.channel()?, "Wait", Some(Duration::from_secs(3600))).await.err().context("no error")?;
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        assert!(started.elapsed() < Duration::from_secs(30), "the hour-long deadline was not capped");
+
+        // Streams without a deadline get the maximum too.
+        let mut watch = app.users()?.watch_users(WatchUsersRequest {}).await?.into_inner();
+        let status = watch.message().await.err().context("the watch did not end")?;
+        assert_eq!(status.code(), Code::DeadlineExceeded);
+        app.stop().await
+    }
+}
+
+#[tokio::test]
+async fn a_burst_past_the_concurrency_limit_is_shed_at_once() -> Result<()> {
+    let limit = 4;
+    let (app, faulty) = spawn_with_faulty(|s| s.grpc.max_concurrent_requests = limit).await?;
+    let channel = app.channel()?;
+    let burst: Vec<_> = (0..20).map(|_| tokio::spawn(call_faulty(channel.clone(), "Wait", None))).collect();
+    eventually(READY_BOUND, || async { faulty.waiting.load(Ordering::SeqCst) == limit })
+        .await
+        .context("the calls within the limit never arrived")?;
+    // Probes still pass while the server is full.
+    HealthClient::new(app.channel()?).check(HealthCheckRequest { service: String::new() }).await?;
+    let refused = app.users()?.get_user(GetUserRequest { user_id: "x".into() }).await.err().context("not shed")?;
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+
+    faulty.gate.add_permits(1000);
+    let mut codes = Vec::new();
+    for call in burst {
+        codes.push(call.await?.err().map_or(Code::Ok, |s| s.code()));
+    }
+    assert_eq!(codes.iter().filter(|c| **c == Code::Ok).count(), limit);
+    assert_eq!(codes.iter().filter(|c| **c == Code::ResourceExhausted).count(), 20 - limit);
+    // With the burst over, calls are admitted again.
+    call_faulty(app.channel()?, "Fine", None).await?;
+    app.stop().await
+}
+
+mod size_limits {
+    use super::*;
+
+    #[tokio::test]
+    async fn oversized_requests_and_responses_are_resource_exhausted() -> Result<()> {
+        let app = spawn_app_with(|s| {
+            s.grpc.max_decoding_message_size = keel::config::ByteSize(1024);
+            s.grpc.max_encoding_message_size = keel::config::ByteSize(250);
+        })
+        .await?;
+        let mut users = app.users()?;
+        let user = |name: String| User {
+            user_id: "big".into(),
+            display_name: name,
+            email: "b@example.com".into(),
+            ..Default::default()
+        };
+        let status = users
+            .create_user(CreateUserRequest { user: Some(user("x".repeat(2000))) })
+            .await
+            .err()
+            .context("accepted")?;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("grpc.max_decoding_message_size"), "{}", status.message());
+
+        users.create_user(CreateUserRequest { user: Some(user("y".repeat(100))) }).await?;
+        let small = users.get_user(GetUserRequest { user_id: "big".into() }).await?;
+        assert_eq!(small.get_ref().display_name.len(), 100);
+        // The update is stored, but its response is over the limit.
+        let status = users
+            .update_user(UpdateUserRequest { user: Some(user("z".repeat(250))), update_mask: None })
+            .await
+            .err()
+            .context("an over-limit response was sent")?;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        let status = users.get_user(GetUserRequest { user_id: "big".into() }).await.err().context("sent")?;
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("grpc.max_encoding_message_size"), "{}", status.message());
+
+        let huge = format!(r#"{{"display_name": "{}", "email": "h@example.com"}}"#, "h".repeat(2000));
+        let through_gateway = app.http().send(Method::POST, "/v1/users", &[], Some(&huge)).await?;
+        assert_eq!(through_gateway.status, StatusCode::TOO_MANY_REQUESTS);
+        app.stop().await
+    }
+}

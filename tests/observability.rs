@@ -1,0 +1,234 @@
+//! What an operator sees: exact Prometheus series after known calls (read
+//! with a real exposition parser), readiness, and request ids in the JSON
+//! logs of both servers.
+
+mod support;
+
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use anyhow::{Context, Result};
+use http::{Method, StatusCode};
+use keel::proto::user::v1::{CreateUserRequest, GetUserRequest, ListUsersRequest, User, WatchUsersRequest};
+use support::{READY_BOUND, eventually, sample, spawn_app};
+use tokio_stream::StreamExt;
+
+const SERVICE: &str = "user.v1.UserService";
+
+fn series<'a>(method: &'a str, kind: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![("grpc_service", SERVICE), ("grpc_method", method), ("grpc_type", kind)]
+}
+
+fn with_code<'a>(method: &'a str, kind: &'a str, code: &'a str) -> Vec<(&'a str, &'a str)> {
+    let mut labels = series(method, kind);
+    labels.push(("grpc_code", code));
+    labels
+}
+
+async fn create(app: &support::TestApp, id: &str) -> Result<()> {
+    let user =
+        User { user_id: id.into(), display_name: id.into(), email: format!("{id}@example.com"), ..Default::default() };
+    app.users()?.create_user(CreateUserRequest { user: Some(user) }).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unary_calls_are_counted_exactly_by_code() -> Result<()> {
+    let app = spawn_app().await?;
+    let before = app.scrape().await?;
+    // Every method's series exist, at zero, before any call.
+    for code in ["OK", "NotFound", "Canceled", "Unauthenticated"] {
+        let labels = with_code("DeleteUser", "unary", code);
+        assert_eq!(sample(&before, "grpc_server_handled_total", &labels), Some(0.0), "DeleteUser {code}");
+    }
+    assert_eq!(sample(&before, "grpc_server_started_total", &series("WatchUsers", "server_stream")), Some(0.0));
+
+    create(&app, "m1").await?;
+    let mut users = app.users()?;
+    let n = 7;
+    for _ in 0..n {
+        users.get_user(GetUserRequest { user_id: "m1".into() }).await?;
+    }
+    let miss = users.get_user(GetUserRequest { user_id: "nobody".into() }).await;
+    assert_eq!(miss.err().map(|s| s.code()), Some(tonic::Code::NotFound));
+
+    let after = app.scrape().await?;
+    let handled = |code| sample(&after, "grpc_server_handled_total", &with_code("GetUser", "unary", code));
+    assert_eq!(handled("OK"), Some(f64::from(n)));
+    assert_eq!(handled("NotFound"), Some(1.0));
+    assert_eq!(sample(&after, "grpc_server_started_total", &series("GetUser", "unary")), Some(f64::from(n + 1)));
+    assert_eq!(sample(&after, "grpc_server_msg_received_total", &series("GetUser", "unary")), Some(f64::from(n + 1)));
+    assert_eq!(
+        sample(&after, "grpc_server_msg_sent_total", &series("GetUser", "unary")),
+        Some(f64::from(n)),
+        "errors send no message"
+    );
+    let count = sample(&after, "grpc_server_handling_seconds_count", &series("GetUser", "unary"));
+    assert_eq!(after.types.get("grpc_server_handling_seconds").map(String::as_str), Some("histogram"));
+    assert_eq!(count, Some(f64::from(n + 1)), "the histogram counts every handled call");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn streams_count_every_message_and_cancellation() -> Result<()> {
+    let app = spawn_app().await?;
+    for id in ["s1", "s2", "s3", "s4", "s5"] {
+        create(&app, id).await?;
+    }
+    let listed: Vec<User> =
+        app.users()?.list_users(ListUsersRequest {}).await?.into_inner().collect::<Result<_, _>>().await?;
+    assert_eq!(listed.len(), 5);
+
+    let mut watch = app.users()?.watch_users(WatchUsersRequest {}).await?.into_inner();
+    create(&app, "s6").await?;
+    create(&app, "s7").await?;
+    for _ in 0..2 {
+        watch.message().await?.context("watch ended")?;
+    }
+    drop(watch);
+    let canceled = with_code("WatchUsers", "server_stream", "Canceled");
+    eventually(READY_BOUND, || async {
+        let scrape = app.scrape().await.ok();
+        scrape.is_some_and(|s| sample(&s, "grpc_server_handled_total", &canceled) == Some(1.0))
+    })
+    .await
+    .context("the cancelled watch was not recorded as Canceled")?;
+    let scrape = app.scrape().await?;
+    let list = series("ListUsers", "server_stream");
+    assert_eq!(sample(&scrape, "grpc_server_msg_sent_total", &list), Some(5.0));
+    assert_eq!(sample(&scrape, "grpc_server_msg_received_total", &list), Some(1.0));
+    assert_eq!(sample(&scrape, "grpc_server_handled_total", &with_code("ListUsers", "server_stream", "OK")), Some(1.0));
+    assert_eq!(sample(&scrape, "grpc_server_msg_sent_total", &series("WatchUsers", "server_stream")), Some(2.0));
+    assert_eq!(sample(&scrape, "keel_grpc_live_streams", &[]), Some(0.0));
+    app.stop().await
+}
+
+#[tokio::test]
+async fn gateway_calls_are_measured_by_route_template_and_on_both_grpc_sides() -> Result<()> {
+    let app = spawn_app().await?;
+    let http = app.http();
+    create(&app, "ada").await?;
+    for path in ["/v1/users/ada", "/v1/users/ada", "/v1/users/nobody", "/no/such/path"] {
+        http.get(path).await?;
+    }
+    let scrape = app.scrape().await?;
+    let route = |route: &str, code: &str| {
+        sample(&scrape, "http_requests_total", &[("method", "GET"), ("route", route), ("code", code)])
+    };
+    assert_eq!(route("/v1/users/{user_id}", "200"), Some(2.0));
+    assert_eq!(route("/v1/users/{user_id}", "404"), Some(1.0));
+    assert_eq!(route("unmatched", "404"), Some(1.0));
+    for s in &scrape.samples {
+        for value in s.labels.values() {
+            assert!(
+                !value.contains("ada") && !value.contains("nobody") && !value.contains("/no/such"),
+                "raw path in {s:?}"
+            );
+        }
+    }
+    let client = with_code("GetUser", "unary", "OK");
+    assert_eq!(sample(&scrape, "grpc_client_handled_total", &client), Some(2.0));
+    assert_eq!(sample(&scrape, "grpc_client_handled_total", &with_code("GetUser", "unary", "NotFound")), Some(1.0));
+    // The gateway's calls run the whole server stack too.
+    assert_eq!(sample(&scrape, "grpc_server_handled_total", &client), Some(2.0));
+    for name in
+        ["process_resident_memory_bytes", "process_start_time_seconds", "process_open_fds", "process_cpu_seconds_total"]
+    {
+        assert!(sample(&scrape, name, &[]).is_some_and(|v| v > 0.0), "{name} missing or zero");
+    }
+    assert_eq!(sample(&scrape, "keel_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    app.stop().await
+}
+
+#[tokio::test]
+async fn readyz_follows_the_health_state() -> Result<()> {
+    let app = spawn_app().await?;
+    let admin = app.admin();
+    let ready = admin.get("/readyz").await?;
+    assert_eq!(ready.status, StatusCode::OK);
+    assert_eq!(admin.get("/livez").await?.status, StatusCode::OK);
+
+    app.health_state.set_not_serving().await;
+    let unready = admin.get("/readyz").await?;
+    assert_eq!(unready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(unready.text().contains("NOT_SERVING"), "{}", unready.text());
+    let verbose = admin.get("/readyz?verbose").await?;
+    assert!(verbose.text().contains("[+]startup ok"), "{}", verbose.text());
+    assert!(verbose.text().contains("[-]grpc-health failed"), "{}", verbose.text());
+    assert_eq!(admin.get("/livez").await?.status, StatusCode::OK, "liveness does not follow readiness");
+
+    app.health_state.set_serving().await;
+    assert_eq!(admin.get("/readyz").await?.status, StatusCode::OK);
+    app.stop().await
+}
+
+/// Captures the JSON log lines of this test binary.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().map_err(|_| std::io::Error::other("poisoned"))?.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn lines(&self) -> Vec<serde_json::Value> {
+        let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
+        String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
+    }
+}
+
+fn captured_logs() -> Captured {
+    static LOGS: OnceLock<Captured> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let settings = keel::config::LogSettings::default();
+        let _ = keel::telemetry::install(&settings, Some("info"), move || writer.clone());
+        logs
+    })
+    .clone()
+}
+
+#[tokio::test]
+async fn a_request_id_follows_the_call_through_gateway_and_grpc_logs() -> Result<()> {
+    let logs = captured_logs();
+    let app = spawn_app().await?;
+    create(&app, "rid").await?;
+    let response = app.http().send(Method::GET, "/v1/users/rid", &[("x-request-id", "trace-me-4711")], None).await?;
+    assert_eq!(response.status, StatusCode::OK);
+    assert_eq!(response.header("x-request-id"), Some("trace-me-4711"));
+
+    let generated = app.http().get("/v1/users/rid").await?;
+    let generated_id = generated.header("x-request-id").context("no generated id")?.to_owned();
+    assert_eq!(generated_id.len(), 36, "a UUID is generated when none is sent");
+
+    // Straight to gRPC, the id comes back as response metadata.
+    let mut request = tonic::Request::new(GetUserRequest { user_id: "rid".into() });
+    request.metadata_mut().insert("x-request-id", "grpc-side-99".parse()?);
+    let grpc_response = app.users()?.get_user(request).await?;
+    assert_eq!(grpc_response.metadata().get("x-request-id").and_then(|v| v.to_str().ok()), Some("grpc-side-99"));
+
+    for id in ["trace-me-4711", generated_id.as_str(), "grpc-side-99"] {
+        eventually(READY_BOUND, || async {
+            logs.lines().iter().any(|line| {
+                line["message"] == "rpc finished"
+                    && line["request_id"] == id
+                    && line["grpc.method"] == "/user.v1.UserService/GetUser"
+                    && line["grpc.code"] == "OK"
+                    && line["span"]["request_id"] == id
+                    && line["peer"].is_string()
+                    && line["duration_ms"].is_number()
+            })
+        })
+        .await
+        .with_context(|| format!("no gRPC log line with request id {id}"))?;
+    }
+    app.stop().await
+}
