@@ -1,0 +1,255 @@
+{{/*
+Names
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "keel.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The full name of the release's objects: fullnameOverride, or
+<release>-<name> (just <release> when it already contains the name).
+Truncated to 63 characters (DNS label limit); suffixed objects are named
+with keel.suffixed so that they stay within it too.
+*/}}
+{{- define "keel.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* <fullname>-<suffix> within 63 characters. Call with (list . "suffix"). */}}
+{{- define "keel.suffixed" -}}
+{{- $root := index . 0 -}}
+{{- $suffix := index . 1 -}}
+{{- $base := include "keel.fullname" $root | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $base $suffix -}}
+{{- end -}}
+
+{{/* name-version, as the helm.sh/chart label. */}}
+{{- define "keel.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+Labels
+*/}}
+
+{{/* The labels that select the release's keel pods. Never change them on an
+existing release: a Deployment's selector is immutable. */}}
+{{- define "keel.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "keel.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Standard labels of every object. */}}
+{{- define "keel.labels" -}}
+helm.sh/chart: {{ include "keel.chart" . }}
+{{ include "keel.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "keel.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "keel.name" . }}
+{{- end -}}
+
+{{/* Labels of the helm test pod: standard, but deliberately NOT matching
+keel.selectorLabels, so that no Service, PodDisruptionBudget or spread
+constraint ever counts it as a keel pod. */}}
+{{- define "keel.testSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "keel.name" . }}-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+{{- end -}}
+
+{{- define "keel.testLabels" -}}
+helm.sh/chart: {{ include "keel.chart" . }}
+{{ include "keel.testSelectorLabels" . }}
+app.kubernetes.io/version: {{ include "keel.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: {{ include "keel.name" . }}
+{{- end -}}
+
+{{/* Extra label of the metrics Service, which the ServiceMonitor selects. */}}
+{{- define "keel.metricsComponentLabel" -}}
+app.kubernetes.io/component: metrics
+{{- end -}}
+
+{{/*
+Image
+*/}}
+
+{{- define "keel.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion | toString -}}
+{{- end -}}
+
+{{- define "keel.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (include "keel.imageTag" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Service account
+*/}}
+
+{{- define "keel.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "keel.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Durations
+
+keel.durationNanos turns a duration as keel's config accepts it ("250ms",
+"5s", "1m", "1m30s", "1h 5m") into integer nanoseconds. It fails rendering
+with the key's name on anything else, so a bad duration is caught even when
+schema validation is skipped. Call with (list "config.key" value).
+*/}}
+{{- define "keel.durationNanos" -}}
+{{- $key := index . 0 -}}
+{{- $text := index . 1 | toString | trim -}}
+{{- $unit := "(ns|us|ms|s|m|h|d)" -}}
+{{- if not (regexMatch (printf "^[0-9]+%s( ?[0-9]+%s)*$" $unit $unit) $text) -}}
+{{- fail (printf "%s: invalid duration %q: expected e.g. 250ms, 5s, 1m or 1m30s (units ns, us, ms, s, m, h, d)" $key $text) -}}
+{{- end -}}
+{{- $factor := dict "ns" 1 "us" 1000 "ms" 1000000 "s" 1000000000 "m" 60000000000 "h" 3600000000000 "d" 86400000000000 -}}
+{{- $total := 0 -}}
+{{- range $part := regexFindAll (printf "[0-9]+%s" $unit) $text -1 -}}
+{{- $number := regexFind "^[0-9]+" $part -}}
+{{- $suffix := trimPrefix $number $part -}}
+{{- $total = add $total (mul (atoi $number) (index $factor $suffix)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end -}}
+
+{{/* Whole seconds, rounded up, of a number of nanoseconds. */}}
+{{- define "keel.ceilSeconds" -}}
+{{- div (add (int64 .) 999999999) 1000000000 -}}
+{{- end -}}
+
+{{/*
+Shutdown and the grace period
+
+keel's worst-case shutdown is drain_delay + timeout + 1s. The kubelet sends
+SIGKILL terminationGracePeriodSeconds after SIGTERM, so the grace period must
+cover it: computed as ceil(drain_delay + timeout) + margin, or, when set
+explicitly, refused if it is shorter than ceil(drain_delay + timeout + 1s).
+*/}}
+{{- define "keel.shutdownNanos" -}}
+{{- $shutdown := (.Values.config | default dict).shutdown | default dict -}}
+{{- $drain := include "keel.durationNanos" (list "config.shutdown.drain_delay" ($shutdown.drain_delay | default "5s")) -}}
+{{- $timeout := include "keel.durationNanos" (list "config.shutdown.timeout" ($shutdown.timeout | default "20s")) -}}
+{{- add (int64 $drain) (int64 $timeout) -}}
+{{- end -}}
+
+{{- define "keel.terminationGracePeriodSeconds" -}}
+{{- $shutdown := (.Values.config | default dict).shutdown | default dict -}}
+{{- $nanos := int64 (include "keel.shutdownNanos" .) -}}
+{{- $minimum := int64 (include "keel.ceilSeconds" (add $nanos 1000000000)) -}}
+{{- $explicit := .Values.terminationGracePeriodSeconds -}}
+{{- if kindIs "invalid" $explicit -}}
+{{- add (include "keel.ceilSeconds" $nanos) (.Values.terminationGracePeriodMarginSeconds | default 0) -}}
+{{- else if lt (int64 $explicit) $minimum -}}
+{{- fail (printf "terminationGracePeriodSeconds=%v is too short: keel may take up to config.shutdown.drain_delay (%s) + config.shutdown.timeout (%s) + 1s to shut down, so it must be at least %d. Raise it, or leave it null to have it computed." $explicit ($shutdown.drain_delay | default "5s") ($shutdown.timeout | default "20s") $minimum) -}}
+{{- else -}}
+{{- int64 $explicit -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Configuration
+
+The config.yaml rendered into the ConfigMap: .Values.config with the listen
+addresses derived from .Values.ports. Fails on the keys the chart owns, so
+that they cannot be set in two places.
+*/}}
+{{- define "keel.config" -}}
+{{- $config := deepCopy (.Values.config | default dict) -}}
+{{- if hasKey ($config.auth | default dict) "tokens" -}}
+{{- fail "config.auth.tokens must not be set: tokens are secret and never go into the ConfigMap. Use auth.tokens or auth.existingSecret." -}}
+{{- end -}}
+{{- $ports := list (int .Values.ports.grpc) (int .Values.ports.http) (int .Values.ports.admin) -}}
+{{- if ne (len ($ports | uniq)) 3 -}}
+{{- fail (printf "ports: grpc (%d), http (%d) and admin (%d) must be three different ports." (index $ports 0) (index $ports 1) (index $ports 2)) -}}
+{{- end -}}
+{{- range $section := list "grpc" "http" "admin" -}}
+{{- $values := get $config $section | default dict -}}
+{{- if hasKey $values "addr" -}}
+{{- fail (printf "config.%s.addr must not be set: the chart derives it from listenHost and ports.%s." $section $section) -}}
+{{- end -}}
+{{- $_ := set $values "addr" (printf "%s:%d" $.Values.listenHost (int (get $.Values.ports $section))) -}}
+{{- $_ := set $config $section $values -}}
+{{- end -}}
+{{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+Authentication
+*/}}
+
+{{/* "true" when keel needs tokens, i.e. unless config.auth.disabled. */}}
+{{- define "keel.authEnabled" -}}
+{{- $auth := (.Values.config | default dict).auth | default dict -}}
+{{- if not $auth.disabled -}}true{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart creates the tokens Secret. */}}
+{{- define "keel.createAuthSecret" -}}
+{{- if and (include "keel.authEnabled" .) (not .Values.auth.existingSecret) -}}true{{- end -}}
+{{- end -}}
+
+{{- define "keel.authSecretName" -}}
+{{- if .Values.auth.existingSecret -}}
+{{- .Values.auth.existingSecret -}}
+{{- else -}}
+{{- include "keel.suffixed" (list . "auth") -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "keel.authSecretKey" -}}
+{{- if .Values.auth.existingSecret -}}
+{{- .Values.auth.existingSecretKey -}}
+{{- else -}}
+tokens
+{{- end -}}
+{{- end -}}
+
+{{/*
+Probes
+
+One probe: (list $ "readiness" "/readyz"). The handler follows probes.type;
+the timings come from probes.<name>.
+*/}}
+{{- define "keel.probe" -}}
+{{- $root := index . 0 -}}
+{{- $settings := index $root.Values.probes (index . 1) -}}
+{{- $path := index . 2 -}}
+{{- if eq $root.Values.probes.type "grpc" }}
+grpc:
+  port: {{ $root.Values.ports.grpc }}
+{{- else }}
+httpGet:
+  path: {{ $path }}
+  port: admin
+  scheme: HTTP
+{{- end }}
+{{- with $settings.initialDelaySeconds }}
+initialDelaySeconds: {{ . }}
+{{- end }}
+periodSeconds: {{ $settings.periodSeconds }}
+timeoutSeconds: {{ $settings.timeoutSeconds }}
+failureThreshold: {{ $settings.failureThreshold }}
+successThreshold: {{ $settings.successThreshold | default 1 }}
+{{- end -}}

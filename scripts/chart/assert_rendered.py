@@ -1,0 +1,1143 @@
+#!/usr/bin/env python3
+"""Checks of keel's deployment artefacts: the Helm chart in helm/keel, the
+Dockerfile and .dockerignore.
+
+Runs `helm lint`, renders the chart with several value sets, validates every
+render offline against the Kubernetes 1.30 schemas (kubernetes-validate),
+asserts the shape of the rendered objects, checks that invalid values fail
+rendering, and lints the Dockerfile with hadolint. Called by
+scripts/chart/test.sh, which installs the tools; prints one line per check
+and a final `chart: N passed, M failed` summary, and exits non-zero when any
+check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "keel"
+ALL_ON = ROOT / "scripts" / "chart" / "all-on.yaml"
+RELEASE = "demo"
+NAMESPACE = "apps"
+FULLNAME = "demo-keel"
+KUBE_VERSION = "1.30.0"
+STANDARD_LABELS = (
+    "app.kubernetes.io/name",
+    "app.kubernetes.io/instance",
+    "app.kubernetes.io/version",
+    "app.kubernetes.io/managed-by",
+    "helm.sh/chart",
+)
+EXPECTED_PORTS = {"grpc": 9000, "http": 8080, "admin": 8081}
+CRD_KINDS = {"ServiceMonitor"}
+
+
+class Checks:
+    """Counts and prints results; one failed check never stops the run."""
+
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed: list[str] = []
+
+    def section(self, title: str) -> None:
+        print(f"\n== {title}", flush=True)
+
+    def check(self, name: str, ok: bool, detail: object = "") -> bool:
+        if ok:
+            self.passed += 1
+            print(f"  ok    {name}", flush=True)
+        else:
+            self.failed.append(name)
+            suffix = f": {detail}" if detail != "" else ""
+            print(f"  FAIL  {name}{suffix}", flush=True)
+        return ok
+
+
+class Tools:
+    def __init__(self, helm: str, kubernetes_validate: str, hadolint: str) -> None:
+        self.helm = helm
+        self.kubernetes_validate = kubernetes_validate
+        self.hadolint = hadolint
+
+
+def run(cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, check=False, input=stdin, capture_output=True, text=True, cwd=ROOT)
+
+
+def short(text: str, limit: int = 600) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+# Rendering helpers
+
+
+def helm_template(tools: Tools, args: list[str], chart: Path = CHART) -> subprocess.CompletedProcess:
+    return run([tools.helm, "template", RELEASE, str(chart), "--namespace", NAMESPACE, *args])
+
+
+def render(checks: Checks, tools: Tools, label: str, args: list[str]) -> list[dict] | None:
+    result = helm_template(tools, args)
+    if not checks.check(f"{label}: helm template succeeds", result.returncode == 0, short(result.stderr)):
+        return None
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def validate(checks: Checks, tools: Tools, label: str, docs: list[dict]) -> None:
+    """kubernetes-validate --strict on everything but CRD instances."""
+    builtin = [doc for doc in docs if doc["kind"] not in CRD_KINDS]
+    text = yaml.safe_dump_all(builtin, sort_keys=False)
+    result = run([tools.kubernetes_validate, "--strict", "-k", KUBE_VERSION, "-"], stdin=text)
+    output = result.stdout + result.stderr
+    passed_lines = sum(1 for line in output.splitlines() if line.startswith("INFO - passed"))
+    ok = result.returncode == 0 and passed_lines == len(builtin)
+    checks.check(
+        f"{label}: {len(builtin)} objects valid for Kubernetes {KUBE_VERSION} (kubernetes-validate --strict)",
+        ok,
+        short(output),
+    )
+
+
+def objects(docs: list[dict], kind: str) -> list[dict]:
+    return [doc for doc in docs if doc.get("kind") == kind]
+
+
+def named(docs: list[dict], kind: str, name: str) -> dict | None:
+    for doc in objects(docs, kind):
+        if doc["metadata"]["name"] == name:
+            return doc
+    return None
+
+
+def selects(selector: dict | None, labels: dict | None) -> bool:
+    """True when every key of a matchLabels selector is in labels."""
+    if not selector:
+        return False
+    labels = labels or {}
+    return all(labels.get(key) == value for key, value in selector.items())
+
+
+def leaf_keys(tree: object, prefix: str = "") -> set[str]:
+    if isinstance(tree, dict) and tree:
+        keys: set[str] = set()
+        for key, value in tree.items():
+            keys |= leaf_keys(value, f"{prefix}{key}.")
+        return keys
+    return {prefix.rstrip(".")}
+
+
+def main_container(deployment: dict) -> dict:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == "keel")
+
+
+def env_map(container: dict) -> dict[str, dict]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def rendered_config(docs: list[dict]) -> dict:
+    configmap = named(docs, "ConfigMap", FULLNAME)
+    return yaml.safe_load(configmap["data"]["config.yaml"]) if configmap else {}
+
+
+def duration_seconds(text: str) -> float:
+    factors = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    return sum(int(n) * factors[u] for n, u in re.findall(r"([0-9]+)(ns|us|ms|s|m|h|d)", text))
+
+
+def expected_grace(drain: str, timeout: str, margin: int = 5) -> int:
+    return math.ceil(duration_seconds(drain) + duration_seconds(timeout)) + margin
+
+
+# Checks shared by every render
+
+
+def check_common(checks: Checks, label: str, docs: list[dict], app_version: str) -> None:
+    missing = [
+        f"{doc['kind']}/{doc['metadata']['name']}: {key}"
+        for doc in docs
+        for key in STANDARD_LABELS
+        if key not in (doc["metadata"].get("labels") or {})
+    ]
+    checks.check(f"{label}: every object has the standard labels", not missing, missing)
+
+    deployment = named(docs, "Deployment", FULLNAME)
+    if not checks.check(f"{label}: Deployment {FULLNAME} exists", deployment is not None):
+        return
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    container = main_container(deployment)
+    pod_labels = pod["metadata"]["labels"]
+
+    checks.check(
+        f"{label}: Deployment selector matches its pod labels",
+        selects(deployment["spec"]["selector"]["matchLabels"], pod_labels),
+    )
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    checks.check(
+        f"{label}: container ports are exactly grpc 9000, http 8080, admin 8081",
+        ports == EXPECTED_PORTS and len(container["ports"]) == 3,
+        ports,
+    )
+    checks.check(
+        f"{label}: args pass --config /etc/keel/config.yaml and serve",
+        container.get("args") == ["--config", "/etc/keel/config.yaml", "serve"],
+        container.get("args"),
+    )
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mount = mounts.get("/etc/keel")
+    volume = volumes.get(mount["name"]) if mount else None
+    checks.check(
+        f"{label}: the ConfigMap is mounted read-only at /etc/keel",
+        bool(mount and mount.get("readOnly") and volume and volume.get("configMap", {}).get("name") == FULLNAME),
+        mount,
+    )
+
+    # Restricted security context.
+    psc = spec.get("securityContext", {})
+    checks.check(
+        f"{label}: pod securityContext is restricted (runAsNonRoot, non-root uid/gid, fsGroup, RuntimeDefault seccomp)",
+        psc.get("runAsNonRoot") is True
+        and isinstance(psc.get("runAsUser"), int)
+        and psc["runAsUser"] > 0
+        and isinstance(psc.get("runAsGroup"), int)
+        and psc["runAsGroup"] > 0
+        and isinstance(psc.get("fsGroup"), int)
+        and psc.get("seccompProfile", {}).get("type") == "RuntimeDefault",
+        psc,
+    )
+    csc = container.get("securityContext", {})
+    checks.check(
+        f"{label}: container securityContext is restricted (read-only root, no escalation, drop ALL, non-root)",
+        csc.get("readOnlyRootFilesystem") is True
+        and csc.get("allowPrivilegeEscalation") is False
+        and csc.get("capabilities", {}).get("drop") == ["ALL"]
+        and not csc.get("capabilities", {}).get("add")
+        and csc.get("runAsNonRoot") is True
+        and not csc.get("privileged"),
+        csc,
+    )
+    checks.check(
+        f"{label}: pod spec has automountServiceAccountToken: false",
+        spec.get("automountServiceAccountToken") is False,
+    )
+    sa_name = spec.get("serviceAccountName")
+    account = named(docs, "ServiceAccount", sa_name or "")
+    checks.check(
+        f"{label}: ServiceAccount {sa_name} exists with automountServiceAccountToken: false",
+        account is not None and account.get("automountServiceAccountToken") is False,
+        account,
+    )
+    resources = container.get("resources", {})
+    checks.check(
+        f"{label}: resources set cpu/memory requests and a memory limit",
+        {"cpu", "memory"} <= set(resources.get("requests", {})) and "memory" in resources.get("limits", {}),
+        resources,
+    )
+    checks.check(f"{label}: startupProbe present", "startupProbe" in container)
+    checksum = pod["metadata"].get("annotations", {}).get("checksum/config", "")
+    checks.check(
+        f"{label}: pod annotation checksum/config is a sha256",
+        re.fullmatch(r"[0-9a-f]{64}", checksum) is not None,
+        checksum,
+    )
+
+    # Environment and tokens.
+    env = env_map(container)
+    checks.check(
+        f"{label}: env KEEL_ENV=production",
+        env.get("KEEL_ENV", {}).get("value") == "production",
+        env.get("KEEL_ENV"),
+    )
+
+    # The public Service.
+    service = named(docs, "Service", FULLNAME)
+    if checks.check(f"{label}: public Service {FULLNAME} exists", service is not None):
+        sports = service["spec"]["ports"]
+        checks.check(
+            f"{label}: public Service is ClusterIP",
+            service["spec"].get("type", "ClusterIP") == "ClusterIP" and "clusterIP" not in service["spec"],
+        )
+        checks.check(
+            f"{label}: public Service exposes exactly grpc and http",
+            sorted(p["name"] for p in sports) == ["grpc", "http"],
+            sports,
+        )
+        checks.check(
+            f"{label}: public Service has no admin port (8081 / admin)",
+            not any(
+                p.get("port") == EXPECTED_PORTS["admin"]
+                or p.get("targetPort") in ("admin", EXPECTED_PORTS["admin"])
+                or p.get("name") == "admin"
+                for p in sports
+            ),
+            sports,
+        )
+        protocols = {p["name"]: p.get("appProtocol") for p in sports}
+        checks.check(
+            f"{label}: appProtocol kubernetes.io/h2c on grpc, http on http",
+            protocols == {"grpc": "kubernetes.io/h2c", "http": "http"},
+            protocols,
+        )
+        checks.check(
+            f"{label}: public Service targets named container ports",
+            {p["name"]: p["targetPort"] for p in sports} == {"grpc": "grpc", "http": "http"},
+        )
+        checks.check(
+            f"{label}: public Service selects the keel pods",
+            selects(service["spec"]["selector"], pod_labels),
+        )
+
+    # ConfigMap: only keel keys, no secrets.
+    configmap = named(docs, "ConfigMap", FULLNAME)
+    if checks.check(
+        f"{label}: ConfigMap {FULLNAME} with config.yaml", bool(configmap and "config.yaml" in configmap["data"])
+    ):
+        config = rendered_config(docs)
+        known = leaf_keys(yaml.safe_load((ROOT / "config" / "default.yaml").read_text()))
+        unknown = sorted(leaf_keys(config) - known)
+        checks.check(f"{label}: config.yaml holds only keys of config/default.yaml", not unknown, unknown)
+        checks.check(
+            f"{label}: config.yaml has no auth.tokens",
+            "tokens" not in (config.get("auth") or {}),
+            config.get("auth"),
+        )
+        secrets_text = []
+        for secret in objects(docs, "Secret"):
+            for value in (secret.get("data") or {}).values():
+                secrets_text += base64.b64decode(value).decode().split(",")
+        leaked = [t for t in secrets_text if t and t in json.dumps(configmap)]
+        checks.check(f"{label}: no token from any Secret appears in the ConfigMap", not leaked)
+
+    # helm test pod.
+    test_pods = [p for p in objects(docs, "Pod") if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"]
+    if checks.check(f"{label}: one helm test Pod (helm.sh/hook: test)", len(test_pods) == 1, len(test_pods)):
+        test_pod = test_pods[0]
+        tcontainer = test_pod["spec"]["containers"][0]
+        checks.check(
+            f"{label}: test pod runs `keel healthcheck --addr {FULLNAME}:9000` from the same image",
+            tcontainer.get("args") == ["healthcheck", "--addr", f"{FULLNAME}:9000"]
+            and tcontainer.get("image") == container.get("image"),
+            (tcontainer.get("args"), tcontainer.get("image")),
+        )
+        checks.check(
+            f"{label}: test pod has the same restricted securityContext",
+            test_pod["spec"].get("securityContext") == psc and tcontainer.get("securityContext") == csc,
+        )
+        checks.check(
+            f"{label}: test pod: restartPolicy Never, no service account token",
+            test_pod["spec"].get("restartPolicy") == "Never"
+            and test_pod["spec"].get("automountServiceAccountToken") is False,
+        )
+        services = objects(docs, "Service")
+        checks.check(
+            f"{label}: test pod is not selected by any Service or the Deployment",
+            not any(selects(s["spec"].get("selector"), test_pod["metadata"]["labels"]) for s in services)
+            and not selects(deployment["spec"]["selector"]["matchLabels"], test_pod["metadata"]["labels"]),
+        )
+
+    image = container["image"]
+    checks.check(
+        f"{label}: image has a tag or a digest",
+        "@sha256:" in image or re.search(r":[^/:]+$", image) is not None,
+        image,
+    )
+
+
+# The individual renders
+
+
+def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None:
+    label = "default"
+    checks.section("helm template with the default values")
+    docs = render(checks, tools, label, [])
+    if docs is None:
+        return None
+    validate(checks, tools, label, docs)
+    check_common(checks, label, docs, app_version)
+    kinds = sorted(doc["kind"] for doc in docs)
+    checks.check(
+        f"{label}: renders exactly ServiceAccount, Secret, ConfigMap, Service, Deployment and the test Pod",
+        kinds == sorted(["ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "Pod"]),
+        kinds,
+    )
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"):
+        checks.check(f"{label}: no {kind} by default", not objects(docs, kind))
+    deployment = named(docs, "Deployment", FULLNAME)
+    container = main_container(deployment)
+    spec = deployment["spec"]["template"]["spec"]
+    checks.check(f"{label}: replicas: 2", deployment["spec"].get("replicas") == 2, deployment["spec"].get("replicas"))
+    checks.check(
+        f"{label}: image is repository:appVersion",
+        container["image"] == f"ghcr.io/example/keel:{app_version}",
+        container["image"],
+    )
+
+    readiness = container.get("readinessProbe", {}).get("httpGet", {})
+    liveness = container.get("livenessProbe", {}).get("httpGet", {})
+    startup = container.get("startupProbe", {}).get("httpGet", {})
+    checks.check(
+        f"{label}: readinessProbe httpGet /readyz on port admin",
+        readiness.get("path") == "/readyz" and readiness.get("port") == "admin",
+        readiness,
+    )
+    checks.check(
+        f"{label}: livenessProbe httpGet /livez on port admin",
+        liveness.get("path") == "/livez" and liveness.get("port") == "admin",
+        liveness,
+    )
+    checks.check(f"{label}: startupProbe httpGet on port admin", startup.get("port") == "admin", startup)
+
+    grace = spec.get("terminationGracePeriodSeconds")
+    checks.check(
+        f"{label}: terminationGracePeriodSeconds = 5s + 20s + 5s margin = 30 (>= 26)",
+        grace == expected_grace("5s", "20s") == 30 and grace >= 26,
+        grace,
+    )
+    annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
+    checks.check(
+        f"{label}: prometheus.io scrape/port/path pod annotations (no ServiceMonitor)",
+        annotations.get("prometheus.io/scrape") == "true"
+        and annotations.get("prometheus.io/port") == "8081"
+        and annotations.get("prometheus.io/path") == "/metrics",
+        annotations,
+    )
+
+    env = env_map(container)
+    ref = env.get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    secret = named(docs, "Secret", ref.get("name", ""))
+    checks.check(
+        f"{label}: KEEL__AUTH__TOKENS comes from a secretKeyRef to the chart's Secret",
+        bool(ref) and secret is not None and ref.get("key") in (secret.get("data") or {}),
+        ref,
+    )
+    token = base64.b64decode(secret["data"]["tokens"]).decode() if secret else ""
+    checks.check(
+        f"{label}: without tokens a random token is generated (>= 32 characters, no commas)",
+        len(token) >= 32 and "," not in token,
+    )
+    checks.check(f"{label}: no checksum/auth for a generated token", "checksum/auth" not in annotations)
+
+    config = rendered_config(docs)
+    checks.check(
+        f"{label}: listen addresses derived from ports",
+        (config.get("grpc", {}).get("addr"), config.get("http", {}).get("addr"), config.get("admin", {}).get("addr"))
+        == ("0.0.0.0:9000", "0.0.0.0:8080", "0.0.0.0:8081"),
+        config,
+    )
+    checks.check(
+        f"{label}: config.yaml carries log and shutdown settings",
+        config.get("shutdown") == {"drain_delay": "5s", "timeout": "20s"}
+        and config.get("log", {}).get("format") == "json",
+        config,
+    )
+
+    constraints = spec.get("topologySpreadConstraints", [])
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    checks.check(
+        f"{label}: topology spread by zone and hostname, ScheduleAnyway, selecting the keel pods",
+        sorted(c["topologyKey"] for c in constraints) == ["kubernetes.io/hostname", "topology.kubernetes.io/zone"]
+        and all(c["whenUnsatisfiable"] == "ScheduleAnyway" for c in constraints)
+        and all(selects(c["labelSelector"]["matchLabels"], pod_labels) for c in constraints),
+        constraints,
+    )
+    return deployment["spec"]["template"]["metadata"]["annotations"]
+
+
+def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
+    label = "all-on"
+    checks.section("helm template with every optional object on (scripts/chart/all-on.yaml)")
+    docs = render(checks, tools, label, ["-f", str(ALL_ON)])
+    if docs is None:
+        return
+    validate(checks, tools, label, docs)
+    check_common(checks, label, docs, app_version)
+    values = yaml.safe_load(ALL_ON.read_text())
+    deployment = named(docs, "Deployment", FULLNAME)
+    pod = deployment["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    container = main_container(deployment)
+
+    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"):
+        checks.check(f"{label}: renders one {kind}", len(objects(docs, kind)) == 1)
+    checks.check(f"{label}: Deployment has no replicas (the HPA owns them)", "replicas" not in deployment["spec"])
+    checks.check(
+        f"{label}: image by digest",
+        container["image"] == f"{values['image']['repository']}@{values['image']['digest']}",
+        container["image"],
+    )
+
+    hpa = named(docs, "HorizontalPodAutoscaler", FULLNAME)
+    if hpa:
+        target = hpa["spec"]["scaleTargetRef"]
+        metrics = {m["resource"]["name"]: m["resource"]["target"]["averageUtilization"] for m in hpa["spec"]["metrics"]}
+        checks.check(
+            f"{label}: HPA (autoscaling/v2) scales Deployment {FULLNAME} 3..12 on cpu 65% and memory 80%",
+            hpa["apiVersion"] == "autoscaling/v2"
+            and target == {"apiVersion": "apps/v1", "kind": "Deployment", "name": FULLNAME}
+            and (hpa["spec"]["minReplicas"], hpa["spec"]["maxReplicas"]) == (3, 12)
+            and metrics == {"cpu": 65, "memory": 80}
+            and hpa["spec"].get("behavior", {}).get("scaleDown", {}).get("stabilizationWindowSeconds") == 300,
+            hpa["spec"],
+        )
+    pdb = named(docs, "PodDisruptionBudget", FULLNAME)
+    if pdb:
+        checks.check(
+            f"{label}: PDB (policy/v1) maxUnavailable 1 over the keel pods",
+            pdb["apiVersion"] == "policy/v1"
+            and pdb["spec"].get("maxUnavailable") == 1
+            and "minAvailable" not in pdb["spec"]
+            and selects(pdb["spec"]["selector"]["matchLabels"], pod_labels),
+            pdb["spec"],
+        )
+
+    # Metrics Service and ServiceMonitor.
+    metrics_service = named(docs, "Service", f"{FULLNAME}-metrics")
+    public = named(docs, "Service", FULLNAME)
+    headless = named(docs, "Service", f"{FULLNAME}-headless")
+    if checks.check(f"{label}: metrics Service {FULLNAME}-metrics exists", metrics_service is not None):
+        checks.check(
+            f"{label}: metrics Service exposes only the admin port",
+            [(p["name"], p["port"], p["targetPort"]) for p in metrics_service["spec"]["ports"]]
+            == [("admin", 8081, "admin")],
+            metrics_service["spec"]["ports"],
+        )
+        checks.check(
+            f"{label}: metrics Service selects the keel pods", selects(metrics_service["spec"]["selector"], pod_labels)
+        )
+    monitor = objects(docs, "ServiceMonitor")
+    if monitor and metrics_service:
+        monitor = monitor[0]
+        endpoint = (monitor["spec"].get("endpoints") or [{}])[0]
+        selector = monitor["spec"].get("selector", {}).get("matchLabels")
+        admin_port_names = [p["name"] for p in metrics_service["spec"]["ports"]]
+        checks.check(
+            f"{label}: ServiceMonitor is monitoring.coreos.com/v1 ServiceMonitor",
+            monitor["apiVersion"] == "monitoring.coreos.com/v1" and monitor["kind"] == "ServiceMonitor",
+        )
+        checks.check(
+            f"{label}: ServiceMonitor endpoint: port admin (a port of the metrics Service), path /metrics",
+            endpoint.get("port") == "admin" and "admin" in admin_port_names and endpoint.get("path") == "/metrics",
+            endpoint,
+        )
+        checks.check(
+            f"{label}: ServiceMonitor interval 15s, scrapeTimeout 5s, metricRelabelings passed through",
+            endpoint.get("interval") == "15s"
+            and endpoint.get("scrapeTimeout") == "5s"
+            and endpoint.get("metricRelabelings") == values["serviceMonitor"]["metricRelabelings"],
+            endpoint,
+        )
+        checks.check(
+            f"{label}: ServiceMonitor selector matches the metrics Service labels",
+            selects(selector, metrics_service["metadata"]["labels"]),
+            selector,
+        )
+        checks.check(
+            f"{label}: ServiceMonitor selector matches neither the public nor the headless Service",
+            not selects(selector, public["metadata"]["labels"])
+            and not (headless and selects(selector, headless["metadata"]["labels"])),
+        )
+        checks.check(
+            f"{label}: ServiceMonitor looks in the release namespace and carries its extra labels",
+            monitor["spec"].get("namespaceSelector") == {"matchNames": [NAMESPACE]}
+            and monitor["metadata"]["labels"].get("release") == "prometheus",
+        )
+        known_fields = {"namespaceSelector", "selector", "endpoints"}
+        endpoint_fields = {"port", "path", "scheme", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
+        checks.check(
+            f"{label}: ServiceMonitor uses only known spec and endpoint fields",
+            set(monitor["spec"]) <= known_fields and set(endpoint) <= endpoint_fields,
+            (sorted(monitor["spec"]), sorted(endpoint)),
+        )
+    annotations = pod["metadata"].get("annotations", {})
+    checks.check(
+        f"{label}: no prometheus.io annotations when the ServiceMonitor is on",
+        not any(key.startswith("prometheus.io/") for key in annotations),
+        annotations,
+    )
+    checks.check(
+        f"{label}: podAnnotations and podLabels applied",
+        annotations.get("example.com/team") == "platform" and pod_labels.get("example.com/tier") == "backend",
+    )
+
+    # Headless Service.
+    if checks.check(f"{label}: headless Service {FULLNAME}-headless exists", headless is not None):
+        checks.check(
+            f"{label}: headless Service has clusterIP None and the grpc port",
+            headless["spec"].get("clusterIP") == "None"
+            and [(p["name"], p["port"]) for p in headless["spec"]["ports"]] == [("grpc", 9000)]
+            and selects(headless["spec"]["selector"], pod_labels),
+            headless["spec"],
+        )
+
+    # NetworkPolicy.
+    policy = named(docs, "NetworkPolicy", FULLNAME)
+    if policy:
+        rules = policy["spec"].get("ingress", [])
+        by_ports = {tuple(sorted(str(p["port"]) for p in rule.get("ports", []))): rule for rule in rules}
+        public_rule = by_ports.get(("grpc", "http"), {})
+        admin_rule = by_ports.get(("admin",), {})
+        test_pod = next(p for p in objects(docs, "Pod") if p["metadata"]["name"].endswith("test-healthcheck"))
+        checks.check(
+            f"{label}: NetworkPolicy selects the keel pods, Ingress only",
+            selects(policy["spec"]["podSelector"]["matchLabels"], pod_labels)
+            and policy["spec"].get("policyTypes") == ["Ingress"],
+        )
+        checks.check(
+            f"{label}: NetworkPolicy: grpc/http from ingressFrom and from the helm test pod",
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "edge"}}}
+            in public_rule.get("from", [])
+            and any(
+                selects(peer.get("podSelector", {}).get("matchLabels"), test_pod["metadata"]["labels"])
+                for peer in public_rule.get("from", [])
+            ),
+            public_rule,
+        )
+        checks.check(
+            f"{label}: NetworkPolicy: admin only from metricsFrom",
+            admin_rule.get("from") == values["networkPolicy"]["metricsFrom"] and len(rules) == 2,
+            rules,
+        )
+
+    # Tokens from values: in the Secret, never in the ConfigMap.
+    env = env_map(container)
+    ref = env.get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    secret = named(docs, "Secret", ref.get("name", ""))
+    tokens = ",".join(values["auth"]["tokens"])
+    checks.check(
+        f"{label}: the chart's Secret holds auth.tokens joined with commas, referenced by KEEL__AUTH__TOKENS",
+        secret is not None and base64.b64decode(secret["data"][ref["key"]]).decode() == tokens,
+        ref,
+    )
+    configmap_text = json.dumps(named(docs, "ConfigMap", FULLNAME))
+    checks.check(
+        f"{label}: no token in the ConfigMap",
+        not any(token in configmap_text for token in values["auth"]["tokens"]),
+    )
+    checks.check(f"{label}: checksum/auth pod annotation for tokens from values", "checksum/auth" in annotations)
+    checks.check(
+        f"{label}: extraEnv appended after KEEL_ENV and KEEL__AUTH__TOKENS",
+        [e["name"] for e in container["env"]] == ["KEEL_ENV", "KEEL__AUTH__TOKENS", "RUST_BACKTRACE"],
+        [e["name"] for e in container["env"]],
+    )
+
+    grace = pod["spec"]["terminationGracePeriodSeconds"]
+    checks.check(
+        f"{label}: terminationGracePeriodSeconds = 10s + 30s + 5s = 45",
+        grace == expected_grace("10s", "30s") == 45,
+        grace,
+    )
+    config = rendered_config(docs)
+    checks.check(
+        f"{label}: config values rendered (log level, max_concurrent_streams, max_body_size)",
+        config["log"]["level"] == "keel=debug,tower=warn"
+        and config["grpc"]["max_concurrent_streams"] == 256
+        and config["http"]["max_body_size"] == "8MiB",
+        config,
+    )
+    checks.check(
+        f"{label}: scheduling values passed through (nodeSelector, tolerations, affinity, priorityClassName, imagePullSecrets)",
+        pod["spec"].get("nodeSelector") == values["nodeSelector"]
+        and pod["spec"].get("tolerations") == values["tolerations"]
+        and pod["spec"].get("affinity") == values["affinity"]
+        and pod["spec"].get("priorityClassName") == "high-priority"
+        and pod["spec"].get("imagePullSecrets") == [{"name": "registry-credentials"}],
+    )
+
+
+def check_grpc_probes(checks: Checks, tools: Tools, app_version: str) -> None:
+    label = "grpc-probes"
+    checks.section("helm template with native gRPC probes and an existing Secret (all-on + overrides)")
+    args = [
+        "-f",
+        str(ALL_ON),
+        "--set",
+        "probes.type=grpc",
+        "--set",
+        "auth.existingSecret=keel-tokens",
+        "--set",
+        "auth.existingSecretKey=api-tokens",
+    ]
+    docs = render(checks, tools, label, args)
+    if docs is None:
+        return
+    validate(checks, tools, label, docs)
+    check_common(checks, label, docs, app_version)
+    deployment = named(docs, "Deployment", FULLNAME)
+    container = main_container(deployment)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        spec = container.get(probe, {})
+        checks.check(
+            f"{label}: {probe} is a native gRPC probe on port 9000",
+            spec.get("grpc") == {"port": 9000} and "httpGet" not in spec,
+            spec,
+        )
+    ref = env_map(container).get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    checks.check(
+        f"{label}: KEEL__AUTH__TOKENS from secretKeyRef keel-tokens/api-tokens (existingSecret wins)",
+        ref == {"name": "keel-tokens", "key": "api-tokens"},
+        ref,
+    )
+    checks.check(f"{label}: no Secret rendered with auth.existingSecret", not objects(docs, "Secret"))
+    checks.check(
+        f"{label}: no checksum/auth annotation with auth.existingSecret",
+        "checksum/auth" not in deployment["spec"]["template"]["metadata"]["annotations"],
+    )
+
+
+def deployment_of(checks: Checks, tools: Tools, label: str, args: list[str]) -> tuple[dict | None, list[dict]]:
+    docs = render(checks, tools, label, args)
+    if docs is None:
+        return None, []
+    return named(docs, "Deployment", FULLNAME), docs
+
+
+def check_variations(checks: Checks, tools: Tools, default_annotations: dict | None) -> None:
+    checks.section("value variations")
+
+    deployment, _ = deployment_of(checks, tools, "drain_delay=30s", ["--set", "config.shutdown.drain_delay=30s"])
+    if deployment:
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        checks.check(
+            "drain_delay=30s: terminationGracePeriodSeconds rises to 30s + 20s + 5s = 55",
+            grace == expected_grace("30s", "20s") == 55,
+            grace,
+        )
+
+    deployment, _ = deployment_of(
+        checks,
+        tools,
+        "1m30s/250ms",
+        ["--set", "config.shutdown.drain_delay=1m30s", "--set", "config.shutdown.timeout=250ms"],
+    )
+    if deployment:
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        checks.check(
+            "drain_delay=1m30s timeout=250ms: terminationGracePeriodSeconds = ceil(90.25) + 5 = 96",
+            grace == expected_grace("1m30s", "250ms") == 96,
+            grace,
+        )
+
+    for explicit, drain, timeout in ((26, "5s", "20s"), (60, "5s", "20s"), (92, "1m30s", "250ms")):
+        deployment, _ = deployment_of(
+            checks,
+            tools,
+            f"terminationGracePeriodSeconds={explicit}",
+            [
+                "--set",
+                f"terminationGracePeriodSeconds={explicit}",
+                "--set",
+                f"config.shutdown.drain_delay={drain}",
+                "--set",
+                f"config.shutdown.timeout={timeout}",
+            ],
+        )
+        if deployment:
+            grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+            checks.check(
+                f"explicit terminationGracePeriodSeconds={explicit} (>= {drain} + {timeout} + 1s) is kept",
+                grace == explicit,
+                grace,
+            )
+
+    original = (default_annotations or {}).get("checksum/config")
+    deployment, _ = deployment_of(checks, tools, "log.level=debug", ["--set", "config.log.level=debug"])
+    if deployment:
+        changed = deployment["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config")
+        checks.check(
+            "checksum/config changes when a config value changes (log.level=debug)",
+            bool(original) and bool(changed) and changed != original,
+            (original, changed),
+        )
+    deployment, _ = deployment_of(checks, tools, "rerender", [])
+    if deployment:
+        again = deployment["spec"]["template"]["metadata"].get("annotations", {}).get("checksum/config")
+        checks.check(
+            "checksum/config is stable for the same values", bool(original) and again == original, (original, again)
+        )
+
+    deployment, docs = deployment_of(checks, tools, "auth disabled", ["--set", "config.auth.disabled=true"])
+    if deployment:
+        env = env_map(main_container(deployment))
+        checks.check(
+            "config.auth.disabled=true: no Secret, no KEEL__AUTH__TOKENS, auth.disabled in config.yaml",
+            not objects(docs, "Secret")
+            and "KEEL__AUTH__TOKENS" not in env
+            and rendered_config(docs).get("auth") == {"disabled": True},
+        )
+
+    deployment, docs = deployment_of(
+        checks,
+        tools,
+        "ports",
+        ["--set", "ports.grpc=9100", "--set", "listenHost=[::]"],
+    )
+    if deployment:
+        container = main_container(deployment)
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        config = rendered_config(docs)
+        test_pod = objects(docs, "Pod")[0]
+        checks.check(
+            "ports.grpc=9100, listenHost=[::]: container port and listen addresses follow; Service port stays 9000",
+            ports["grpc"] == 9100
+            and config["grpc"]["addr"] == "[::]:9100"
+            and config["admin"]["addr"] == "[::]:8081"
+            and test_pod["spec"]["containers"][0]["args"][-1] == f"{FULLNAME}:9000",
+            (ports, config),
+        )
+
+    deployment, docs = deployment_of(checks, tools, "tokens", ["--set", "auth.tokens={alpha-123,beta-456}"])
+    if deployment:
+        secret = named(docs, "Secret", f"{FULLNAME}-auth")
+        checks.check(
+            "auth.tokens={alpha-123,beta-456}: Secret tokens = alpha-123,beta-456, pod has checksum/auth",
+            secret is not None
+            and base64.b64decode(secret["data"]["tokens"]).decode() == "alpha-123,beta-456"
+            and "checksum/auth" in deployment["spec"]["template"]["metadata"]["annotations"],
+        )
+
+    deployment, docs = deployment_of(checks, tools, "no topology spread", ["--set", "topologySpread.enabled=false"])
+    if deployment:
+        checks.check(
+            "topologySpread.enabled=false: no topologySpreadConstraints",
+            "topologySpreadConstraints" not in deployment["spec"]["template"]["spec"],
+        )
+
+    docs = render(checks, tools, "tests disabled", ["--set", "tests.enabled=false"])
+    if docs is not None:
+        checks.check("tests.enabled=false: no helm test Pod", not objects(docs, "Pod"))
+
+
+def check_negative(checks: Checks, tools: Tools) -> None:
+    checks.section("values that must fail rendering")
+    cases = [
+        ("replicaCount=many (schema)", ["--set", "replicaCount=many"], "replicaCount"),
+        (
+            "terminationGracePeriodSeconds=10 (below 5s + 20s + 1s)",
+            ["--set", "terminationGracePeriodSeconds=10"],
+            "terminationGracePeriodSeconds=10 is too short",
+        ),
+        (
+            "terminationGracePeriodSeconds=91 with drain 1m30s + timeout 250ms",
+            [
+                "--set",
+                "terminationGracePeriodSeconds=91",
+                "--set",
+                "config.shutdown.drain_delay=1m30s",
+                "--set",
+                "config.shutdown.timeout=250ms",
+            ],
+            "must be at least 92",
+        ),
+        ("config.shutdown.timeout=soon (schema)", ["--set", "config.shutdown.timeout=soon"], "config.shutdown.timeout"),
+        (
+            "config.shutdown.timeout=soon without the schema (template check)",
+            ["--skip-schema-validation", "--set", "config.shutdown.timeout=soon"],
+            'invalid duration "soon"',
+        ),
+        (
+            "config.http.default_timeout=5 seconds (schema)",
+            ["--set", "config.http.default_timeout=5 seconds"],
+            "default_timeout",
+        ),
+        ("config.auth.tokens in the ConfigMap (schema)", ["--set", "config.auth.tokens={leak}"], "tokens"),
+        (
+            "config.auth.tokens without the schema (template check)",
+            ["--skip-schema-validation", "--set", "config.auth.tokens={leak}"],
+            "config.auth.tokens must not be set",
+        ),
+        ("config.grpc.addr (owned by ports)", ["--set", "config.grpc.addr=0.0.0.0:1"], "addr"),
+        ("unknown config key config.grpc.no_such_key", ["--set", "config.grpc.no_such_key=1"], "no_such_key"),
+        ("unknown config section config.database", ["--set", "config.database.url=x"], "database"),
+        ("config.log.format=xml", ["--set", "config.log.format=xml"], "format"),
+        ("config.http.max_body_size=big", ["--set", "config.http.max_body_size=big"], "max_body_size"),
+        ("unknown top-level value replicas", ["--set", "replicas=3"], "replicas"),
+        ("ports.admin=70000", ["--set", "ports.admin=70000"], "ports.admin"),
+        ("ports.admin equal to ports.grpc", ["--set", "ports.admin=9000"], "three different ports"),
+        ("probes.type=tcp", ["--set", "probes.type=tcp"], "probes.type"),
+        ("auth.tokens with a comma", ["--set-json", 'auth.tokens=["a,b"]'], "auth.tokens"),
+        ("no tokens, auth.generate=false", ["--set", "auth.generate=false"], "keel needs bearer tokens"),
+        (
+            "podDisruptionBudget with minAvailable and maxUnavailable",
+            ["--set", "podDisruptionBudget.enabled=true", "--set", "podDisruptionBudget.minAvailable=1"],
+            "exactly one of minAvailable and maxUnavailable",
+        ),
+        (
+            "autoscaling minReplicas > maxReplicas",
+            [
+                "--set",
+                "autoscaling.enabled=true",
+                "--set",
+                "autoscaling.minReplicas=5",
+                "--set",
+                "autoscaling.maxReplicas=2",
+            ],
+            "minReplicas",
+        ),
+        ("image.pullPolicy=Sometimes", ["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
+        ("resources.requests.cpu=lots", ["--set", "resources.requests.cpu=lots"], "cpu"),
+        ("service.type=ExternalName", ["--set", "service.type=ExternalName"], "service.type"),
+        (
+            "terminationGracePeriodMarginSeconds=0",
+            ["--set", "terminationGracePeriodMarginSeconds=0"],
+            "terminationGracePeriodMarginSeconds",
+        ),
+    ]
+    for name, args, expected in cases:
+        result = helm_template(tools, args)
+        checks.check(
+            f"fails: {name}",
+            result.returncode != 0 and expected in result.stderr,
+            f"exit {result.returncode}; stderr: {short(result.stderr, 300)}",
+        )
+    result = helm_template(tools, ["--set", "replicaCount=many"])
+    print("  (schema message for replicaCount=many: " + " ".join(result.stderr.split())[:200] + ")")
+
+
+def check_lint(checks: Checks, tools: Tools) -> None:
+    checks.section("helm lint --strict")
+    variants = [
+        ("default values", []),
+        ("all-on.yaml", ["-f", str(ALL_ON)]),
+        (
+            "all-on.yaml + grpc probes + existing Secret",
+            ["-f", str(ALL_ON), "--set", "probes.type=grpc", "--set", "auth.existingSecret=keel-tokens"],
+        ),
+    ]
+    for name, args in variants:
+        result = run([tools.helm, "lint", "--strict", str(CHART), *args])
+        checks.check(f"helm lint --strict ({name})", result.returncode == 0, short(result.stdout + result.stderr))
+
+
+def check_schema_matches_app(checks: Checks) -> None:
+    """The chart's config schema and keel's config/default.yaml must agree."""
+    checks.section("values.schema.json against keel's config keys")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    checks.check(
+        "values.schema.json declares JSON Schema draft-07",
+        schema.get("$schema") == "http://json-schema.org/draft-07/schema#",
+    )
+
+    def schema_leaves(node: dict, prefix: str = "") -> set[str]:
+        props = node.get("properties") or {}
+        if node.get("type") == "object" and props:
+            leaves: set[str] = set()
+            for key, sub in props.items():
+                leaves |= schema_leaves(sub, f"{prefix}{key}.")
+            return leaves
+        if node.get("type") == "object":
+            return set()
+        return {prefix.rstrip(".")}
+
+    def strict(node: dict, path: str = "config") -> list[str]:
+        if node.get("type") != "object":
+            return []
+        loose = [] if node.get("additionalProperties") is False else [path]
+        for key, sub in (node.get("properties") or {}).items():
+            loose += strict(sub, f"{path}.{key}")
+        return loose
+
+    config_schema = schema["properties"]["config"]
+    allowed = schema_leaves(config_schema)
+    defaults = leaf_keys(yaml.safe_load((ROOT / "config" / "default.yaml").read_text()))
+    chart_owned = {"grpc.addr", "http.addr", "admin.addr", "auth.tokens"}
+    checks.check(
+        "every config key the schema allows exists in config/default.yaml",
+        allowed <= defaults,
+        sorted(allowed - defaults),
+    )
+    checks.check(
+        "every key of config/default.yaml is settable (except the addresses and tokens the chart owns)",
+        defaults - chart_owned <= allowed,
+        sorted(defaults - chart_owned - allowed),
+    )
+    checks.check(
+        "the config schema refuses unknown keys at every level", not strict(config_schema), strict(config_schema)
+    )
+    checks.check(
+        "the config schema does not allow auth.tokens",
+        "tokens" not in config_schema["properties"]["auth"].get("properties", {}),
+    )
+
+
+def check_notes(checks: Checks, tools: Tools) -> None:
+    """helm template drops NOTES.txt; render it through a copy of the chart."""
+    checks.section("NOTES.txt")
+    with tempfile.TemporaryDirectory() as tmp:
+        chart = Path(tmp) / "keel"
+        shutil.copytree(CHART, chart)
+        notes = (chart / "templates" / "NOTES.txt").read_text()
+        (chart / "templates" / "_notes_check.tpl").write_text(
+            '{{- define "notes-check" -}}\n' + notes + "\n{{- end -}}\n"
+        )
+        (chart / "templates" / "notes-check.yaml").write_text(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: notes\ndata:\n"
+            '  notes: {{ include "notes-check" . | quote }}\n'
+        )
+        for label, args, expected in (
+            (
+                "default",
+                [],
+                [
+                    "port-forward svc/demo-keel 9000 8080",
+                    "helm test demo",
+                    "A token was generated",
+                    "terminationGracePeriodSeconds is 30",
+                ],
+            ),
+            (
+                "all-on",
+                ["-f", str(ALL_ON)],
+                ["dns:///demo-keel-headless.apps.svc:9000", "ServiceMonitor demo-keel", "Secret demo-keel-auth"],
+            ),
+            ("auth disabled", ["--set", "config.auth.disabled=true"], ["WARNING: authentication is disabled"]),
+        ):
+            result = helm_template(tools, ["--show-only", "templates/notes-check.yaml", *args], chart=chart)
+            text = ""
+            if result.returncode == 0:
+                text = yaml.safe_load(result.stdout)["data"]["notes"]
+            missing = [e for e in expected if e not in text]
+            checks.check(
+                f"NOTES.txt renders ({label}) and mentions {', '.join(expected)}",
+                result.returncode == 0 and not missing,
+                short(result.stderr) or missing,
+            )
+
+
+def check_dockerfile(checks: Checks, tools: Tools) -> None:
+    checks.section("Dockerfile and .dockerignore")
+    dockerfile = ROOT / "Dockerfile"
+    if not checks.check("Dockerfile exists", dockerfile.is_file()):
+        return
+    result = run([tools.hadolint, "--failure-threshold", "warning", str(dockerfile)])
+    checks.check(
+        "hadolint --failure-threshold warning Dockerfile", result.returncode == 0, short(result.stdout + result.stderr)
+    )
+    if result.stdout.strip():
+        print("  (hadolint notes below the threshold: " + " | ".join(result.stdout.strip().splitlines()) + ")")
+
+    text = dockerfile.read_text()
+    lines = [line.strip() for line in text.splitlines()]
+    froms = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    stage_names = {
+        line.split()[3].lower() for line in lines if line.upper().startswith("FROM ") and len(line.split()) >= 4
+    }
+    external = [image for image in froms if image.lower() not in stage_names]
+    checks.check(
+        "every base image is pinned (tag or digest, never latest)",
+        bool(external)
+        and all(
+            (":" in image.rsplit("/", 1)[-1] or "@sha256:" in image) and not image.endswith(":latest")
+            for image in external
+        ),
+        external,
+    )
+    checks.check("multi-stage build", len(froms) >= 3, froms)
+    checks.check(
+        "dependencies cached separately (cargo-chef or a BuildKit cache mount)",
+        ("cargo chef cook" in text and "cargo chef prepare" in text) or "--mount=type=cache" in text,
+    )
+    checks.check("cargo build --release --locked", re.search(r"cargo build --release --locked", text) is not None)
+    checks.check(
+        "the build gets build.rs and proto/",
+        re.search(r"COPY .*build\.rs", text) is not None and re.search(r"COPY .*proto", text) is not None,
+    )
+    runtime = froms[-1]
+    checks.check(
+        "runtime image is distroless and non-root",
+        runtime.startswith("gcr.io/distroless/") and runtime.endswith(":nonroot"),
+        runtime,
+    )
+    checks.check(
+        "USER is non-root (65532 / nonroot)",
+        any(re.fullmatch(r"USER (65532(:65532)?|nonroot(:nonroot)?)", line) for line in lines),
+    )
+    checks.check(
+        "WORKDIR /app and ENV KEEL_CONFIG_DIR=/app/config",
+        "WORKDIR /app" in lines and any(re.fullmatch(r"ENV KEEL_CONFIG_DIR=/app/config", line) for line in lines),
+    )
+    checks.check("EXPOSE 9000 8080 8081", "EXPOSE 9000 8080 8081" in lines)
+    checks.check(
+        "HEALTHCHECK runs the binary in exec form",
+        'HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["/app/keel", "healthcheck"]'
+        in text,
+    )
+    checks.check(
+        'ENTRYPOINT ["/app/keel"] and CMD ["serve"]', 'ENTRYPOINT ["/app/keel"]' in lines and 'CMD ["serve"]' in lines
+    )
+    checks.check("config/ is copied into the image", re.search(r"COPY .*config/? +/app/config", text) is not None)
+    checks.check(
+        "size estimate with the measured binary size",
+        re.search(r"^# binary: [0-9.]+ ?MB", text, re.MULTILINE) is not None,
+    )
+
+    ignore = ROOT / ".dockerignore"
+    if checks.check(".dockerignore exists", ignore.is_file()):
+        entries = {
+            line.strip().rstrip("/").lstrip("/")
+            for line in ignore.read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        }
+        checks.check(".dockerignore excludes target/ and .git/", {"target", ".git"} <= entries, sorted(entries))
+        needed = {"src", "proto", "config", "build.rs", "Cargo.toml", "Cargo.lock", "benches"}
+        checks.check(".dockerignore keeps what the build needs", not (needed & entries), sorted(needed & entries))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--helm", default="helm")
+    parser.add_argument("--kubernetes-validate", default="kubernetes-validate")
+    parser.add_argument("--hadolint", default="hadolint")
+    args = parser.parse_args()
+    tools = Tools(args.helm, args.kubernetes_validate, args.hadolint)
+    checks = Checks()
+    app_version = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+
+    chart_meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    checks.section("Chart.yaml")
+    checks.check(
+        "Chart.yaml apiVersion v2, type application",
+        chart_meta.get("apiVersion") == "v2" and chart_meta.get("type") == "application",
+    )
+
+    def guarded(name: str, function, *args):
+        """A crash in one group of checks counts as a failure; the rest run."""
+        try:
+            return function(*args)
+        except Exception as error:  # noqa: BLE001 - reported, never hidden
+            checks.check(f"{name} ran to completion", False, f"{type(error).__name__}: {error}")
+            return None
+
+    guarded("helm lint", check_lint, checks, tools)
+    guarded("schema against config keys", check_schema_matches_app, checks)
+    default_annotations = guarded("default render", check_default, checks, tools, app_version)
+    guarded("all-on render", check_all_on, checks, tools, app_version)
+    guarded("grpc-probes render", check_grpc_probes, checks, tools, app_version)
+    guarded("value variations", check_variations, checks, tools, default_annotations)
+    guarded("negative cases", check_negative, checks, tools)
+    guarded("NOTES.txt", check_notes, checks, tools)
+    guarded("Dockerfile", check_dockerfile, checks, tools)
+
+    if checks.failed:
+        print("\nFailed checks:")
+        for name in checks.failed:
+            print(f"  - {name}")
+    print(f"\nchart: {checks.passed} passed, {len(checks.failed)} failed")
+    return 1 if checks.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
