@@ -89,6 +89,7 @@ impl App {
         let admin_addr = local_addr("admin.addr", settings.admin.addr, &admin_listener)?;
 
         let metrics = Metrics::new()?;
+        metrics.export_shutdown_budget(settings.shutdown.max_duration())?;
         let descriptor_sets = grpc::descriptor_sets();
         let services: Vec<ServiceEntry<'_>> =
             std::iter::once(ServiceEntry { name: USER_SERVICE, auth_exempt: false, shed_exempt: false })
@@ -223,7 +224,7 @@ impl App {
             extra_routes,
         } = self;
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams);
-        let users = Users::new(store, streams, settings.streams.watch_buffer);
+        let users = Users::new(store, streams.clone(), settings.streams.watch_buffer);
 
         // The gRPC server says GOAWAY only once the gateway, its in-process
         // client, has drained (or the drain bound has passed).
@@ -238,7 +239,7 @@ impl App {
                 }
             }
         };
-        let stack = grpc::Stack { methods, auth, extra_routes };
+        let stack = grpc::Stack { methods, auth, extra_routes, streams };
         let mut grpc_server: JoinHandle<Result<(), GrpcError>> =
             tokio::spawn(grpc::serve(grpc_incoming, settings.grpc.clone(), stack, health.clone(), users, grpc_stop));
         let draining = || {

@@ -1,12 +1,19 @@
 //! Serving state: the `grpc.health.v1` statuses of every registered service,
-//! flipped together at startup and at shutdown.
+//! flipped together at startup and at shutdown, and the health service
+//! that answers from them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
 use tonic_health::ServingStatus;
-use tonic_health::pb::health_server::HealthServer;
+use tonic_health::pb::health_server::{self, HealthServer};
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::grpc::middleware::deadline::deadline_of;
+use crate::grpc::stream::{ResponseStream, StreamKind, StreamSpawner};
 
 /// The health of the server and each of its services. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -30,9 +37,11 @@ impl Health {
         health
     }
 
-    /// The `grpc.health.v1.Health` service answering from this state.
-    pub fn service(&self) -> HealthServer<HealthService> {
-        HealthServer::new(HealthService::from_health_reporter(self.reporter.clone()))
+    /// The `grpc.health.v1.Health` service answering from this state. Its
+    /// `Watch` streams run on `streams`, so they end like every other
+    /// endless stream: at their deadline, or with UNAVAILABLE at shutdown.
+    pub fn service(&self, streams: StreamSpawner) -> HealthServer<HealthApi> {
+        HealthServer::new(HealthApi { inner: HealthService::from_health_reporter(self.reporter.clone()), streams })
     }
 
     pub async fn set_serving(&self) {
@@ -54,5 +63,38 @@ impl Health {
         for service in self.services.iter() {
             self.reporter.set_service_status(service, status).await;
         }
+    }
+}
+
+/// tonic-health's service, with `Watch` streams that end at shutdown
+/// instead of holding their connections open until the drain bound.
+pub struct HealthApi {
+    inner: HealthService,
+    streams: StreamSpawner,
+}
+
+#[tonic::async_trait]
+impl health_server::Health for HealthApi {
+    async fn check(&self, request: Request<HealthCheckRequest>) -> Result<Response<HealthCheckResponse>, Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = ResponseStream<HealthCheckResponse>;
+
+    async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let deadline = deadline_of(&request);
+        let mut updates = self.inner.watch(request).await?.into_inner();
+        let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| async move {
+            loop {
+                tokio::select! {
+                    end = sink.stopped() => return Err(end.into()),
+                    update = updates.next() => match update {
+                        Some(update) => sink.send(update?).await?,
+                        None => return Ok(()),
+                    },
+                }
+            }
+        });
+        Ok(Response::new(stream))
     }
 }

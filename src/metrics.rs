@@ -76,6 +76,19 @@ impl Metrics {
         Ok(Self { registry, grpc_server, grpc_client, http, live_streams })
     }
 
+    /// Exports `shutdown.drain_delay + shutdown.timeout`, the longest a
+    /// graceful shutdown can take, so deployments can check their grace
+    /// period against it (`keel_shutdown_budget_seconds`).
+    pub fn export_shutdown_budget(&self, budget: std::time::Duration) -> Result<(), MetricsError> {
+        let gauge = Gauge::new(
+            "keel_shutdown_budget_seconds",
+            "Longest graceful shutdown: shutdown.drain_delay + shutdown.timeout.",
+        )?;
+        gauge.set(budget.as_secs_f64());
+        self.registry.register(Box::new(gauge))?;
+        Ok(())
+    }
+
     /// The exposition in the Prometheus text format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

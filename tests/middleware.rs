@@ -365,3 +365,22 @@ mod size_limits {
         app.stop().await
     }
 }
+
+#[tokio::test]
+async fn a_handler_that_ignores_cancellation_is_abandoned_at_the_drain_bound() -> Result<()> {
+    let (app, faulty) = spawn_with_faulty(|s| {
+        s.shutdown.timeout = Duration::from_millis(500);
+        s.grpc.default_timeout = Duration::from_secs(3600);
+    })
+    .await?;
+    // The call never finishes: the gate is never opened.
+    let stuck = tokio::spawn(call_faulty(app.channel()?, "Wait", None));
+    eventually(READY_BOUND, || async { faulty.waiting.load(Ordering::SeqCst) == 1 }).await?;
+    let started = tokio::time::Instant::now();
+    app.stop().await?;
+    let took = started.elapsed();
+    assert!(took >= Duration::from_millis(500), "did not wait for the call: {took:?}");
+    assert!(took < Duration::from_millis(1500), "exceeded timeout + 1s: {took:?}");
+    stuck.abort();
+    Ok(())
+}

@@ -69,6 +69,7 @@ class Keel:
         return out
 
     def signal(self, sig=signal.SIGTERM):
+        # The same as `kill -TERM <pid>`.
         self.proc.send_signal(sig)
 
     def stop(self, timeout=30):

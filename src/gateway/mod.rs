@@ -11,10 +11,10 @@ pub mod error;
 pub mod forward;
 pub mod openapi;
 pub mod route;
+pub mod server;
 pub mod stream;
 pub mod transcode;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,7 +28,6 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use prost_reflect::{DescriptorPool, ExtensionDescriptor, MethodDescriptor, Value as ProtoValue};
-use tokio::net::TcpListener;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -395,17 +394,4 @@ fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize, metrics: &H
     })
 }
 
-/// Serves the gateway until `stop` resolves, then lets in-flight requests
-/// (and streams) finish; idle keep-alive connections close at once.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        // Responses are small and latency-bound; Nagle only delays them.
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
-}
+pub use server::serve;

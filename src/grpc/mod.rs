@@ -56,6 +56,8 @@ pub struct Stack {
     pub auth: Authenticator,
     /// Services besides the built-in ones.
     pub extra_routes: Option<tonic::service::Routes>,
+    /// Runs the health service's `Watch` streams.
+    pub streams: stream::StreamSpawner,
 }
 
 /// Serves every gRPC service on `incoming` until `stop` resolves, then sends
@@ -124,7 +126,7 @@ pub async fn serve<S: Store>(
         None => server.add_routes(tonic::service::Routes::default()),
     };
     router
-        .add_service(health.service())
+        .add_service(health.service(stack.streams))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(users)

@@ -5,6 +5,7 @@
 
 pub mod exposition;
 pub mod http;
+pub mod process;
 
 use std::future::Future;
 use std::net::SocketAddr;
