@@ -38,6 +38,7 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub shutdown: ShutdownSettings,
     pub streams: StreamSettings,
+    pub tracing: TracingSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -236,6 +237,25 @@ impl<'de> Deserialize<'de> for LogFormat {
             "pretty" => Ok(Self::Pretty),
             _ => Err(serde::de::Error::custom(format!("unknown log format {text:?}: expected json or pretty"))),
         }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TracingSettings {
+    /// OTLP/gRPC collector to export spans to, e.g.
+    /// `http://otel-collector:4317`. Empty: no export (the default).
+    pub otlp_endpoint: String,
+    /// `service.name` of the exported spans.
+    pub service_name: String,
+    /// Fraction of new traces to sample; a sampled parent is always
+    /// followed.
+    pub sample_ratio: f64,
+}
+
+impl Default for TracingSettings {
+    fn default() -> Self {
+        Self { otlp_endpoint: String::new(), service_name: env!("CARGO_PKG_NAME").to_owned(), sample_ratio: 1.0 }
     }
 }
 
@@ -441,6 +461,24 @@ impl Settings {
         ] {
             if value.is_zero() {
                 return Err(fail(key, "must be greater than zero".to_owned()));
+            }
+        }
+        if !(0.0..=1.0).contains(&self.tracing.sample_ratio) {
+            return Err(fail("tracing.sample_ratio", "must be between 0 and 1".to_owned()));
+        }
+        if !self.tracing.otlp_endpoint.is_empty() {
+            let uri: Result<http::Uri, _> = self.tracing.otlp_endpoint.parse();
+            if !uri.is_ok_and(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some()) {
+                return Err(fail(
+                    "tracing.otlp_endpoint",
+                    format!(
+                        "{:?} is not an http(s) URL such as http://otel-collector:4317",
+                        self.tracing.otlp_endpoint
+                    ),
+                ));
+            }
+            if !cfg!(feature = "otel") {
+                return Err(fail("tracing.otlp_endpoint", "this keel was built without the `otel` feature".to_owned()));
             }
         }
         if self.auth.tokens.iter().any(|t| t.trim().is_empty()) {

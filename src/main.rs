@@ -1,6 +1,6 @@
-//! The `keel` binary: CLI → config → telemetry → build → run → exit code.
-//! Config comes before telemetry because the log format and level are
-//! config; a config error is printed plainly to stderr.
+//! The `keel` binary: CLI → config → runtime → telemetry → build → run →
+//! exit code. Config comes before telemetry because the log format, level
+//! and exporter are config; a config error is printed plainly to stderr.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -75,38 +75,54 @@ fn main() -> ExitCode {
 }
 
 fn serve(settings: Settings) -> ExitCode {
-    if let Err(error) = keel::telemetry::init(&settings.log) {
-        eprintln!("keel: {error}");
-        return ExitCode::from(EXIT_CONFIG as u8);
-    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            tracing::error!(%error, "cannot start the async runtime");
+            eprintln!("keel: cannot start the async runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
     let result = runtime.block_on(async {
-        let signals = SignalListener::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
-        let app = App::build(settings).await?;
-        let stop = CancellationToken::new();
-        tokio::spawn(handle_signals(signals, stop.clone()));
-        app.run(stop.cancelled_owned()).await?;
-        Ok::<_, anyhow::Error>(())
+        // Telemetry needs the runtime: span export runs on it.
+        let telemetry = match keel::telemetry::init(&settings.log, &settings.tracing) {
+            Ok(guard) => guard,
+            Err(error) => return Err(Failure::Config(error.to_string())),
+        };
+        let served = run(settings).await;
+        telemetry.shutdown().await;
+        served.map_err(Failure::Run)
     });
     // Don't wait on abandoned handlers: they were given their bound.
     runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            let bind = error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. }));
+        Err(Failure::Config(error)) => {
+            eprintln!("keel: {error}");
+            ExitCode::from(EXIT_CONFIG as u8)
+        }
+        Err(Failure::Run(error)) => {
             tracing::error!(error = %error, "keel failed");
-            if bind {
+            if error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. })) {
                 eprintln!("keel: {error}");
             }
             ExitCode::FAILURE
         }
     }
+}
+
+enum Failure {
+    Config(String),
+    Run(anyhow::Error),
+}
+
+/// Build → run, with the signals wired to the shutdown future.
+async fn run(settings: Settings) -> anyhow::Result<()> {
+    let signals = SignalListener::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+    let app = App::build(settings).await?;
+    let stop = CancellationToken::new();
+    tokio::spawn(handle_signals(signals, stop.clone()));
+    app.run(stop.cancelled_owned()).await?;
+    Ok(())
 }
 
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one, or

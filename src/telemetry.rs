@@ -1,10 +1,15 @@
-//! Logging: a tracing subscriber writing JSON lines (production) or pretty
-//! text (a terminal), filtered by `log.level` unless `RUST_LOG` is set.
+//! Logging and tracing: a tracing subscriber writing JSON lines (production)
+//! or pretty text (a terminal), filtered by `log.level` unless `RUST_LOG` is
+//! set; and, with the `otel` feature and `tracing.otlp_endpoint`, the same
+//! spans exported over OTLP with W3C `traceparent` propagation, so a call
+//! through the gateway and the gRPC server is one trace.
 
-use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogFormat, LogSettings};
+use crate::config::{LogFormat, LogSettings, TracingSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -12,27 +17,215 @@ pub enum TelemetryError {
     Filter(String),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
+    #[error("cannot set up the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Keeps the span exporter alive; [`TelemetryGuard::shutdown`] flushes it.
+#[must_use = "dropping the guard without shutdown may lose the last spans"]
+#[derive(Default)]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl TelemetryGuard {
+    /// Exports what is still buffered.
+    pub async fn shutdown(self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider {
+            // Shutting down blocks until the last export, which runs on this
+            // runtime: wait for it from a blocking thread.
+            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+            if let Ok(Err(error)) = flushed {
+                tracing::warn!(%error, "flushing spans failed");
+            }
+        }
+    }
 }
 
 /// Installs the global subscriber, writing to stdout. `RUST_LOG`, when set,
-/// replaces `log.level`.
-pub fn init(settings: &LogSettings) -> Result<(), TelemetryError> {
+/// replaces `log.level`. Call from within the tokio runtime.
+pub fn init(log: &LogSettings, tracing: &TracingSettings) -> Result<TelemetryGuard, TelemetryError> {
     let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
-    install(settings, directives.as_deref(), std::io::stdout)
+    install(log, tracing, directives.as_deref(), std::io::stdout)
 }
 
 /// Installs the global subscriber with an explicit filter and writer (tests
 /// capture the production log format this way).
-pub fn install<W>(settings: &LogSettings, directives: Option<&str>, writer: W) -> Result<(), TelemetryError>
+pub fn install<W>(
+    log: &LogSettings,
+    tracing: &TracingSettings,
+    directives: Option<&str>,
+    writer: W,
+) -> Result<TelemetryGuard, TelemetryError>
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
     let filter =
-        EnvFilter::try_new(directives.unwrap_or(&settings.level)).map_err(|e| TelemetryError::Filter(e.to_string()))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    let result = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(true).with_span_list(false).try_init(),
-        LogFormat::Pretty => builder.pretty().try_init(),
+        EnvFilter::try_new(directives.unwrap_or(&log.level)).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let logs = match log.format {
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_writer(writer)
+            .boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer().pretty().with_writer(writer).boxed(),
     };
-    result.map_err(|_| TelemetryError::AlreadyInstalled)
+    let registry = tracing_subscriber::registry().with(filter).with(logs);
+
+    #[cfg(feature = "otel")]
+    {
+        let (layer, provider) = otel::layer(tracing)?;
+        registry.with(layer).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok(TelemetryGuard { provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let _ = tracing;
+        registry.try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        Ok(TelemetryGuard::default())
+    }
+}
+
+/// Makes `span` a child of the W3C trace context in `headers`, if any.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    #[cfg(feature = "otel")]
+    otel::continue_trace(span, headers);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, headers);
+}
+
+/// Writes the current span's trace context into outgoing headers, replacing
+/// any the caller sent, so the next hop is a child of this one.
+pub fn propagate(headers: &mut http::HeaderMap) {
+    #[cfg(feature = "otel")]
+    otel::propagate(headers);
+    #[cfg(not(feature = "otel"))]
+    let _ = headers;
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData, SpanExporter};
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::registry::LookupSpan;
+
+    use super::TelemetryError;
+    use crate::config::TracingSettings;
+
+    const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
+    pub type BoxedLayer<S> = Box<dyn Layer<S> + Send + Sync>;
+
+    /// The OpenTelemetry layer, or a no-op one when no endpoint is set.
+    pub fn layer<S>(
+        settings: &TracingSettings,
+    ) -> Result<(Option<BoxedLayer<S>>, Option<SdkTracerProvider>), TelemetryError>
+    where
+        S: tracing::Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+    {
+        if settings.otlp_endpoint.is_empty() {
+            return Ok((None, None));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| TelemetryError::Exporter("telemetry must be set up inside the tokio runtime".to_owned()))?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .with_endpoint(settings.otlp_endpoint.clone())
+            .with_timeout(EXPORT_TIMEOUT)
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(OnRuntime { inner: Arc::new(exporter), runtime })
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(settings.sample_ratio))))
+            .with_resource(resource)
+            .build();
+        let tracer = provider.tracer(env!("CARGO_PKG_NAME"));
+        let layer = tracing_opentelemetry::layer().with_tracer(tracer).boxed();
+        Ok((Some(layer), Some(provider)))
+    }
+
+    /// Runs exports on the application's runtime. The SDK's batch processor
+    /// exports from a plain thread, where tonic's client has no reactor.
+    #[derive(Debug)]
+    struct OnRuntime {
+        inner: Arc<opentelemetry_otlp::SpanExporter>,
+        runtime: tokio::runtime::Handle,
+    }
+
+    impl SpanExporter for OnRuntime {
+        fn export(&self, batch: Vec<SpanData>) -> impl Future<Output = OTelSdkResult> + Send {
+            let inner = self.inner.clone();
+            let task = self.runtime.spawn(async move { inner.export(batch).await });
+            async move { task.await.unwrap_or_else(|e| Err(OTelSdkError::InternalFailure(e.to_string()))) }
+        }
+
+        fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+            self.inner.shutdown_with_timeout(timeout)
+        }
+
+        fn force_flush(&self) -> OTelSdkResult {
+            self.inner.force_flush()
+        }
+
+        fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+            if let Some(inner) = Arc::get_mut(&mut self.inner) {
+                inner.set_resource(resource);
+            }
+        }
+    }
+
+    struct Headers<'a>(&'a http::HeaderMap);
+
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(http::HeaderName::as_str).collect()
+        }
+    }
+
+    struct HeadersMut<'a>(&'a mut http::HeaderMap);
+
+    impl Injector for HeadersMut<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            if let (Ok(name), Ok(value)) = (http::HeaderName::try_from(key), http::HeaderValue::try_from(value)) {
+                self.0.insert(name, value);
+            }
+        }
+    }
+
+    pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+        if headers.contains_key("traceparent") {
+            let parent = TraceContextPropagator::new().extract(&Headers(headers));
+            let _ = span.set_parent(parent);
+        }
+        let context = span.context();
+        let trace = context.span().span_context().trace_id();
+        if trace != opentelemetry::trace::TraceId::INVALID {
+            span.record("trace_id", tracing::field::display(trace));
+        }
+    }
+
+    pub fn propagate(headers: &mut http::HeaderMap) {
+        let context = tracing::Span::current().context();
+        if context.span().span_context().is_valid() {
+            TraceContextPropagator::new().inject_context(&context, &mut HeadersMut(headers));
+        }
+    }
 }

@@ -192,7 +192,8 @@ fn captured_logs() -> Captured {
         let logs = Captured::default();
         let writer = logs.clone();
         let settings = keel::config::LogSettings::default();
-        let _ = keel::telemetry::install(&settings, Some("info"), move || writer.clone());
+        let tracing = keel::config::TracingSettings::default();
+        let _ = keel::telemetry::install(&settings, &tracing, Some("info"), move || writer.clone());
         logs
     })
     .clone()

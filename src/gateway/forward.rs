@@ -127,6 +127,8 @@ pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>) -> Metada
     if let Some(host) = headers.get("x-forwarded-host").or_else(|| headers.get(http::header::HOST)) {
         out.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
     }
+    // The gRPC span is a child of the gateway's, not of the caller's.
+    crate::telemetry::propagate(&mut out);
     MetadataMap::from_headers(out)
 }
 

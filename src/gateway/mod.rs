@@ -323,7 +323,14 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     if let Some(value) = &id_header {
         request.headers_mut().insert(request_id::HEADER, value.clone());
     }
-    let (metrics, outcome) = gateway.handle(request).await;
+    let span = tracing::info_span!(
+        "http",
+        http.method = %request.method(),
+        request_id = %id.as_str(),
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::continue_trace(&span, request.headers());
+    let (metrics, outcome) = tracing::Instrument::instrument(gateway.handle(request), span).await;
     let mut response = outcome.unwrap_or_else(IntoResponse::into_response);
     metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     if let Some(value) = id_header {

@@ -70,7 +70,14 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let id = RequestId::from_header(request.headers().get(HEADER));
-        let span = tracing::info_span!("rpc", request_id = %id.as_str(), grpc.method = %request.uri().path());
+        let span = tracing::info_span!(
+            "rpc",
+            request_id = %id.as_str(),
+            grpc.method = %request.uri().path(),
+            trace_id = tracing::field::Empty,
+        );
+        // A call through the gateway continues the gateway's trace.
+        crate::telemetry::continue_trace(&span, request.headers());
         let header = HeaderValue::from_str(id.as_str()).ok();
         request.extensions_mut().insert(id);
         request.extensions_mut().insert(CallSpan(span.clone()));
