@@ -11,16 +11,10 @@ import time
 import urllib.error
 import urllib.request
 
-from keelproc import Keel
+from keelproc import Checks, Keel
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what)
-    if not condition:
-        failures.append(what)
+check = Checks("gateway acceptance")
 
 
 class Http:
@@ -143,10 +137,7 @@ def main():
     finally:
         code, _ = keel.stop()
     check(code == 0, "exit 0 after SIGTERM")
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("gateway acceptance: all checks passed")
+    check.finish()
 
 
 if __name__ == "__main__":

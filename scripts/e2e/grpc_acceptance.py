@@ -14,17 +14,11 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from keelproc import Keel
+from keelproc import Checks, Keel
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
 GRPCURL = os.environ.get("GRPCURL", "grpcurl")
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what)
-    if not condition:
-        failures.append(what)
+check = Checks("grpc acceptance")
 
 
 def expect_code(fn, code, what, mentions=None):
@@ -192,10 +186,7 @@ def main():
         code, took = keel.stop()
     check(code == 0, f"SIGTERM exits 0 (took {took:.2f}s)")
     config_checks()
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("grpc acceptance: all checks passed")
+    check.finish()
 
 
 if __name__ == "__main__":

@@ -1,12 +1,33 @@
-"""Starts the keel binary on ephemeral ports and reads its bound addresses
-from the startup log line, so e2e checks never guess a free port."""
+"""Shared by the e2e checks: starts the keel binary on ephemeral ports and
+reads its bound addresses from the startup log line (so no check guesses a
+free port), and records check outcomes."""
 
 import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
+
+
+class Checks:
+    """Prints each check as it runs; `finish` exits non-zero if any failed."""
+
+    def __init__(self, name):
+        self.name = name
+        self.failures = []
+
+    def __call__(self, condition, what):
+        print(("ok   " if condition else "FAIL ") + what)
+        if not condition:
+            self.failures.append(what)
+
+    def finish(self):
+        if self.failures:
+            print(f"{self.name}: {len(self.failures)} check(s) failed")
+            sys.exit(1)
+        print(f"{self.name}: all checks passed")
 
 
 class Keel:

@@ -10,18 +10,12 @@ import time
 import urllib.error
 import urllib.request
 
-from keelproc import Keel
+from keelproc import Checks, Keel
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
 GRPCURL = os.environ.get("GRPCURL", "grpcurl")
 TOKEN = "e2e-token-123"
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what)
-    if not condition:
-        failures.append(what)
+check = Checks("middleware acceptance")
 
 
 def grpcurl(keel, *args):
@@ -68,10 +62,7 @@ def main():
         keel.stop()
     logged = [line for line in keel.json_logs() if line.get("request_id") == "e2e-rid-42" and line.get("message") == "rpc finished"]
     check(bool(logged), f"the request id appears in a JSON log line: {logged[:1]}")
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("middleware acceptance: all checks passed")
+    check.finish()
 
 
 if __name__ == "__main__":

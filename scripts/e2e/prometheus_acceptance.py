@@ -16,16 +16,10 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keelproc import Keel
+from keelproc import Checks, Keel
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what)
-    if not condition:
-        failures.append(what)
+check = Checks("prometheus acceptance")
 
 
 def ensure_prometheus():
@@ -134,10 +128,7 @@ def main():
             prometheus.wait(10)
         keel.stop()
         shutil.rmtree(scratch, ignore_errors=True)
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("prometheus acceptance: all checks passed")
+    check.finish()
 
 
 if __name__ == "__main__":

@@ -15,16 +15,10 @@ from google.protobuf import descriptor_pool, message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from keelproc import Keel
+from keelproc import Checks, Keel
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
-failures = []
-
-
-def check(condition, what):
-    print(("ok   " if condition else "FAIL ") + what)
-    if not condition:
-        failures.append(what)
+check = Checks("shutdown acceptance")
 
 
 def status_of(url):
@@ -159,10 +153,7 @@ def main():
     drain_under_load()
     second_signal()
     idle_exit()
-    if failures:
-        print(f"{len(failures)} check(s) failed")
-        sys.exit(1)
-    print("shutdown acceptance: all checks passed")
+    check.finish()
 
 
 if __name__ == "__main__":

@@ -166,6 +166,57 @@ where
 }
 
 pin_project! {
+    /// Resolves to the response with its body observed: the callback gets
+    /// the code at once for a trailers-only response (every error tonic
+    /// returns from a handler), else when the body ends, or `on_error` if
+    /// the inner service fails.
+    pub struct ObservedFuture<F, E> {
+        #[pin]
+        inner: F,
+        on_end: Option<E>,
+        on_error: Code,
+    }
+}
+
+impl<F, E> ObservedFuture<F, E> {
+    pub fn new(inner: F, on_end: Option<E>, on_error: Code) -> Self {
+        Self { inner, on_end, on_error }
+    }
+}
+
+impl<F, B, Err, E> Future for ObservedFuture<F, E>
+where
+    F: Future<Output = Result<http::Response<B>, Err>>,
+    E: OnCallEnd,
+{
+    type Output = Result<http::Response<ObservedBody<B, E>>, Err>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.inner.poll(cx));
+        let on_end = this.on_end.take();
+        Poll::Ready(match result {
+            Ok(response) => {
+                let on_end = match (status_code(response.headers()), on_end) {
+                    (Some(code), Some(on_end)) => {
+                        on_end.call_ended(code);
+                        None
+                    }
+                    (_, on_end) => on_end,
+                };
+                Ok(response.map(|body| ObservedBody::new(body, on_end)))
+            }
+            Err(error) => {
+                if let Some(on_end) = on_end {
+                    on_end.call_ended(*this.on_error);
+                }
+                Err(error)
+            }
+        })
+    }
+}
+
+pin_project! {
     /// A future that answers at once with a ready response, or runs the
     /// inner service: how a layer rejects a call.
     #[project = ShortCircuitProj]

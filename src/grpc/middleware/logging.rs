@@ -3,18 +3,16 @@
 //! the gRPC code, the duration, the peer and the request id, inside the
 //! call's span.
 
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::{Request, Response};
-use pin_project_lite::pin_project;
 use tonic::Code;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Span;
 
-use super::call::{ObservedBody, OnCallEnd, code_name, status_code};
+use super::call::{ObservedBody, ObservedFuture, OnCallEnd, code_name};
 use super::request_id::{CallSpan, RequestId};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -87,7 +85,7 @@ where
 {
     type Response = Response<ObservedBody<ResBody, CallLog>>;
     type Error = S::Error;
-    type Future = LoggingFuture<S::Future>;
+    type Future = ObservedFuture<S::Future, CallLog>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -95,48 +93,6 @@ where
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
         let log = CallLog::new(&request);
-        LoggingFuture { inner: self.inner.call(request), log: Some(log) }
-    }
-}
-
-pin_project! {
-    pub struct LoggingFuture<F> {
-        #[pin]
-        inner: F,
-        log: Option<CallLog>,
-    }
-}
-
-impl<F, ResBody, E> Future for LoggingFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = Result<Response<ObservedBody<ResBody, CallLog>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        let log = this.log.take();
-        Poll::Ready(match result {
-            Ok(response) => {
-                // A trailers-only response (every error tonic returns from a
-                // handler) has ended already.
-                let log = match (status_code(response.headers()), log) {
-                    (Some(code), Some(log)) => {
-                        log.call_ended(code);
-                        None
-                    }
-                    (None, log) => log,
-                    (Some(_), None) => None,
-                };
-                Ok(response.map(|body| ObservedBody::new(body, log)))
-            }
-            Err(error) => {
-                if let Some(log) = log {
-                    log.call_ended(Code::Internal);
-                }
-                Err(error)
-            }
-        })
+        ObservedFuture::new(self.inner.call(request), Some(log), Code::Internal)
     }
 }

@@ -15,7 +15,7 @@ use pin_project_lite::pin_project;
 use tonic::Code;
 use tower::{Layer, Service};
 
-use super::call::{MessageCounter, ObservedBody, OnCallEnd, status_code};
+use super::call::{MessageCounter, ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, MethodTable, method_of};
 use crate::metrics::MethodMetrics;
 
@@ -64,7 +64,7 @@ where
 {
     type Response = Response<ObservedBody<ResBody, CallMetrics>>;
     type Error = S::Error;
-    type Future = MetricsFuture<S::Future>;
+    type Future = ObservedFuture<S::Future, CallMetrics>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -76,7 +76,7 @@ where
             Side::Client(table) => Some(table.resolve(request.uri().path())),
         };
         let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
-            return MetricsFuture { inner: self.inner.call(request), call: None };
+            return ObservedFuture::new(self.inner.call(request), None, Code::Unavailable);
         };
         metrics.started();
         let client = matches!(self.side, Side::Client(_));
@@ -91,7 +91,8 @@ where
             })
         };
         let call = CallMetrics { metrics, start: Instant::now(), counter: MessageCounter::default(), client };
-        MetricsFuture { inner: self.inner.call(request), call: Some(call) }
+        // A failing inner service is a transport failure on the client side.
+        ObservedFuture::new(self.inner.call(request), Some(call), Code::Unavailable)
     }
 }
 
@@ -121,46 +122,6 @@ impl OnCallEnd for CallMetrics {
             self.metrics.sent(self.counter.messages);
         }
         self.metrics.handled(code, self.start.elapsed().as_secs_f64());
-    }
-}
-
-pin_project! {
-    pub struct MetricsFuture<F> {
-        #[pin]
-        inner: F,
-        call: Option<CallMetrics>,
-    }
-}
-
-impl<F, ResBody, E> Future for MetricsFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = Result<Response<ObservedBody<ResBody, CallMetrics>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let result = ready!(this.inner.poll(cx));
-        let call = this.call.take();
-        Poll::Ready(match result {
-            Ok(response) => {
-                let call = match (status_code(response.headers()), call) {
-                    // Trailers-only: the call is over already.
-                    (Some(code), Some(call)) => {
-                        call.call_ended(code);
-                        None
-                    }
-                    (_, call) => call,
-                };
-                Ok(response.map(|body| ObservedBody::new(body, call)))
-            }
-            Err(error) => {
-                if let Some(call) = call {
-                    call.call_ended(Code::Unavailable);
-                }
-                Err(error)
-            }
-        })
     }
 }
 
