@@ -76,10 +76,20 @@ impl KeelProcess {
         self.child.id()
     }
 
-    /// Sends a signal with `kill`, as an operator or the kubelet would.
+    /// Sends a signal (`TERM`, `INT`, `QUIT`) with kill(2), as an operator
+    /// or the kubelet would. Not the `kill` program: a minimal machine may
+    /// lack procps.
     pub fn signal(&self, name: &str) -> Result<()> {
-        let status = Command::new("kill").arg("-s").arg(name).arg(self.pid().to_string()).status()?;
-        anyhow::ensure!(status.success(), "kill -s {name} failed");
+        let number = match name {
+            "TERM" => libc::SIGTERM,
+            "INT" => libc::SIGINT,
+            "QUIT" => libc::SIGQUIT,
+            other => bail!("unsupported signal {other}"),
+        };
+        let pid = libc::pid_t::try_from(self.pid())?;
+        // SAFETY: kill(2) only sends a signal to our own child process.
+        let result = unsafe { libc::kill(pid, number) };
+        anyhow::ensure!(result == 0, "kill({pid}, SIG{name}) failed: {}", std::io::Error::last_os_error());
         Ok(())
     }
 
