@@ -384,3 +384,22 @@ async fn a_handler_that_ignores_cancellation_is_abandoned_at_the_drain_bound() -
     stuck.abort();
     Ok(())
 }
+
+#[tokio::test]
+async fn connections_past_their_max_age_are_sent_away() -> Result<()> {
+    let age = Duration::from_millis(300);
+    let app = spawn_app_with(|s| {
+        s.grpc.max_connection_age = age;
+        s.grpc.max_connection_age_grace = Duration::from_millis(300);
+    })
+    .await?;
+    // A raw HTTP/2 client, so the connection's own end is observable.
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let opened = tokio::time::Instant::now();
+    let (_client, connection) = h2::client::handshake(tcp).await?;
+    let closed = tokio::time::timeout(READY_BOUND, connection).await.context("the connection was never sent away")?;
+    let lived = opened.elapsed();
+    assert!(closed.is_ok(), "a GOAWAY is a clean end: {closed:?}");
+    assert!(lived >= age, "closed before its maximum age: {lived:?}");
+    app.stop().await
+}
