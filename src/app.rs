@@ -182,10 +182,6 @@ impl App {
         self.metrics.clone()
     }
 
-    pub fn settings(&self) -> &Settings {
-        &self.settings
-    }
-
     pub fn health(&self) -> Health {
         self.health.clone()
     }
@@ -193,10 +189,6 @@ impl App {
     /// The number of stream producers still running.
     pub fn live_streams(&self) -> LiveStreams {
         self.live_streams.clone()
-    }
-
-    pub fn shutdown_handle(&self) -> Shutdown {
-        self.shutdown.clone()
     }
 
     /// Serves until `signal` resolves, then shuts down: NOT_SERVING, the

@@ -340,16 +340,6 @@ pub enum ConfigError {
     Invalid { key: String, origin: String, reason: String },
 }
 
-impl ConfigError {
-    /// The key the error is about, when there is one.
-    pub fn key(&self) -> Option<&str> {
-        match self {
-            Self::File { .. } => None,
-            Self::UnknownKey { key, .. } | Self::Invalid { key, .. } => Some(key),
-        }
-    }
-}
-
 /// Where the layers come from. [`ConfigSources::from_process`] reads the real
 /// process; tests build one by hand so they never mutate the process env.
 #[derive(Debug, Clone, Default)]

@@ -42,10 +42,6 @@ impl Shutdown {
         self.aborted.cancelled().await;
     }
 
-    pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
-    }
-
     /// True from the moment shutdown was asked for.
     pub fn is_requested(&self) -> bool {
         self.requested.is_cancelled()

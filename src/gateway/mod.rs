@@ -158,11 +158,6 @@ impl Gateway {
         })
     }
 
-    /// The bindings, most specific first.
-    pub fn bindings(&self) -> impl Iterator<Item = &Binding> {
-        self.routes.iter().map(|(_, _, b)| b.as_ref())
-    }
-
     /// The axum router serving the gateway.
     pub fn into_router(self) -> Router {
         Router::new().fallback(dispatch).with_state(Arc::new(self))

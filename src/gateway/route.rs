@@ -137,10 +137,6 @@ impl PathTemplate {
         self.variables.iter().map(|v| v.field_path.as_str())
     }
 
-    pub fn verb(&self) -> Option<&str> {
-        self.verb.as_deref()
-    }
-
     /// A key equal for two templates exactly when they match the same paths.
     fn shape(&self) -> String {
         let mut shape = String::new();
@@ -343,14 +339,6 @@ impl<T> RouteTable<T> {
 
     pub fn iter(&self) -> impl Iterator<Item = (&Method, &PathTemplate, &T)> {
         self.routes.iter().map(|r| (&r.method, &r.template, &r.target))
-    }
-
-    pub fn len(&self) -> usize {
-        self.routes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.routes.is_empty()
     }
 }
 
