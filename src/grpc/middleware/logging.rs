@@ -6,13 +6,17 @@
 use std::task::{Context, Poll};
 use std::time::Instant;
 
-use http::{Request, Response};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{HeaderValue, Request, Response};
 use tonic::Code;
 use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Span;
 
 use super::call::{ObservedBody, ObservedFuture, OnCallEnd, code_name};
+use super::method::{MethodInfo, method_of};
 use super::request_id::{CallSpan, RequestId};
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -31,26 +35,42 @@ pub struct Logging<S> {
     inner: S,
 }
 
-/// The pending log line of one call.
+/// The pending log line of one call. It holds what it found on the
+/// request as is; formatting waits until the line is written.
 pub struct CallLog {
-    path: String,
+    method: Method,
     start: Instant,
-    peer: Option<String>,
+    peer: Peer,
     request_id: Option<RequestId>,
     span: Option<Span>,
 }
 
+/// The method's path: shared with the method table when it is known.
+enum Method {
+    Known(Arc<MethodInfo>),
+    Unknown(String),
+}
+
+/// Who called: the TCP peer, or for gateway calls (which arrive
+/// in-process) the HTTP client from `x-forwarded-for`.
+enum Peer {
+    Tcp(SocketAddr),
+    Forwarded(HeaderValue),
+    Unknown,
+}
+
 impl CallLog {
     fn new<B>(request: &Request<B>) -> Self {
-        // Gateway calls arrive in-process; their peer is the HTTP client.
-        let peer = request
-            .extensions()
-            .get::<TcpConnectInfo>()
-            .and_then(TcpConnectInfo::remote_addr)
-            .map(|addr| addr.to_string())
-            .or_else(|| request.headers().get("x-forwarded-for").and_then(|v| v.to_str().ok()).map(str::to_owned));
+        let peer = match request.extensions().get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr) {
+            Some(addr) => Peer::Tcp(addr),
+            None => request.headers().get("x-forwarded-for").cloned().map_or(Peer::Unknown, Peer::Forwarded),
+        };
+        let method = match method_of(request).filter(|m| m.metrics.is_some()) {
+            Some(known) => Method::Known(known),
+            None => Method::Unknown(request.uri().path().to_owned()),
+        };
         Self {
-            path: request.uri().path().to_owned(),
+            method,
             start: Instant::now(),
             peer,
             request_id: request.extensions().get::<RequestId>().cloned(),
@@ -64,12 +84,26 @@ impl OnCallEnd for CallLog {
         let _entered = self.span.as_ref().map(Span::enter);
         let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
         let code_name = code_name(code);
-        let peer = self.peer.as_deref().unwrap_or("unknown");
+        let path = match &self.method {
+            Method::Known(info) => info.path.as_str(),
+            Method::Unknown(path) => path.as_str(),
+        };
+        let peer = &self.peer;
         let request_id = self.request_id.as_ref().map_or("", RequestId::as_str);
         if is_server_fault(code) {
-            tracing::warn!(grpc.method = %self.path, grpc.code = code_name, duration_ms, peer, request_id, "rpc finished");
+            tracing::warn!(grpc.method = path, grpc.code = code_name, duration_ms, %peer, request_id, "rpc finished");
         } else {
-            tracing::info!(grpc.method = %self.path, grpc.code = code_name, duration_ms, peer, request_id, "rpc finished");
+            tracing::info!(grpc.method = path, grpc.code = code_name, duration_ms, %peer, request_id, "rpc finished");
+        }
+    }
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(addr) => addr.fmt(f),
+            Self::Forwarded(value) => f.write_str(value.to_str().unwrap_or("invalid")),
+            Self::Unknown => f.write_str("unknown"),
         }
     }
 }
