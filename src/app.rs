@@ -248,9 +248,7 @@ impl App {
 
         tokio::select! {
             () = signal => {}
-            joined = &mut grpc_server => return Err(grpc_crashed(joined)),
-            joined = &mut http_server => return Err(io_crashed("HTTP", joined)),
-            joined = &mut admin_server => return Err(io_crashed("admin", joined)),
+            error = first_failure(&mut grpc_server, &mut http_server, &mut admin_server) => return Err(error),
         }
 
         let begun = Instant::now();
@@ -263,9 +261,7 @@ impl App {
             info!(drain_delay = %humantime::format_duration(delay), "shutdown 2/4: serving through the drain delay");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                joined = &mut grpc_server => return Err(grpc_crashed(joined)),
-                joined = &mut http_server => return Err(io_crashed("HTTP", joined)),
-                joined = &mut admin_server => return Err(io_crashed("admin", joined)),
+                error = first_failure(&mut grpc_server, &mut http_server, &mut admin_server) => return Err(error),
             }
         }
 
@@ -313,6 +309,19 @@ impl App {
 
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Resolves if any server stops before shutdown asked it to.
+async fn first_failure(
+    grpc: &mut JoinHandle<Result<(), GrpcError>>,
+    http: &mut JoinHandle<std::io::Result<()>>,
+    admin: &mut JoinHandle<std::io::Result<()>>,
+) -> AppError {
+    tokio::select! {
+        joined = grpc => grpc_crashed(joined),
+        joined = http => io_crashed("HTTP", joined),
+        joined = admin => io_crashed("admin", joined),
+    }
 }
 
 fn grpc_crashed(joined: Result<Result<(), GrpcError>, tokio::task::JoinError>) -> AppError {

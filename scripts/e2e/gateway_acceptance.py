@@ -84,7 +84,15 @@ def errors(http):
     check(status == 405, f"wrong method -> 405 {body}")
 
 
-def streams(http):
+def live_streams(keel):
+    with urllib.request.urlopen(f"http://{keel.addrs['admin']}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("keel_grpc_live_streams "):
+                return float(line.split()[1])
+    return 0.0
+
+
+def streams(http, keel):
     for uid in ("s3", "s1", "s2"):
         http.json("POST", "/v1/users", {"user_id": uid, "display_name": uid, "email": f"{uid}@example.com"})
     status, headers, data = http.call("GET", "/v1/users")
@@ -98,7 +106,10 @@ def streams(http):
           f"GET /v1/users as SSE: {len(events)} events")
 
     def create_later():
-        time.sleep(0.5)
+        # Wait until the watch's server-side stream is running, then change.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and live_streams(keel) < 1:
+            time.sleep(0.01)
         http.json("POST", "/v1/users", {"user_id": "watched", "display_name": "W", "email": "w@example.com"})
 
     threading.Thread(target=create_later, daemon=True).start()
@@ -132,7 +143,7 @@ def main():
     try:
         crud(http)
         errors(http)
-        streams(http)
+        streams(http, keel)
         health_and_openapi(http, keel)
     finally:
         code, _ = keel.stop()
