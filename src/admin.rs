@@ -1,10 +1,8 @@
-//! The admin server: `/metrics`, `/livez` and `/readyz`, on a port of its
-//! own that is never public and never behind auth.
+//! The admin server component: `/metrics`, `/livez` and `/readyz`, on a
+//! port of its own that is never public and never behind auth.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::{RawQuery, State};
@@ -13,37 +11,10 @@ use axum::routing::get;
 use http::{HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
 
-use crate::health::Health;
+use crate::config::AdminSettings;
+use crate::health::Readiness;
 use crate::metrics::Metrics;
-use crate::shutdown::Shutdown;
-
-/// What readiness is made of.
-#[derive(Clone)]
-pub struct Readiness {
-    /// Set once every server is running.
-    started: Arc<AtomicBool>,
-    health: Health,
-    shutdown: Shutdown,
-}
-
-impl Readiness {
-    pub fn new(health: Health, shutdown: Shutdown) -> Self {
-        Self { started: Arc::new(AtomicBool::new(false)), health, shutdown }
-    }
-
-    pub fn mark_started(&self) {
-        self.started.store(true, Ordering::Release);
-    }
-
-    /// Each check with its outcome: `Err` carries the reason.
-    fn checks(&self) -> [(&'static str, Result<(), &'static str>); 3] {
-        [
-            ("startup", if self.started.load(Ordering::Acquire) { Ok(()) } else { Err("startup not complete") }),
-            ("grpc-health", if self.health.is_serving() { Ok(()) } else { Err("gRPC health is NOT_SERVING") }),
-            ("shutdown", if self.shutdown.is_requested() { Err("shutting down") } else { Ok(()) }),
-        ]
-    }
-}
+use crate::net::{self, BindError};
 
 #[derive(Clone)]
 struct AdminState {
@@ -51,7 +22,34 @@ struct AdminState {
     readiness: Readiness,
 }
 
-pub fn router(metrics: Metrics, readiness: Readiness) -> Router {
+/// The admin listener and its router.
+pub struct AdminServer {
+    listener: TcpListener,
+    /// The address actually bound; port 0 resolves here.
+    addr: SocketAddr,
+    router: Router,
+}
+
+impl AdminServer {
+    /// Binds `admin.addr`.
+    pub async fn bind(settings: &AdminSettings, metrics: Metrics, readiness: Readiness) -> Result<Self, BindError> {
+        let (listener, addr) = net::bind("admin.addr", settings.addr).await?;
+        Ok(Self { listener, addr, router: router(metrics, readiness) })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `stop` resolves.
+    pub async fn serve(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(stop)
+            .await
+    }
+}
+
+fn router(metrics: Metrics, readiness: Readiness) -> Router {
     Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/livez", get(livez))
@@ -78,7 +76,7 @@ async fn livez() -> &'static str {
 /// failing reason. `?verbose` lists every check, as the Kubernetes API
 /// server does.
 async fn readyz(State(state): State<AdminState>, RawQuery(query): RawQuery) -> Response {
-    let checks = state.readiness.checks();
+    let checks = state.readiness.checks().await;
     let ready = checks.iter().all(|(_, outcome)| outcome.is_ok());
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let verbose = query.is_some_and(|q| form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "verbose"));
@@ -95,17 +93,8 @@ async fn readyz(State(state): State<AdminState>, RawQuery(query): RawQuery) -> R
     } else if ready {
         "ok\n".to_owned()
     } else {
-        let reasons: Vec<&str> = checks.iter().filter_map(|(_, o)| o.err()).collect();
+        let reasons: Vec<&str> = checks.iter().filter_map(|(_, o)| o.as_ref().err().map(String::as_str)).collect();
         format!("not ready: {}\n", reasons.join("; "))
     };
     (status, body).into_response()
-}
-
-/// Serves the admin router until `stop` resolves.
-pub async fn serve(
-    listener: TcpListener,
-    router: Router,
-    stop: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>()).with_graceful_shutdown(stop).await
 }

@@ -1,34 +1,26 @@
-//! The application: [`App::build`] binds every listener and assembles the
-//! services; [`App::run`] serves until a shutdown future resolves and then
-//! walks the shutdown sequence within its bound.
+//! The application as a few components: [`App::build`] registers the
+//! services and binds each server (gRPC, gateway, admin); [`App::run`]
+//! serves until a shutdown future resolves and then walks the shutdown
+//! sequence within its bound.
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 use tracing::{info, warn};
 
-use crate::admin::{self, Readiness};
+use crate::admin::AdminServer;
 use crate::config::Settings;
-use crate::gateway::forward::Forwarder;
-use crate::gateway::{self, BuildError, Gateway};
-use crate::grpc::incoming::Incoming;
-use crate::grpc::middleware::auth::Authenticator;
-use crate::grpc::middleware::method::{MethodTable, ServiceEntry};
-use crate::grpc::middleware::metrics::GrpcMetricsLayer;
+use crate::gateway::{GatewayServer, GatewayStartError};
 use crate::grpc::stream::{LiveStreams, StreamSpawner};
-use crate::grpc::{self, GrpcError, INFRASTRUCTURE_SERVICES};
-use crate::health::Health;
+use crate::grpc::{self, GrpcError, GrpcServer};
+use crate::health::{Health, Readiness};
 use crate::metrics::{Metrics, MetricsError};
-use crate::proto::user::v1::user_service_server::SERVICE_NAME as USER_SERVICE;
+use crate::net::BindError;
+use crate::registry::{RegistryError, ServiceContext, ServiceRegistry, SetupError};
 use crate::shutdown::Shutdown;
-use crate::users::Users;
-use crate::users::store::MemoryStore;
 
 /// How long streams get to deliver their final status once the drain bound
 /// has passed, before their connections are dropped.
@@ -36,150 +28,97 @@ const ABORT_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
-    #[error("cannot listen on {addr} (the {listener} address): {source}")]
-    Bind { listener: &'static str, addr: SocketAddr, source: std::io::Error },
-    #[error("cannot build the HTTP gateway: {0}")]
-    Gateway(#[from] BuildError),
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error("cannot set up the services")]
+    Setup(#[source] SetupError),
+    #[error("invalid service registry")]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Gateway(#[from] GatewayStartError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
-    #[error("cannot read the service descriptors: {0}")]
-    Descriptors(#[from] prost_reflect::DescriptorError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
-    #[error("the HTTP gateway failed: {0}")]
-    Http(std::io::Error),
-    #[error("the admin server failed: {0}")]
-    Admin(std::io::Error),
+    #[error("the HTTP gateway failed")]
+    Http(#[source] std::io::Error),
+    #[error("the admin server failed")]
+    Admin(#[source] std::io::Error),
     #[error("the {0} server stopped unexpectedly: {1}")]
     Crashed(&'static str, String),
 }
 
-/// A built, not yet running, keel.
+impl AppError {
+    /// A listener could not be bound (the port is taken, or not ours).
+    pub fn is_bind(&self) -> bool {
+        matches!(self, Self::Bind(_) | Self::Grpc(GrpcError::Bind(_)) | Self::Gateway(GatewayStartError::Bind(_)))
+    }
+}
+
+/// A built, not yet running, app.
 pub struct App {
+    /// Shutdown timings.
     settings: Settings,
-    grpc_incoming: Incoming,
-    grpc_addr: SocketAddr,
-    http_listener: TcpListener,
-    http_addr: SocketAddr,
-    admin_listener: TcpListener,
-    admin_addr: SocketAddr,
-    gateway: Gateway,
-    methods: Arc<MethodTable>,
-    auth: Authenticator,
-    metrics: Metrics,
-    readiness: Readiness,
-    shutdown: Shutdown,
+    /// Serves every registered service behind the layer stack.
+    grpc: GrpcServer,
+    /// The HTTP/JSON gateway, calling `grpc` in-process.
+    gateway: GatewayServer,
+    /// `/metrics`, `/livez`, `/readyz`.
+    admin: AdminServer,
+    /// Statuses flipped at start and shutdown.
     health: Health,
+    /// Marked started once every server runs.
+    readiness: Readiness,
+    /// The handle every server, stream and task obeys.
+    shutdown: Shutdown,
+    /// Stream producers still running, for tests and the drain.
     live_streams: LiveStreams,
-    store: Arc<MemoryStore>,
-    /// Services added with [`App::add_grpc_service`].
-    extra_routes: Option<tonic::service::Routes>,
 }
 
 impl App {
-    /// Binds every listener, so port 0 works and the real addresses can be
-    /// read before anything is served.
+    /// Builds the app with the services of [`crate::services::register`].
     pub async fn build(settings: Settings) -> Result<Self, AppError> {
-        let shutdown = Shutdown::new();
-        let grpc_listener = bind("grpc.addr", settings.grpc.addr).await?;
-        let grpc_addr = local_addr("grpc.addr", settings.grpc.addr, &grpc_listener)?;
-        let http_listener = bind("http.addr", settings.http.addr).await?;
-        let http_addr = local_addr("http.addr", settings.http.addr, &http_listener)?;
-        let admin_listener = bind("admin.addr", settings.admin.addr).await?;
-        let admin_addr = local_addr("admin.addr", settings.admin.addr, &admin_listener)?;
-
-        let metrics = Metrics::new()?;
-        metrics.export_shutdown_budget(settings.shutdown.max_duration())?;
-        let descriptor_sets = grpc::descriptor_sets();
-        let services: Vec<ServiceEntry<'_>> =
-            std::iter::once(ServiceEntry { name: USER_SERVICE, auth_exempt: false, shed_exempt: false })
-                .chain(INFRASTRUCTURE_SERVICES.iter().map(|name| ServiceEntry {
-                    name,
-                    auth_exempt: true,
-                    shed_exempt: *name == "grpc.health.v1.Health",
-                }))
-                .collect();
-        let methods = Arc::new(MethodTable::build(&descriptor_sets, &services, &metrics.grpc_server)?);
-        // The gateway calls the user service and health checks.
-        let client_methods = Arc::new(MethodTable::build(&descriptor_sets, &services[..2], &metrics.grpc_client)?);
-        let auth = Authenticator::new(&settings.auth);
-        if !auth.enabled() {
-            warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
-        }
-
-        // The TCP listener closes as soon as draining begins; the gateway's
-        // in-process connection lives on until the gateway has drained.
-        let close_tcp = {
-            let shutdown = shutdown.clone();
-            async move { shutdown.draining().await }
-        };
-        let (grpc_incoming, local) = Incoming::new(grpc_listener, close_tcp);
-        // One channel for the whole gateway, connected on first use.
-        let channel = Endpoint::from_static("http://keel.internal").connect_with_connector_lazy(local);
-        let gateway = Gateway::build(
-            crate::proto::FILE_DESCRIPTOR_SET,
-            &[USER_SERVICE],
-            Forwarder::new(channel, GrpcMetricsLayer::client(client_methods)),
-            &settings.http,
-            &metrics.http,
-        )?;
-
-        let health = Health::new(vec![USER_SERVICE.to_owned()]).await;
-        let readiness = Readiness::new(health.clone(), shutdown.clone());
-        let store = Arc::new(MemoryStore::new(settings.streams.watch_buffer));
-        Ok(Self {
-            settings,
-            grpc_incoming,
-            grpc_addr,
-            http_listener,
-            http_addr,
-            admin_listener,
-            admin_addr,
-            gateway,
-            methods,
-            auth,
-            live_streams: LiveStreams::new(metrics.live_streams.clone()),
-            metrics,
-            readiness,
-            shutdown,
-            health,
-            store,
-            extra_routes: None,
-        })
+        Self::build_with(settings, crate::services::register).await
     }
 
-    /// Serves one more gRPC service behind the same layer stack. Add its
-    /// descriptors to `grpc::descriptor_sets` to have it measured,
-    /// reflected and routed by the gateway.
-    pub fn add_grpc_service<S>(&mut self, service: S)
+    /// Builds the app with the services `register` adds: the registry is
+    /// filled, then every server binds its listener, so port 0 works and
+    /// the real addresses can be read before anything is served.
+    pub async fn build_with<F>(settings: Settings, register: F) -> Result<Self, AppError>
     where
-        S: tower::Service<http::Request<tonic::body::Body>, Error = std::convert::Infallible>
-            + tonic::server::NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
+        F: FnOnce(&mut ServiceRegistry, &ServiceContext<'_>) -> Result<(), SetupError>,
     {
-        let routes = self.extra_routes.take().unwrap_or_default();
-        self.extra_routes = Some(routes.add_service(service));
+        let shutdown = Shutdown::new();
+        let metrics = Metrics::new()?;
+        metrics.export_shutdown_budget(settings.shutdown.max_duration())?;
+        let live_streams = LiveStreams::new(metrics.live_streams.clone());
+        let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams.clone());
+
+        let mut registry = ServiceRegistry::new()?;
+        let context = ServiceContext { settings: &settings, streams: streams.clone() };
+        register(&mut registry, &context).map_err(AppError::Setup)?;
+        let health = Health::new(registry.health_names()).await;
+        grpc::register_infrastructure(&mut registry, &health, &streams)?;
+        let mut services = registry.finish()?;
+
+        let (grpc, channel) =
+            GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;
+        let gateway = GatewayServer::bind(&settings.http, &services, channel, &metrics).await?;
+        let readiness = Readiness::new(health.clone(), shutdown.clone(), services.take_readiness());
+        let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
+        Ok(Self { settings, grpc, gateway, admin, health, readiness, shutdown, live_streams })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc_addr
+        self.grpc.addr()
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http_addr
+        self.gateway.addr()
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-
-    pub fn metrics(&self) -> Metrics {
-        self.metrics.clone()
+        self.admin.addr()
     }
 
     pub fn health(&self) -> Health {
@@ -196,27 +135,8 @@ impl App {
     /// finish, and at most `shutdown.timeout` of draining before the rest is
     /// cancelled.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), AppError> {
-        let App {
-            settings,
-            grpc_incoming,
-            grpc_addr,
-            http_listener,
-            http_addr,
-            admin_listener,
-            admin_addr,
-            gateway,
-            methods,
-            auth,
-            metrics,
-            readiness,
-            shutdown,
-            health,
-            live_streams,
-            store,
-            extra_routes,
-        } = self;
-        let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams);
-        let users = Users::new(store, streams.clone(), settings.streams.watch_buffer);
+        let App { settings, grpc, gateway, admin, health, readiness, shutdown, .. } = self;
+        let (grpc_addr, http_addr, admin_addr) = (grpc.addr(), gateway.addr(), admin.addr());
 
         // The gRPC server says GOAWAY only once the gateway, its in-process
         // client, has drained (or the drain bound has passed).
@@ -231,16 +151,13 @@ impl App {
                 }
             }
         };
-        let stack = grpc::Stack { methods, auth, extra_routes, streams };
-        let mut grpc_server: JoinHandle<Result<(), GrpcError>> =
-            tokio::spawn(grpc::serve(grpc_incoming, settings.grpc.clone(), stack, health.clone(), users, grpc_stop));
         let draining = || {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let mut http_server = tokio::spawn(gateway::serve(http_listener, gateway.into_router(), draining()));
-        let mut admin_server =
-            tokio::spawn(admin::serve(admin_listener, admin::router(metrics, readiness.clone()), draining()));
+        let mut grpc_server: JoinHandle<Result<(), GrpcError>> = tokio::spawn(grpc.serve(grpc_stop));
+        let mut http_server = tokio::spawn(gateway.serve(draining()));
+        let mut admin_server = tokio::spawn(admin.serve(draining()));
 
         health.set_serving().await;
         readiness.mark_started();
@@ -318,32 +235,24 @@ async fn first_failure(
     admin: &mut JoinHandle<std::io::Result<()>>,
 ) -> AppError {
     tokio::select! {
-        joined = grpc => grpc_crashed(joined),
-        joined = http => io_crashed("HTTP", joined),
-        joined = admin => io_crashed("admin", joined),
+        joined = grpc => match joined {
+            Ok(Err(error)) => AppError::from(error),
+            Ok(Ok(())) => AppError::Crashed("gRPC", "it returned before shutdown".to_owned()),
+            Err(join) => AppError::Crashed("gRPC", join.to_string()),
+        },
+        joined = http => io_crashed("HTTP", joined, AppError::Http),
+        joined = admin => io_crashed("admin", joined, AppError::Admin),
     }
 }
 
-fn grpc_crashed(joined: Result<Result<(), GrpcError>, tokio::task::JoinError>) -> AppError {
+fn io_crashed(
+    server: &'static str,
+    joined: Result<std::io::Result<()>, tokio::task::JoinError>,
+    failed: fn(std::io::Error) -> AppError,
+) -> AppError {
     match joined {
-        Ok(Err(error)) => AppError::from(error),
-        Ok(Ok(())) => AppError::Crashed("gRPC", "it returned before shutdown".to_owned()),
-        Err(join) => AppError::Crashed("gRPC", join.to_string()),
-    }
-}
-
-fn io_crashed(server: &'static str, joined: Result<std::io::Result<()>, tokio::task::JoinError>) -> AppError {
-    match joined {
-        Ok(Err(error)) => AppError::Crashed(server, error.to_string()),
+        Ok(Err(error)) => failed(error),
         Ok(Ok(())) => AppError::Crashed(server, "it returned before shutdown".to_owned()),
         Err(join) => AppError::Crashed(server, join.to_string()),
     }
-}
-
-async fn bind(listener: &'static str, addr: SocketAddr) -> Result<TcpListener, AppError> {
-    TcpListener::bind(addr).await.map_err(|source| AppError::Bind { listener, addr, source })
-}
-
-fn local_addr(listener: &'static str, addr: SocketAddr, bound: &TcpListener) -> Result<SocketAddr, AppError> {
-    bound.local_addr().map_err(|source| AppError::Bind { listener, addr, source })
 }

@@ -1,9 +1,13 @@
 //! Serving state: the `grpc.health.v1` statuses of every registered service,
-//! flipped together at startup and at shutdown, and the health service
-//! that answers from them.
+//! flipped together at startup and at shutdown, the health service that
+//! answers from them, and readiness: those statuses plus the checks of the
+//! dependencies a service registered (its store, a required client).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
@@ -14,6 +18,61 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 use crate::grpc::middleware::deadline::deadline_of;
 use crate::grpc::stream::{ResponseStream, StreamKind, StreamSpawner};
+use crate::shutdown::Shutdown;
+
+/// How long one readiness check may take before it counts as failed.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The future a [`ReadinessCheck`] returns.
+pub type CheckFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// A dependency that readiness waits on, such as a database. `Err` says
+/// why it is not ready. Checks run on every `/readyz` request, so they
+/// must be cheap (a pool's state, a `SELECT 1`), and are bounded by a
+/// timeout.
+pub trait ReadinessCheck: Send + Sync + 'static {
+    fn check(&self) -> CheckFuture<'_>;
+}
+
+/// What readiness is made of: startup, gRPC health, shutdown, and the
+/// registered dependency checks. Cheap to clone.
+#[derive(Clone)]
+pub struct Readiness {
+    /// Set once every server is running.
+    started: Arc<AtomicBool>,
+    health: Health,
+    shutdown: Shutdown,
+    /// Registered by services at startup, by name.
+    dependencies: Arc<[(String, Arc<dyn ReadinessCheck>)]>,
+}
+
+impl Readiness {
+    pub fn new(health: Health, shutdown: Shutdown, dependencies: Vec<(String, Arc<dyn ReadinessCheck>)>) -> Self {
+        Self { started: Arc::new(AtomicBool::new(false)), health, shutdown, dependencies: dependencies.into() }
+    }
+
+    pub fn mark_started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+
+    /// Each check with its outcome: `Err` carries the reason.
+    pub async fn checks(&self) -> Vec<(String, Result<(), String>)> {
+        let fixed = |ok: bool, reason: &str| if ok { Ok(()) } else { Err(reason.to_owned()) };
+        let mut out = vec![
+            ("startup".to_owned(), fixed(self.started.load(Ordering::Acquire), "startup not complete")),
+            ("grpc-health".to_owned(), fixed(self.health.is_serving(), "gRPC health is NOT_SERVING")),
+            ("shutdown".to_owned(), fixed(!self.shutdown.is_requested(), "shutting down")),
+        ];
+        for (name, check) in self.dependencies.iter() {
+            let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check.check()).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
+            };
+            out.push((name.clone(), outcome));
+        }
+        out
+    }
+}
 
 /// The health of the server and each of its services. Cheap to clone.
 #[derive(Clone, Debug)]

@@ -3,8 +3,14 @@
 //! # Layout
 //! - [`config`]: typed settings, layered loading and validation (exit 78).
 //! - [`telemetry`]: the tracing subscriber (JSON or pretty).
-//! - [`app`]: `App::build` binds the listeners, `App::run` serves and shuts
-//!   down.
+//! - [`app`]: `App::build` registers the services and binds each component
+//!   (gRPC server, gateway, admin); `App::run` serves and shuts down.
+//! - [`services`]: the list of served services — the one line per service
+//!   a team edits.
+//! - [`registry`]: the service registry and its one descriptor pool, from
+//!   which routes, method tables, metrics, gateway routes, OpenAPI, health,
+//!   reflection and auth policy are derived.
+//! - [`net`]: binding listeners.
 //! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
 //!   and the signals that trigger it.
 //! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown,
@@ -29,6 +35,9 @@ pub mod grpc;
 pub mod health;
 pub mod healthcheck;
 pub mod metrics;
+pub mod net;
+pub mod registry;
+pub mod services;
 pub mod shutdown;
 pub mod telemetry;
 pub mod users;

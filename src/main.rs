@@ -101,9 +101,9 @@ fn serve(settings: Settings) -> ExitCode {
             ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(Failure::Run(error)) => {
-            tracing::error!(error = %error, "keel failed");
-            if error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. })) {
-                eprintln!("keel: {error}");
+            tracing::error!(error = format!("{error:#}"), "keel failed");
+            if error.downcast_ref::<AppError>().is_some_and(AppError::is_bind) {
+                eprintln!("keel: {error:#}");
             }
             ExitCode::FAILURE
         }

@@ -35,11 +35,24 @@ use tonic::transport::Endpoint;
 use tonic::transport::server::TcpIncoming;
 
 fn compile(file: &str) -> Result<Vec<u8>> {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut compiler = protox::Compiler::new([root.join("tests/proto"), root.join("proto")])?;
-    compiler.include_imports(true);
-    compiler.open_file(file)?;
-    Ok(compiler.encode_file_descriptor_set())
+    support::compile_test_proto(file)
+}
+
+/// A registry holding only `service`, with the test protos' descriptors.
+fn registry_of<S>(descriptors: &[u8], service: S) -> Result<keel::registry::Services>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
+        + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Response: axum::response::IntoResponse,
+    S::Future: Send + 'static,
+{
+    let mut registry = keel::registry::ServiceRegistry::new()?;
+    registry.add_descriptors(descriptors).add(service);
+    Ok(registry.finish()?)
 }
 
 /// A gRPC backend for any EchoService method, written against raw HTTP/2
@@ -130,7 +143,7 @@ impl EchoGateway {
         let grpc_addr = grpc_listener.local_addr()?;
         let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
         let backend = tonic::transport::Server::builder()
-            .add_service(EchoBackend { pool })
+            .add_service(EchoBackend { pool: pool.clone() })
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), async {
                 let _ = grpc_stopped.await;
             });
@@ -141,12 +154,13 @@ impl EchoGateway {
         let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
         let metrics = Metrics::new()?;
         let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
-        let gateway = Gateway::build(&descriptors, &["echo.v1.EchoService"], forwarder, &settings, &metrics.http)?;
+        let services = registry_of(&descriptors, EchoBackend { pool: pool.clone() })?;
+        let gateway = Gateway::build(&services, forwarder, &settings, &metrics.http)?;
         let http_listener = TcpListener::bind("127.0.0.1:0").await?;
         let http_addr: SocketAddr = http_listener.local_addr()?;
         let (http_stop, http_stopped) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            let _ = keel::gateway::serve(http_listener, gateway.into_router(), async {
+            let _ = keel::gateway::server::serve(http_listener, gateway.into_router(), async {
                 let _ = http_stopped.await;
             })
             .await;
@@ -384,13 +398,8 @@ async fn conflicting_routes_fail_the_build() -> Result<()> {
     let channel = Endpoint::from_static("http://127.0.0.1:1").connect_lazy();
     let metrics = Metrics::new()?;
     let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
-    let built = Gateway::build(
-        &descriptors,
-        &["conflict.v1.ConflictService"],
-        forwarder,
-        &HttpSettings::default(),
-        &metrics.http,
-    );
+    let services = registry_of(&descriptors, ConflictStub)?;
+    let built = Gateway::build(&services, forwarder, &HttpSettings::default(), &metrics.http);
     match built {
         Err(BuildError::Conflict(conflict)) => {
             assert_eq!(conflict.first, "conflict.v1.ConflictService.First");
@@ -400,6 +409,28 @@ async fn conflicting_routes_fail_the_build() -> Result<()> {
         Ok(_) => return Err(anyhow!("conflicting routes were accepted")),
     }
     Ok(())
+}
+
+/// Stands in for `conflict.v1.ConflictService`, which is never called.
+#[derive(Clone)]
+struct ConflictStub;
+
+impl NamedService for ConflictStub {
+    const NAME: &'static str = "conflict.v1.ConflictService";
+}
+
+impl tower::Service<http::Request<EchoBody>> for ConflictStub {
+    type Response = http::Response<EchoBody>;
+    type Error = Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: http::Request<EchoBody>) -> Self::Future {
+        std::future::ready(Ok(tonic::Status::unimplemented("stub").into_http()))
+    }
 }
 
 /// Deterministic pseudo-random input, so a failure reproduces.

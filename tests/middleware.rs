@@ -107,7 +107,12 @@ async fn call_faulty(channel: Channel, method: &str, timeout: Option<Duration>) 
 async fn spawn_with_faulty(adjust: impl FnOnce(&mut keel::config::Settings)) -> Result<(TestApp, Faulty)> {
     let faulty = Faulty::new();
     let service = faulty.clone();
-    let app = spawn_app_prepared(adjust, move |app| app.add_grpc_service(service)).await?;
+    let descriptors = support::compile_test_proto("faulty.proto")?;
+    let app = spawn_app_prepared(adjust, move |services, _| {
+        services.add_descriptors(&descriptors).add(service).without_rest();
+        Ok(())
+    })
+    .await?;
     Ok((app, faulty))
 }
 

@@ -7,7 +7,14 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, Method, StatusCode, header};
 use prost::Message;
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use serde_json::{Map, Value};
 use tonic::{Code, Status};
+
+/// The output options of the JSON mapping: `json_name` keys, every field
+/// emitted (empty lists as `[]`, zeros as zero), enums by name.
+pub const JSON_OUTPUT: SerializeOptions =
+    SerializeOptions::new().skip_default_fields(false).use_proto_field_name(false);
 
 /// Everything the gateway can answer with instead of a result.
 #[derive(Debug, thiserror::Error)]
@@ -62,22 +69,22 @@ impl GatewayError {
         }
     }
 
-    fn details(&self) -> Vec<serde_json::Value> {
+    fn details(&self, pool: &DescriptorPool) -> Vec<serde_json::Value> {
         match self {
-            Self::Upstream(status) => status_details(status.details()),
+            Self::Upstream(status) => status_details(status.details(), pool),
             _ => Vec::new(),
         }
     }
 
-    /// The `google.rpc.Status` JSON object.
-    pub fn to_json(&self) -> serde_json::Value {
-        status_json(self.code(), &self.message(), self.details())
+    /// The `google.rpc.Status` JSON object; details whose types are in
+    /// `pool` are rendered in the JSON mapping.
+    pub fn to_json(&self, pool: &DescriptorPool) -> serde_json::Value {
+        status_json(self.code(), &self.message(), self.details(pool))
     }
-}
 
-impl IntoResponse for GatewayError {
-    fn into_response(self) -> Response {
-        let body = Bytes::from(self.to_json().to_string());
+    /// The HTTP response: grpc-gateway's status, a `google.rpc.Status` body.
+    pub fn into_response(self, pool: &DescriptorPool) -> Response {
+        let body = Bytes::from(self.to_json(pool).to_string());
         let mut response = (self.http_status(), body).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -127,13 +134,30 @@ struct RpcStatus {
 }
 
 /// Renders status details as `Any` JSON: decoded when the type is in the
-/// descriptor pool, otherwise its type URL with the raw bytes in base64.
-fn status_details(raw: &[u8]) -> Vec<serde_json::Value> {
+/// descriptor pool, otherwise just its type URL.
+fn status_details(raw: &[u8], pool: &DescriptorPool) -> Vec<serde_json::Value> {
     if raw.is_empty() {
         return Vec::new();
     }
     let Ok(status) = RpcStatus::decode(raw) else { return Vec::new() };
-    status.details.iter().map(super::transcode::any_to_json).collect()
+    status.details.iter().map(|any| any_to_json(any, pool)).collect()
+}
+
+/// An `Any` in the JSON mapping, or just its type URL when the type is
+/// unknown here.
+fn any_to_json(any: &prost_types::Any, pool: &DescriptorPool) -> Value {
+    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
+    let decoded = pool
+        .get_message_by_name(type_name)
+        .and_then(|desc| DynamicMessage::decode(desc, any.value.as_slice()).ok())
+        .and_then(|message| message.serialize_with_options(serde_json::value::Serializer, &JSON_OUTPUT).ok());
+    let mut object = match decoded {
+        Some(Value::Object(map)) => map,
+        Some(other) => Map::from_iter([("value".to_owned(), other)]),
+        None => Map::new(),
+    };
+    object.insert("@type".to_owned(), Value::String(any.type_url.clone()));
+    Value::Object(object)
 }
 
 #[cfg(test)]
@@ -168,6 +192,9 @@ mod tests {
     #[test]
     fn the_body_is_a_google_rpc_status() {
         let error = GatewayError::Upstream(Status::not_found("user \"x\" not found"));
-        assert_eq!(error.to_json(), serde_json::json!({"code": 5, "message": "user \"x\" not found", "details": []}));
+        assert_eq!(
+            error.to_json(&DescriptorPool::new()),
+            serde_json::json!({"code": 5, "message": "user \"x\" not found", "details": []})
+        );
     }
 }

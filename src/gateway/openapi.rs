@@ -1,7 +1,7 @@
 //! The OpenAPI 3.1 document of the gateway, generated from the same
 //! bindings that route requests, so it can never disagree with them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use prost_reflect::{FieldDescriptor, Kind, MessageDescriptor};
 use serde_json::{Map, Value, json};
@@ -15,7 +15,7 @@ const STATUS_SCHEMA: &str = "google.rpc.Status";
 pub fn document<'a>(bindings: impl Iterator<Item = &'a Binding>) -> Value {
     let mut paths: BTreeMap<String, Map<String, Value>> = BTreeMap::new();
     let mut schemas = Schemas::default();
-    let mut tags = BTreeMap::new();
+    let mut tags = BTreeSet::new();
     for binding in bindings {
         let (path, path_params) = openapi_path(binding);
         let method = binding.http_method.as_str().to_ascii_lowercase();
@@ -25,12 +25,11 @@ pub fn document<'a>(bindings: impl Iterator<Item = &'a Binding>) -> Value {
             // one OpenAPI path; the first one documents it.
             continue;
         }
-        let service = binding.method.parent_service();
-        tags.insert(service.full_name().to_owned(), service.name().to_owned());
+        tags.insert(binding.method.parent_service().full_name().to_owned());
         entry.insert(method, operation(binding, &path_params, &mut schemas));
     }
     schemas.status();
-    let tags: Vec<Value> = tags.keys().map(|full| json!({ "name": full })).collect();
+    let tags: Vec<Value> = tags.iter().map(|full| json!({ "name": full })).collect();
     json!({
         "openapi": "3.1.0",
         "info": {

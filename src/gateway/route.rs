@@ -282,7 +282,7 @@ struct Route<T> {
 pub enum Lookup<'a, T> {
     Found {
         target: &'a T,
-        template: &'a PathTemplate,
+        /// The path variables, by field path, as the request spelled them.
         bindings: Vec<(&'a str, String)>,
     },
     /// The path exists, for other methods.
@@ -328,7 +328,7 @@ impl<T> RouteTable<T> {
         for route in &self.routes {
             let Some(bindings) = route.template.matches(path) else { continue };
             if route.method == *method {
-                return Lookup::Found { target: &route.target, template: &route.template, bindings };
+                return Lookup::Found { target: &route.target, bindings };
             }
             if !allowed.contains(&route.method) {
                 allowed.push(route.method.clone());

@@ -97,19 +97,12 @@ impl FramedStream {
     }
 
     fn error_frame(&self, error: &GatewayError) -> Bytes {
-        let body = match error {
-            GatewayError::Upstream(status) => error_json(status),
-            other => other.to_json(),
-        };
+        let body = error.to_json(self.transcoding.output.parent_pool());
         match self.framing {
             Framing::NdJson => Bytes::from(format!("{}\n", serde_json::json!({ "error": body }))),
             Framing::Sse => Bytes::from(format!("event: error\ndata: {body}\n\n")),
         }
     }
-}
-
-fn error_json(status: &Status) -> serde_json::Value {
-    GatewayError::Upstream(status.clone()).to_json()
 }
 
 impl Stream for FramedStream {

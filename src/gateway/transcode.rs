@@ -7,15 +7,12 @@
 //! every field type (enums, well-known types, 64-bit integers) parses the
 //! same way wherever it came from.
 
-use std::sync::OnceLock;
-
 use prost_reflect::{
-    DescriptorPool, DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, SerializeOptions,
-    Value as ProtoValue,
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value as ProtoValue,
 };
 use serde_json::{Map, Value};
 
-use super::error::GatewayError;
+use super::error::{GatewayError, JSON_OUTPUT};
 
 /// Where the HTTP body goes in the request message.
 #[derive(Clone, Debug)]
@@ -197,23 +194,19 @@ fn mask_field_type(field: &FieldDescriptor) -> Result<MessageDescriptor, Gateway
     }
 }
 
-/// The output options of the JSON mapping: `json_name` keys, every field
-/// emitted (empty lists as `[]`, zeros as zero), enums by name.
-const OUTPUT: SerializeOptions = SerializeOptions::new().skip_default_fields(false).use_proto_field_name(false);
-
 /// Serializes a message as JSON bytes.
 pub fn encode_json(message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
     let mut out = Vec::with_capacity(128);
     let mut serializer = serde_json::Serializer::new(&mut out);
     message
-        .serialize_with_options(&mut serializer, &OUTPUT)
+        .serialize_with_options(&mut serializer, &JSON_OUTPUT)
         .map_err(|e| GatewayError::Upstream(tonic::Status::internal(format!("cannot encode the response: {e}"))))?;
     Ok(out)
 }
 
 pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError> {
     message
-        .serialize_with_options(serde_json::value::Serializer, &OUTPUT)
+        .serialize_with_options(serde_json::value::Serializer, &JSON_OUTPUT)
         .map_err(|e| GatewayError::Upstream(tonic::Status::internal(format!("cannot encode the response: {e}"))))
 }
 
@@ -389,27 +382,4 @@ fn json_kind(value: &Value) -> &'static str {
         Value::Array(_) => "array",
         Value::Object(_) => "object",
     }
-}
-
-/// The descriptors of every compiled proto file, for rendering `Any`.
-fn shared_pool() -> Option<&'static DescriptorPool> {
-    static POOL: OnceLock<Option<DescriptorPool>> = OnceLock::new();
-    POOL.get_or_init(|| DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET).ok()).as_ref()
-}
-
-/// An `Any` in the JSON mapping, or just its type URL when the type is
-/// unknown here.
-pub fn any_to_json(any: &prost_types::Any) -> Value {
-    let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
-    let decoded = shared_pool()
-        .and_then(|pool| pool.get_message_by_name(type_name))
-        .and_then(|desc| DynamicMessage::decode(desc, any.value.as_slice()).ok())
-        .and_then(|message| message_to_value(&message).ok());
-    let mut object = match decoded {
-        Some(Value::Object(map)) => map,
-        Some(other) => Map::from_iter([("value".to_owned(), other)]),
-        None => Map::new(),
-    };
-    object.insert("@type".to_owned(), Value::String(any.type_url.clone()));
-    Value::Object(object)
 }

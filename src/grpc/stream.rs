@@ -22,10 +22,10 @@ use crate::shutdown::Shutdown;
 /// Whether a stream ends by itself or only when something stops it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StreamKind {
-    /// Ends by itself (ListUsers): it may finish while the server drains, and
+    /// Ends by itself (a listing): it may finish while the server drains, and
     /// is cut off only when the drain bound passes.
     Finite,
-    /// Never ends by itself (WatchUsers): told to finish as soon as draining
+    /// Never ends by itself (a watch): told to finish as soon as draining
     /// begins, so clients reconnect to another replica.
     Endless,
 }

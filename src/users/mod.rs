@@ -15,16 +15,41 @@ use tonic::{Request, Response, Status};
 
 use crate::grpc::middleware::deadline::deadline_of;
 use crate::grpc::stream::{ResponseStream, StreamKind, StreamSink, StreamSpawner};
-use crate::proto::user::v1::user_service_server::UserService;
+use crate::health::{CheckFuture, ReadinessCheck};
+use crate::proto::user::v1::user_service_server::{UserService, UserServiceServer};
 use crate::proto::user::v1::{
     CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User, UserEvent,
     WatchUsersRequest,
 };
-use store::{Store, StoreError};
+use crate::registry::{ServiceContext, ServiceRegistry, SetupError};
+use store::{MemoryStore, Store, StoreError};
 use validation::FieldViolation;
 
 /// How many users ListUsers reads from the store at a time.
 const LIST_PAGE: usize = 100;
+
+/// Serves `user.v1.UserService` over the in-memory store, with readiness
+/// following the store.
+pub fn register(services: &mut ServiceRegistry, ctx: &ServiceContext<'_>) -> Result<(), SetupError> {
+    let store = Arc::new(MemoryStore::new(ctx.settings.streams.watch_buffer));
+    services.require_ready("user-store", Arc::new(StoreReadiness(store.clone())));
+    let users = Users::new(store, ctx.streams.clone(), ctx.settings.streams.watch_buffer);
+    // The layer stack enforces grpc.max_*_message_size for every service;
+    // lift tonic's own 4 MiB default so it never cuts in first.
+    services
+        .add(UserServiceServer::new(users).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX));
+    Ok(())
+}
+
+/// Readiness follows the store: a database that cannot be reached makes
+/// the pod unready rather than failing every call.
+struct StoreReadiness<S>(Arc<S>);
+
+impl<S: Store> ReadinessCheck for StoreReadiness<S> {
+    fn check(&self) -> CheckFuture<'_> {
+        Box::pin(async move { self.0.ready().await.map_err(|error| error.to_string()) })
+    }
+}
 
 /// `user.v1.UserService` over any [`Store`].
 pub struct Users<S> {

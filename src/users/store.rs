@@ -30,6 +30,12 @@ pub enum StoreError {
 /// The operations the user service needs. Implement it for a database to
 /// replace the in-memory default.
 pub trait Store: Send + Sync + 'static {
+    /// Whether the backend can serve now; readiness follows it. The
+    /// in-memory store always can.
+    fn ready(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
+
     /// Inserts a new user; fails if the id is taken.
     fn create(&self, user: User) -> impl Future<Output = Result<User, StoreError>> + Send;
 

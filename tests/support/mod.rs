@@ -16,6 +16,7 @@ use keel::app::{App, AppError};
 use keel::config::Settings;
 use keel::grpc::stream::LiveStreams;
 use keel::proto::user::v1::user_service_client::UserServiceClient;
+use keel::registry::{ServiceContext, ServiceRegistry, SetupError};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -54,16 +55,22 @@ pub async fn spawn_app() -> Result<TestApp> {
 }
 
 pub async fn spawn_app_with(adjust: impl FnOnce(&mut Settings)) -> Result<TestApp> {
-    spawn_app_prepared(adjust, |_| {}).await
+    spawn_app_prepared(adjust, |_, _| Ok(())).await
 }
 
-/// Like [`spawn_app_with`], with a hook to change the built app (e.g. add
-/// a test-only gRPC service) before it runs.
-pub async fn spawn_app_prepared(adjust: impl FnOnce(&mut Settings), prepare: impl FnOnce(&mut App)) -> Result<TestApp> {
+/// Like [`spawn_app_with`], registering more services (test-only ones)
+/// after the app's own, through the same registry.
+pub async fn spawn_app_prepared(
+    adjust: impl FnOnce(&mut Settings),
+    register: impl FnOnce(&mut ServiceRegistry, &ServiceContext<'_>) -> Result<(), SetupError>,
+) -> Result<TestApp> {
     let mut settings = test_settings();
     adjust(&mut settings);
-    let mut app = App::build(settings).await?;
-    prepare(&mut app);
+    let app = App::build_with(settings, |services, ctx| {
+        keel::services::register(services, ctx)?;
+        register(services, ctx)
+    })
+    .await?;
     let grpc_addr = app.grpc_addr();
     let http_addr = app.http_addr();
     let admin_addr = app.admin_addr();
@@ -160,6 +167,16 @@ impl Drop for TestApp {
 /// `labels`.
 pub fn sample(scrape: &exposition::Exposition, metric: &str, labels: &[(&str, &str)]) -> Option<f64> {
     scrape.value(metric, labels)
+}
+
+/// Compiles a test-only proto under `tests/proto` (imports from `proto/`)
+/// into an encoded descriptor set, as build.rs does for the real ones.
+pub fn compile_test_proto(file: &str) -> Result<Vec<u8>> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut compiler = protox::Compiler::new([root.join("tests/proto"), root.join("proto")])?;
+    compiler.include_imports(true).include_source_info(true);
+    compiler.open_file(file)?;
+    Ok(compiler.encode_file_descriptor_set())
 }
 
 /// Polls `condition` with a short backoff until it holds or `bound` passes.

@@ -11,47 +11,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 
-/// The `/package.Service/Method` path split into its parts.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MethodName<'a> {
-    pub service: &'a str,
-    pub method: &'a str,
-}
-
-impl<'a> MethodName<'a> {
-    pub fn parse(path: &'a str) -> Option<Self> {
-        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-        (!service.is_empty() && !method.is_empty() && !method.contains('/')).then_some(Self { service, method })
-    }
-}
-
 /// The code in a `grpc-status` header, if there is one.
 pub fn status_code(headers: &HeaderMap) -> Option<Code> {
     headers.get("grpc-status").map(|v| Code::from_bytes(v.as_bytes()))
-}
-
-/// The code as grpc-go spells it (`OK`, `Canceled`, `NotFound`, ...), the
-/// spelling Prometheus dashboards and log queries built for Go services use.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "Canceled",
-        Code::Unknown => "Unknown",
-        Code::InvalidArgument => "InvalidArgument",
-        Code::DeadlineExceeded => "DeadlineExceeded",
-        Code::NotFound => "NotFound",
-        Code::AlreadyExists => "AlreadyExists",
-        Code::PermissionDenied => "PermissionDenied",
-        Code::ResourceExhausted => "ResourceExhausted",
-        Code::FailedPrecondition => "FailedPrecondition",
-        Code::Aborted => "Aborted",
-        Code::OutOfRange => "OutOfRange",
-        Code::Unimplemented => "Unimplemented",
-        Code::Internal => "Internal",
-        Code::Unavailable => "Unavailable",
-        Code::DataLoss => "DataLoss",
-        Code::Unauthenticated => "Unauthenticated",
-    }
 }
 
 /// Receives the final code of a call exactly once, and optionally sees the
@@ -269,16 +231,5 @@ mod tests {
             }
             assert_eq!(counter.messages, 3, "chunk size {chunk}");
         }
-    }
-
-    #[test]
-    fn parses_method_paths() {
-        assert_eq!(
-            MethodName::parse("/user.v1.UserService/GetUser"),
-            Some(MethodName { service: "user.v1.UserService", method: "GetUser" })
-        );
-        assert_eq!(MethodName::parse("/nope"), None);
-        assert_eq!(MethodName::parse("//x"), None);
-        assert_eq!(MethodName::parse("/a/b/c"), None);
     }
 }

@@ -1,12 +1,15 @@
-//! Message size limits. tonic enforces `grpc.max_decoding_message_size` and
-//! `grpc.max_encoding_message_size` but reports a violation as OUT_OF_RANGE;
-//! gRPC (and grpc-go) use RESOURCE_EXHAUSTED, which clients and dashboards
-//! expect, so this layer rewrites those statuses with a message naming the
-//! setting.
+//! Message size limits, enforced here for every registered service alike:
+//! `grpc.max_decoding_message_size` on each request message and
+//! `grpc.max_encoding_message_size` on each response message, read from the
+//! gRPC length prefixes as the bytes pass. Generated tonic servers only get
+//! limits when each one is configured by hand, and report a violation as
+//! OUT_OF_RANGE; gRPC (and grpc-go) use RESOURCE_EXHAUSTED, which clients and
+//! dashboards expect, with a message naming the setting.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use bytes::Bytes;
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -24,22 +27,37 @@ impl SizeLimitLayer {
         Self { decoding, encoding }
     }
 
-    /// Replaces tonic's size violation, if that is what `headers` carry.
+    fn too_large_request(&self) -> Status {
+        Status::resource_exhausted(format!(
+            "request message larger than grpc.max_decoding_message_size ({} bytes)",
+            self.decoding
+        ))
+    }
+
+    fn too_large_response(&self) -> Status {
+        Status::resource_exhausted(format!(
+            "response message larger than grpc.max_encoding_message_size ({} bytes)",
+            self.encoding
+        ))
+    }
+
+    /// Replaces tonic's own size violation (a service that kept a limit of
+    /// its own), if that is what `headers` carry.
     fn rewrite(&self, headers: &mut HeaderMap) {
         if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
             return;
         }
         let Some(status) = Status::from_header_map(headers) else { return };
         let replacement = if status.message().starts_with("Error, decoded message length too large") {
-            format!("request message larger than grpc.max_decoding_message_size ({} bytes)", self.decoding)
+            self.too_large_request()
         } else if status.message().starts_with("Error, encoded message length too large") {
-            format!("response message larger than grpc.max_encoding_message_size ({} bytes)", self.encoding)
+            self.too_large_response()
         } else {
             return;
         };
         headers.remove("grpc-status");
         headers.remove("grpc-message");
-        let _ = Status::new(Code::ResourceExhausted, replacement).add_header(headers);
+        let _ = Status::new(Code::ResourceExhausted, replacement.message()).add_header(headers);
     }
 }
 
@@ -57,9 +75,9 @@ pub struct SizeLimit<S> {
     limits: SizeLimitLayer,
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for SizeLimit<S>
+impl<S, ResBody> Service<Request<tonic::body::Body>> for SizeLimit<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
 {
     type Response = Response<LimitedBody<ResBody>>;
     type Error = S::Error;
@@ -69,8 +87,14 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        SizeLimitFuture { inner: self.inner.call(request), limits: self.limits }
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let limits = self.limits;
+        // An oversized request message fails the body before the service's
+        // decoder sees its prefix; tonic turns that error into the status.
+        let request = request.map(|inner| {
+            tonic::body::Body::new(LimitedRequest { inner, frames: FrameLengths::default(), limits, failed: false })
+        });
+        SizeLimitFuture { inner: self.inner.call(request), limits }
     }
 }
 
@@ -93,25 +117,119 @@ where
         let mut response = ready!(this.inner.poll(cx))?;
         this.limits.rewrite(response.headers_mut());
         let limits = *this.limits;
-        Poll::Ready(Ok(response.map(|inner| LimitedBody { inner, limits })))
+        Poll::Ready(Ok(response.map(|inner| LimitedBody {
+            inner,
+            limits,
+            frames: FrameLengths::default(),
+            done: false,
+        })))
+    }
+}
+
+/// Follows the 5-byte gRPC length prefixes across arbitrary chunk
+/// boundaries and reports the largest message announced in each chunk.
+#[derive(Debug, Default)]
+struct FrameLengths {
+    header: [u8; 5],
+    header_len: usize,
+    /// Payload bytes of the current message still to skip.
+    remaining: u64,
+}
+
+impl FrameLengths {
+    /// The largest message length announced by a prefix in `bytes`.
+    fn largest_in(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut largest = 0;
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(bytes.len());
+                bytes = &bytes[skip..];
+                self.remaining -= skip as u64;
+                continue;
+            }
+            let take = (5 - self.header_len).min(bytes.len());
+            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
+            self.header_len += take;
+            bytes = &bytes[take..];
+            if self.header_len == 5 {
+                self.header_len = 0;
+                self.remaining =
+                    u64::from(u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]));
+                largest = largest.max(self.remaining);
+            }
+        }
+        largest
     }
 }
 
 pin_project! {
-    /// Rewrites the status in the trailers the same way.
+    /// A request body that fails once a message exceeds the decoding limit.
+    struct LimitedRequest<B> {
+        #[pin]
+        inner: B,
+        frames: FrameLengths,
+        limits: SizeLimitLayer,
+        failed: bool,
+    }
+}
+
+impl<B> Body for LimitedRequest<B>
+where
+    B: Body<Data = Bytes, Error = Status>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.project();
+        if *this.failed {
+            return Poll::Ready(None);
+        }
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(data) = frame.data_ref()
+            && this.frames.largest_in(data) > this.limits.decoding as u64
+        {
+            *this.failed = true;
+            return Poll::Ready(Some(Err(this.limits.too_large_request())));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.failed || self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A response body that ends with RESOURCE_EXHAUSTED trailers instead of
+    /// a message over the encoding limit, and rewrites tonic's own size
+    /// statuses in the trailers.
     pub struct LimitedBody<B> {
         #[pin]
         inner: B,
         limits: SizeLimitLayer,
+        frames: FrameLengths,
+        done: bool,
     }
 }
 
-impl<B: Body> Body for LimitedBody<B> {
+impl<B: Body> Body for LimitedBody<B>
+where
+    B::Data: AsRef<[u8]>,
+{
     type Data = B::Data;
     type Error = B::Error;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
         let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
         let frame = ready!(this.inner.poll_frame(cx));
         Poll::Ready(frame.map(|frame| {
             frame.map(|frame| match frame.into_trailers() {
@@ -119,16 +237,49 @@ impl<B: Body> Body for LimitedBody<B> {
                     this.limits.rewrite(&mut trailers);
                     Frame::trailers(trailers)
                 }
-                Err(frame) => frame,
+                Err(frame) => {
+                    let too_large = frame
+                        .data_ref()
+                        .is_some_and(|data| this.frames.largest_in(data.as_ref()) > this.limits.encoding as u64);
+                    if !too_large {
+                        return frame;
+                    }
+                    // tonic writes whole messages per chunk, so what went
+                    // before this one is complete; end the call here.
+                    *this.done = true;
+                    let mut trailers = HeaderMap::new();
+                    let _ = this.limits.too_large_response().add_header(&mut trailers);
+                    Frame::trailers(trailers)
+                }
             })
         }))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_largest_prefix_across_chunks() {
+        let mut bytes = Vec::new();
+        for len in [3u32, 70_000, 10] {
+            bytes.push(0);
+            bytes.extend_from_slice(&len.to_be_bytes());
+            bytes.extend(std::iter::repeat_n(7u8, len as usize));
+        }
+        for chunk in [1, 2, 5, 7, 1000, bytes.len()] {
+            let mut frames = FrameLengths::default();
+            let largest = bytes.chunks(chunk).map(|piece| frames.largest_in(piece)).max();
+            assert_eq!(largest, Some(70_000), "chunk size {chunk}");
+        }
     }
 }

@@ -15,9 +15,10 @@ use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Span;
 
-use super::call::{ObservedBody, ObservedFuture, OnCallEnd, code_name};
+use super::call::{ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, method_of};
 use super::request_id::{CallSpan, RequestId};
+use crate::metrics::code_name;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingLayer;

@@ -6,9 +6,8 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prost_reflect::DescriptorPool;
-
-use crate::metrics::{GrpcMetrics, MethodMetrics};
+use crate::metrics::{GrpcFamilies, MethodMetrics};
+use crate::registry::Service;
 
 /// go-grpc-middleware's `grpc_type` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -62,47 +61,31 @@ pub struct MethodTable {
     unknown: Arc<MethodInfo>,
 }
 
-/// A service the server registers, and how it is treated.
-pub struct ServiceEntry<'a> {
-    pub name: &'a str,
-    pub auth_exempt: bool,
-    pub shed_exempt: bool,
-}
-
 impl MethodTable {
-    /// Resolves every method of `services` from the descriptor sets, with
-    /// its metric series (so they exist at zero before the first call).
-    pub fn build(
-        descriptor_sets: &[&[u8]],
-        services: &[ServiceEntry<'_>],
-        metrics: &GrpcMetrics,
-    ) -> Result<Self, prost_reflect::DescriptorError> {
-        let pools = descriptor_sets.iter().map(|set| DescriptorPool::decode(*set)).collect::<Result<Vec<_>, _>>()?;
+    /// Every method of `services`, with its policy and its metric series
+    /// (resolved now, so they exist at zero before the first call).
+    pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>, families: &GrpcFamilies) -> Self {
         let mut by_path = HashMap::new();
-        for entry in services {
-            let Some(service) = pools.iter().find_map(|p| p.get_service_by_name(entry.name)) else {
-                tracing::warn!(service = entry.name, "no descriptor for a registered service; it is not measured");
-                continue;
-            };
-            for method in service.methods() {
+        for service in services {
+            for method in service.descriptor.methods() {
                 let grpc_type = match (method.is_client_streaming(), method.is_server_streaming()) {
                     (false, false) => GrpcType::Unary,
                     (true, false) => GrpcType::ClientStream,
                     (false, true) => GrpcType::ServerStream,
                     (true, true) => GrpcType::BidiStream,
                 };
-                let path = format!("/{}/{}", service.full_name(), method.name());
+                let path = format!("/{}/{}", service.name, method.name());
                 let info = MethodInfo {
-                    metrics: Some(metrics.method(grpc_type.as_str(), service.full_name(), method.name())),
+                    metrics: Some(families.method(grpc_type.as_str(), &service.name, method.name())),
                     path: path.clone(),
                     grpc_type,
-                    auth_exempt: entry.auth_exempt,
-                    shed_exempt: entry.shed_exempt,
+                    auth_exempt: service.policy.auth_exempt,
+                    shed_exempt: service.policy.shed_exempt,
                 };
                 by_path.insert(path, Arc::new(info));
             }
         }
-        Ok(Self { by_path, ..Self::empty() })
+        Self { by_path, ..Self::empty() }
     }
 
     /// A table that knows no method: nothing through it is measured.

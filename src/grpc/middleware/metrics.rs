@@ -21,7 +21,7 @@ use crate::metrics::MethodMetrics;
 
 /// Which side of a call is measured, and so where its method comes from.
 #[derive(Clone, Debug)]
-enum Side {
+enum MethodSource {
     /// The server: the method layer has resolved it already.
     Server,
     /// A client: resolved here from the request path.
@@ -30,17 +30,17 @@ enum Side {
 
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
-    side: Side,
+    side: MethodSource,
 }
 
 impl GrpcMetricsLayer {
     pub fn server() -> Self {
-        Self { side: Side::Server }
+        Self { side: MethodSource::Server }
     }
 
     /// For a client channel; `table` holds its `grpc_client_*` series.
     pub fn client(table: Arc<MethodTable>) -> Self {
-        Self { side: Side::Client(table) }
+        Self { side: MethodSource::Client(table) }
     }
 }
 
@@ -55,7 +55,7 @@ impl<S> Layer<S> for GrpcMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct GrpcMetrics<S> {
     inner: S,
-    side: Side,
+    side: MethodSource,
 }
 
 impl<S, ResBody> Service<Request<tonic::body::Body>> for GrpcMetrics<S>
@@ -72,14 +72,14 @@ where
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let info: Option<Arc<MethodInfo>> = match &self.side {
-            Side::Server => method_of(&request),
-            Side::Client(table) => Some(table.resolve(request.uri().path())),
+            MethodSource::Server => method_of(&request),
+            MethodSource::Client(table) => Some(table.resolve(request.uri().path())),
         };
         let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
             return ObservedFuture::new(self.inner.call(request), None, Code::Unavailable);
         };
         metrics.started();
-        let client = matches!(self.side, Side::Client(_));
+        let client = matches!(self.side, MethodSource::Client(_));
         // The request side: what a server receives, or a client sends.
         let request = if info.grpc_type.single_request() {
             record_outgoing(&metrics, !client, 1);

@@ -4,18 +4,17 @@
 //! Prometheus provider, so dashboards and alerts built for Go services work
 //! unchanged. Label children are resolved once per method or route at
 //! startup; the request path only increments pre-resolved counters.
+//! Process metrics come from [`process`].
+
+mod process;
 
 use std::sync::Arc;
 
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
 use prometheus::{
-    Counter, Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
 };
 use tonic::Code;
-
-use crate::grpc::middleware::call::code_name;
 
 /// Every gRPC code, in wire order, for pre-initialising `handled` series.
 pub const ALL_CODES: [Code; 17] = [
@@ -38,6 +37,30 @@ pub const ALL_CODES: [Code; 17] = [
     Code::Unauthenticated,
 ];
 
+/// The code as grpc-go spells it (`OK`, `Canceled`, `NotFound`, ...), the
+/// spelling Prometheus dashboards and log queries built for Go services use.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "Canceled",
+        Code::Unknown => "Unknown",
+        Code::InvalidArgument => "InvalidArgument",
+        Code::DeadlineExceeded => "DeadlineExceeded",
+        Code::NotFound => "NotFound",
+        Code::AlreadyExists => "AlreadyExists",
+        Code::PermissionDenied => "PermissionDenied",
+        Code::ResourceExhausted => "ResourceExhausted",
+        Code::FailedPrecondition => "FailedPrecondition",
+        Code::Aborted => "Aborted",
+        Code::OutOfRange => "OutOfRange",
+        Code::Unimplemented => "Unimplemented",
+        Code::Internal => "Internal",
+        Code::Unavailable => "Unavailable",
+        Code::DataLoss => "DataLoss",
+        Code::Unauthenticated => "Unauthenticated",
+    }
+}
+
 /// HTTP statuses given their own pre-resolved child per route.
 const COMMON_HTTP_STATUSES: [u16; 16] =
     [200, 400, 401, 403, 404, 405, 409, 413, 415, 429, 499, 500, 501, 503, 504, 502];
@@ -49,9 +72,13 @@ pub struct MetricsError(#[from] prometheus::Error);
 /// The registry and the families the layers record into. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
+    /// Everything below is registered here; `/metrics` renders it.
     registry: Registry,
-    pub grpc_server: GrpcMetrics,
-    pub grpc_client: GrpcMetrics,
+    /// `grpc_server_*`: calls this process serves.
+    pub grpc_server: GrpcFamilies,
+    /// `grpc_client_*`: calls this process makes (the gateway's channel).
+    pub grpc_client: GrpcFamilies,
+    /// `http_*`: the gateway's requests, by route template.
     pub http: HttpMetrics,
     /// Stream producers still running (`keel_grpc_live_streams`).
     pub live_streams: IntGauge,
@@ -60,8 +87,8 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, MetricsError> {
         let registry = Registry::new();
-        let grpc_server = GrpcMetrics::new(&registry, Side::Server)?;
-        let grpc_client = GrpcMetrics::new(&registry, Side::Client)?;
+        let grpc_server = GrpcFamilies::new(&registry, RpcSide::Server)?;
+        let grpc_client = GrpcFamilies::new(&registry, RpcSide::Client)?;
         let http = HttpMetrics::new(&registry)?;
         let live_streams = IntGauge::new("keel_grpc_live_streams", "Server-stream producers currently running.")?;
         registry.register(Box::new(live_streams.clone()))?;
@@ -72,7 +99,7 @@ impl Metrics {
         )?;
         build_info.set(1);
         registry.register(Box::new(build_info))?;
-        registry.register(Box::new(ProcessCollector::new()?))?;
+        registry.register(Box::new(process::ProcessCollector::new()?))?;
         Ok(Self { registry, grpc_server, grpc_client, http, live_streams })
     }
 
@@ -100,15 +127,16 @@ impl Metrics {
     }
 }
 
+/// Which end of a call a set of gRPC families measures.
 #[derive(Clone, Copy)]
-enum Side {
+enum RpcSide {
     Server,
     Client,
 }
 
-/// One side's (server or client) gRPC families.
+/// One side's (server or client) gRPC metric families.
 #[derive(Clone)]
-pub struct GrpcMetrics {
+pub struct GrpcFamilies {
     started: IntCounterVec,
     handled: IntCounterVec,
     msg_received: IntCounterVec,
@@ -116,11 +144,11 @@ pub struct GrpcMetrics {
     handling: HistogramVec,
 }
 
-impl GrpcMetrics {
-    fn new(registry: &Registry, side: Side) -> Result<Self, prometheus::Error> {
+impl GrpcFamilies {
+    fn new(registry: &Registry, side: RpcSide) -> Result<Self, prometheus::Error> {
         let (prefix, who) = match side {
-            Side::Server => ("grpc_server", "on the server"),
-            Side::Client => ("grpc_client", "by the client"),
+            RpcSide::Server => ("grpc_server", "on the server"),
+            RpcSide::Client => ("grpc_client", "by the client"),
         };
         let labels = ["grpc_type", "grpc_service", "grpc_method"];
         let with_code = ["grpc_type", "grpc_service", "grpc_method", "grpc_code"];
@@ -130,11 +158,11 @@ impl GrpcMetrics {
             Ok(vec)
         };
         let (received_help, sent_help) = match side {
-            Side::Server => (
+            RpcSide::Server => (
                 "Total number of RPC stream messages received on the server.",
                 "Total number of gRPC stream messages sent by the server.",
             ),
-            Side::Client => (
+            RpcSide::Client => (
                 "Total number of RPC stream messages received by the client.",
                 "Total number of gRPC stream messages sent by the client.",
             ),
@@ -277,114 +305,5 @@ impl RouteMetrics {
             None => series.requests.with_label_values(&[&series.method, &series.route, &status.to_string()]).inc(),
         }
         series.duration.observe(seconds);
-    }
-}
-
-/// Process metrics read from `/proc` at scrape time, with the standard
-/// names client libraries use.
-struct ProcessCollector {
-    cpu: Counter,
-    open_fds: IntGauge,
-    max_fds: IntGauge,
-    virtual_memory: IntGauge,
-    resident_memory: IntGauge,
-    start_time: Gauge,
-    descs: Vec<Desc>,
-}
-
-impl ProcessCollector {
-    fn new() -> Result<Self, prometheus::Error> {
-        let cpu = Counter::new("process_cpu_seconds_total", "Total user and system CPU time spent in seconds.")?;
-        let open_fds = IntGauge::new("process_open_fds", "Number of open file descriptors.")?;
-        let max_fds = IntGauge::new("process_max_fds", "Maximum number of open file descriptors.")?;
-        let virtual_memory = IntGauge::new("process_virtual_memory_bytes", "Virtual memory size in bytes.")?;
-        let resident_memory = IntGauge::new("process_resident_memory_bytes", "Resident memory size in bytes.")?;
-        let start_time =
-            Gauge::new("process_start_time_seconds", "Start time of the process since unix epoch in seconds.")?;
-        let mut descs = Vec::new();
-        for collector in [&cpu as &dyn Collector, &open_fds, &max_fds, &virtual_memory, &resident_memory, &start_time] {
-            descs.extend(collector.desc().into_iter().cloned());
-        }
-        Ok(Self { cpu, open_fds, max_fds, virtual_memory, resident_memory, start_time, descs })
-    }
-}
-
-impl Collector for ProcessCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        if let Some(stat) = proc_stat::read() {
-            let cpu = stat.cpu_seconds - self.cpu.get();
-            if cpu > 0.0 {
-                self.cpu.inc_by(cpu);
-            }
-            self.virtual_memory.set(stat.virtual_bytes);
-            self.resident_memory.set(stat.resident_bytes);
-            self.start_time.set(stat.start_time_seconds);
-        }
-        if let Ok(entries) = std::fs::read_dir("/proc/self/fd") {
-            self.open_fds.set(i64::try_from(entries.count()).unwrap_or(i64::MAX));
-        }
-        if let Some(limit) = proc_stat::max_fds() {
-            self.max_fds.set(limit);
-        }
-        let mut families = Vec::with_capacity(6);
-        for collector in [
-            &self.cpu as &dyn Collector,
-            &self.open_fds,
-            &self.max_fds,
-            &self.virtual_memory,
-            &self.resident_memory,
-            &self.start_time,
-        ] {
-            families.extend(collector.collect());
-        }
-        families
-    }
-}
-
-/// Parsing of `/proc/self/stat`, `/proc/stat` and `/proc/self/limits`.
-mod proc_stat {
-    pub struct Stat {
-        pub cpu_seconds: f64,
-        pub virtual_bytes: i64,
-        pub resident_bytes: i64,
-        pub start_time_seconds: f64,
-    }
-
-    pub fn read() -> Option<Stat> {
-        let text = std::fs::read_to_string("/proc/self/stat").ok()?;
-        // The command name may contain spaces; fields start after its ')'.
-        let fields: Vec<&str> = text.get(text.rfind(')')? + 2..)?.split_whitespace().collect();
-        // Field numbers from proc(5), minus 3 for pid, comm and the offset.
-        let field = |n: usize| fields.get(n - 3).and_then(|f| f.parse::<u64>().ok());
-        // SAFETY: sysconf only reads system configuration.
-        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-        // SAFETY: as above.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if ticks <= 0 || page <= 0 {
-            return None;
-        }
-        let ticks = ticks as f64;
-        let boot = boot_time()?;
-        Some(Stat {
-            cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
-            virtual_bytes: i64::try_from(field(23)?).ok()?,
-            resident_bytes: i64::try_from(field(24)?).ok()?.saturating_mul(page),
-            start_time_seconds: boot + field(22)? as f64 / ticks,
-        })
-    }
-
-    fn boot_time() -> Option<f64> {
-        let text = std::fs::read_to_string("/proc/stat").ok()?;
-        text.lines().find_map(|l| l.strip_prefix("btime "))?.trim().parse().ok()
-    }
-
-    pub fn max_fds() -> Option<i64> {
-        let text = std::fs::read_to_string("/proc/self/limits").ok()?;
-        let line = text.lines().find(|l| l.starts_with("Max open files"))?;
-        line.split_whitespace().nth(3)?.parse().ok()
     }
 }
