@@ -12,12 +12,12 @@ use tonic_health::pb::health_client::HealthClient;
 /// Why a health check did not pass.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("invalid address: {0}")]
-    Address(String),
-    #[error("cannot start a runtime: {0}")]
-    Runtime(std::io::Error),
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    #[error("invalid address")]
+    Address(#[source] tonic::transport::Error),
+    #[error("cannot start a runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot connect")]
+    Connect(#[source] tonic::transport::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("health check failed: {0}")]
@@ -41,11 +41,11 @@ pub fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), CheckEr
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CheckError::Runtime)?;
     runtime.block_on(async {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| CheckError::Address(e.to_string()))?
+            .map_err(CheckError::Address)?
             .connect_timeout(timeout)
             .timeout(timeout);
         let attempt = async {
-            let channel = endpoint.connect().await.map_err(|e| CheckError::Connect(source_chain(&e)))?;
+            let channel = endpoint.connect().await.map_err(CheckError::Connect)?;
             let response = HealthClient::new(channel)
                 .check(HealthCheckRequest { service: service.to_owned() })
                 .await
@@ -60,13 +60,54 @@ pub fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), CheckEr
     })
 }
 
-fn source_chain(error: &dyn std::error::Error) -> String {
+/// `error` and its causes on one line, `: `-separated. A message equal to
+/// the one before it is left out: hyper's connect error repeats its own
+/// text as its source ("tcp connect error: tcp connect error").
+pub fn describe(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
+    let mut last = text.clone();
     let mut source = error.source();
     while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
+        let message = cause.to_string();
+        if message != last {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        last = message;
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a fixed message and an optional source.
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn describe_drops_repeated_messages_but_keeps_the_rest() {
+        let chain = Link(
+            "cannot connect",
+            Some(Box::new(Link(
+                "tcp connect error",
+                Some(Box::new(Link("tcp connect error", Some(Box::new(Link("Connection refused", None)))))),
+            ))),
+        );
+        assert_eq!(describe(&chain), "cannot connect: tcp connect error: Connection refused");
+    }
 }

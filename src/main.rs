@@ -1,10 +1,13 @@
 //! The `keel` binary: CLI → config → runtime → telemetry → build → run →
 //! exit code. Config comes before telemetry because the log format, level
 //! and exporter are config; a config error is printed plainly to stderr.
+//! Errors are printed with their whole cause chain, on one line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel::app::{App, AppError};
 use keel::config::{ConfigSources, EXIT_CONFIG, Settings};
@@ -48,24 +51,23 @@ struct HealthcheckArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&ConfigSources::from_process(cli.config.clone())) {
+    let mut sources = ConfigSources::from_process(cli.config.clone());
+    sources.probe = matches!(cli.command, Some(Command::Healthcheck(_)));
+    let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("keel: {error}");
+            report(format_args!("keel: {:#}", anyhow::Error::from(error)));
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Config => {
-            println!("{}", settings.to_redacted_json());
-            ExitCode::SUCCESS
-        }
+        Command::Config => print_stdout(&settings.to_redacted_json()),
         Command::Healthcheck(args) => {
             let addr = args.addr.unwrap_or_else(|| keel::healthcheck::local_target(settings.grpc.addr).to_string());
             match keel::healthcheck::check(&addr, &args.service, args.timeout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
-                    eprintln!("keel healthcheck: {addr}: {reason}");
+                    report(format_args!("keel healthcheck: {addr}: {}", keel::healthcheck::describe(&reason)));
                     ExitCode::FAILURE
                 }
             }
@@ -78,7 +80,7 @@ fn serve(settings: Settings) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("keel: cannot start the async runtime: {error}");
+            report(format_args!("keel: cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
@@ -86,7 +88,7 @@ fn serve(settings: Settings) -> ExitCode {
         // Telemetry needs the runtime: span export runs on it.
         let telemetry = match keel::telemetry::init(&settings.log, &settings.tracing) {
             Ok(guard) => guard,
-            Err(error) => return Err(Failure::Config(error.to_string())),
+            Err(error) => return Err(Failure::Config(error.into())),
         };
         let served = run(settings).await;
         telemetry.shutdown().await;
@@ -97,13 +99,13 @@ fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(error)) => {
-            eprintln!("keel: {error}");
+            report(format_args!("keel: {error:#}"));
             ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(Failure::Run(error)) => {
-            tracing::error!(error = %error, "keel failed");
+            tracing::error!(error = %format_args!("{error:#}"), "keel failed");
             if error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. })) {
-                eprintln!("keel: {error}");
+                report(format_args!("keel: {error:#}"));
             }
             ExitCode::FAILURE
         }
@@ -111,13 +113,34 @@ fn serve(settings: Settings) -> ExitCode {
 }
 
 enum Failure {
-    Config(String),
+    Config(anyhow::Error),
     Run(anyhow::Error),
+}
+
+/// Writes `text` and a newline to stdout. A closed pipe (`keel config |
+/// head -3`) is success: the reader has all it wanted. `println!` would
+/// panic there instead.
+fn print_stdout(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            report(format_args!("keel: cannot write to stdout: {error}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Writes one line to stderr. A failure to write it is ignored: there is
+/// nowhere left to report it, and `eprintln!` would panic.
+fn report(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Build → run, with the signals wired to the shutdown future.
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let signals = SignalListener::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+    let signals = SignalListener::install().context("cannot install signal handlers")?;
     let app = App::build(settings).await?;
     let stop = CancellationToken::new();
     tokio::spawn(handle_signals(signals, stop.clone()));

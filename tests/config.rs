@@ -294,6 +294,25 @@ mod binary {
         Ok(())
     }
 
+    #[test]
+    fn config_into_a_closed_pipe_exits_quietly() -> Result<()> {
+        let scratch = Scratch::new("bin-pipe")?;
+        // The read end is closed before keel starts, as after `| head -3`
+        // has exited, so every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("config")
+            .env_clear()
+            .env("KEEL_CONFIG_DIR", &scratch.0)
+            .stdout(writer)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+        assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+        Ok(())
+    }
+
     fn assert_config_error(output: &Output, key: &str, origin: &str) {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(78), "stderr: {stderr}");
