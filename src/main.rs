@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(error) => {
-            report(format_args!("keel: {:#}", anyhow::Error::from(error)));
+            report(format_args!("keel: {}", chain(&error)));
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
@@ -67,7 +67,7 @@ fn main() -> ExitCode {
             match keel::healthcheck::check(&addr, &args.service, args.timeout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
-                    report(format_args!("keel healthcheck: {addr}: {}", keel::healthcheck::describe(&reason)));
+                    report(format_args!("keel healthcheck: {addr}: {}", chain(&reason)));
                     ExitCode::FAILURE
                 }
             }
@@ -99,13 +99,14 @@ fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(error)) => {
-            report(format_args!("keel: {error:#}"));
+            report(format_args!("keel: {}", chain(error.as_ref())));
             ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(Failure::Run(error)) => {
-            tracing::error!(error = %format_args!("{error:#}"), "keel failed");
+            let message = chain(error.as_ref());
+            tracing::error!(error = %message, "keel failed");
             if error.downcast_ref::<AppError>().is_some_and(|e| matches!(e, AppError::Bind { .. })) {
-                report(format_args!("keel: {error:#}"));
+                report(format_args!("keel: {message}"));
             }
             ExitCode::FAILURE
         }
@@ -130,6 +131,25 @@ fn print_stdout(text: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `error` and its causes on one line, `: `-separated, as anyhow's `{:#}`
+/// but without repeats: a cause is left out when the text so far already
+/// ends with it, because many errors print their source in their own
+/// message too (`cannot listen on …: {source}`), and hyper's connect error
+/// repeats its own text as its source.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !message.is_empty() && !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// Writes one line to stderr. A failure to write it is ignored: there is
@@ -162,5 +182,43 @@ async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
         }
         tracing::info!(?signal, "shutdown requested");
         stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a fixed message and an optional source.
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    fn link(message: &'static str, source: Option<Link>) -> Link {
+        Link(message, source.map(Box::new))
+    }
+
+    #[test]
+    fn chain_prints_every_cause_once() {
+        let repeated = link(
+            "cannot connect",
+            Some(link("tcp connect error", Some(link("tcp connect error", Some(link("Connection refused", None)))))),
+        );
+        assert_eq!(chain(&repeated), "cannot connect: tcp connect error: Connection refused");
+        let inlined = link("cannot listen on x: Address in use", Some(link("Address in use", None)));
+        assert_eq!(chain(&inlined), "cannot listen on x: Address in use");
+        let plain = link("cannot read config file a.yaml", Some(link("permission denied", None)));
+        assert_eq!(chain(&plain), "cannot read config file a.yaml: permission denied");
     }
 }

@@ -399,6 +399,8 @@ mod binary {
         assert_eq!(output.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&addr), "stderr should name {addr}: {stderr}");
+        let parts: Vec<&str> = stderr.trim().split(": ").collect();
+        assert!(parts.windows(2).all(|w| w[0] != w[1]), "each cause once: {stderr}");
         drop(taken);
         Ok(())
     }
