@@ -73,6 +73,9 @@ WORKDIR /app
 # --config FILE (the Helm chart mounts /etc/keel/config.yaml) and KEEL__*
 # variables are layered on top.
 ENV KEEL_CONFIG_DIR=/app/config
+# The production overlay binds 0.0.0.0 (the built-in defaults bind loopback,
+# unreachable through `docker run -p`) and requires bearer tokens.
+ENV KEEL_ENV=production
 COPY config/ /app/config/
 COPY --from=builder /build/keel /app/keel
 # The distroless "nonroot" user and group.

@@ -5,6 +5,16 @@
 //! `KEEL__*` environment variables. Every value is validated before anything
 //! starts, and every error names the key and the layer it came from, because
 //! the operator reading it must be able to fix it without reading code.
+//!
+//! A layer that was asked for must exist: a `KEEL_ENV` without its overlay,
+//! a `KEEL_CONFIG_DIR` that is not there, or a missing `--config FILE` is an
+//! error, because silently skipping it would drop the settings (bind
+//! addresses, auth) the operator meant to apply. Only the default `config`
+//! directory may be absent, since the built-in defaults are complete.
+//!
+//! The built-in defaults listen on loopback; `config/production.yaml` binds
+//! every interface, so a process only becomes reachable from other hosts when
+//! it is deliberately run as production (or given addresses).
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -79,7 +89,7 @@ pub struct GrpcSettings {
 impl Default for GrpcSettings {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 9000)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 9000)),
             keepalive_interval: Duration::from_secs(30),
             keepalive_timeout: Duration::from_secs(10),
             max_decoding_message_size: ByteSize(4 * 1024 * 1024),
@@ -120,7 +130,7 @@ pub struct HttpSettings {
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            addr: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_body_size: ByteSize(4 * 1024 * 1024),
             default_timeout: Duration::from_secs(30),
             default_stream_timeout: Duration::from_secs(3600),
@@ -139,7 +149,7 @@ pub struct AdminSettings {
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([0, 0, 0, 0], 8081)) }
+        Self { addr: SocketAddr::from(([127, 0, 0, 1], 8081)) }
     }
 }
 
@@ -259,7 +269,9 @@ impl Default for TracingSettings {
     }
 }
 
-/// A size in bytes, written as an integer or with a unit (`4MiB`, `512KiB`).
+/// A size in bytes, written as an integer or with a unit (`4MiB`, `512KiB`,
+/// `4MB`). Units are matched case-insensitively (`4mb`, `4mib`), because
+/// nothing else could be meant and rejecting `4mb` only frustrates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub usize);
 
@@ -270,15 +282,20 @@ impl ByteSize {
         let (digits, unit) = text.split_at(split);
         let number: usize =
             digits.parse().map_err(|_| format!("invalid size {text:?}: expected e.g. 4194304, 512KiB or 4MiB"))?;
-        let multiplier: usize = match unit.trim() {
-            "" | "B" => 1,
-            "KB" => 1000,
-            "KiB" => 1024,
-            "MB" => 1000 * 1000,
-            "MiB" => 1024 * 1024,
-            "GB" => 1000 * 1000 * 1000,
-            "GiB" => 1024 * 1024 * 1024,
-            other => return Err(format!("invalid size unit {other:?} in {text:?}: use B, KiB, MiB or GiB")),
+        let multiplier: usize = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "kb" => 1000,
+            "kib" => 1024,
+            "mb" => 1000 * 1000,
+            "mib" => 1024 * 1024,
+            "gb" => 1000 * 1000 * 1000,
+            "gib" => 1024 * 1024 * 1024,
+            _ => {
+                return Err(format!(
+                    "invalid size unit {:?} in {text:?}: use B, KB, KiB, MB, MiB, GB or GiB (in any case)",
+                    unit.trim()
+                ));
+            }
         };
         number.checked_mul(multiplier).map(ByteSize).ok_or_else(|| format!("size {text:?} is too large"))
     }
@@ -332,8 +349,41 @@ fn redact_all<S: Serializer>(tokens: &[String], serializer: S) -> Result<S::Ok, 
 /// A configuration problem. Each one stops the process with [`EXIT_CONFIG`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {reason}")]
-    File { path: String, reason: String },
+    #[error("cannot read config file {path}")]
+    File {
+        /// The path as given (or as joined onto the config directory), so
+        /// the operator sees the name they wrote.
+        path: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("config file {path} does not exist (given with --config)")]
+    MissingFile { path: String },
+    #[error("config directory {path} does not exist (set by {CONFIG_DIR_VAR})")]
+    MissingDir { path: String },
+    #[error("cannot read config directory {path} ({origin})")]
+    Dir {
+        path: String,
+        /// How the directory was chosen: the variable, or the default.
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{ENV_NAME_VAR}={environment} selects the config overlay {path}, which does not exist; \
+         overlays in {dir}: {available}"
+    )]
+    MissingOverlay {
+        environment: String,
+        path: String,
+        dir: String,
+        /// The `KEEL_ENV` values that would work, so a typo is obvious.
+        available: String,
+    },
+    #[error("invalid {ENV_NAME_VAR}={environment}: it names a file in the config directory, without `/`")]
+    Environment { environment: String },
+    #[error("cannot merge the config layers")]
+    Merge(#[source] config::ConfigError),
     #[error("unknown config key `{key}` (from {origin})")]
     UnknownKey { key: String, origin: String },
     #[error("invalid value for config key `{key}` (from {origin}): {reason}")]
@@ -346,12 +396,20 @@ pub enum ConfigError {
 pub struct ConfigSources {
     /// Directory holding `default.yaml` and the `$KEEL_ENV.yaml` overlays.
     pub dir: PathBuf,
-    /// The `KEEL_ENV` value, selecting the overlay.
+    /// True when `dir` was chosen with `KEEL_CONFIG_DIR`. A directory asked
+    /// for must exist; the default `config` may be absent (a binary run from
+    /// another directory), because the built-in defaults are complete.
+    pub dir_from_env: bool,
+    /// The `KEEL_ENV` value, selecting the overlay, which must exist.
     pub environment: Option<String>,
-    /// The `--config FILE` layer; unlike the directory's files it must exist.
+    /// The `--config FILE` layer, which must exist.
     pub file: Option<PathBuf>,
     /// Environment variables considered for `KEEL__*` overrides.
     pub env_vars: Vec<(String, String)>,
+    /// True for `keel healthcheck`: a probe serves nothing, so the rules for
+    /// a serving process (production needs tokens) are not applied. The
+    /// chart's test pod runs it from the production image without tokens.
+    pub probe: bool,
 }
 
 impl ConfigSources {
@@ -360,17 +418,60 @@ impl ConfigSources {
             std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))).collect();
         let lookup =
             |name: &str| env_vars.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
+        let dir = lookup(CONFIG_DIR_VAR).map(PathBuf::from);
         Self {
-            dir: lookup(CONFIG_DIR_VAR).map(PathBuf::from).unwrap_or_else(|| PathBuf::from("config")),
+            dir_from_env: dir.is_some(),
+            dir: dir.unwrap_or_else(|| PathBuf::from("config")),
             environment: lookup(ENV_NAME_VAR),
             file,
             env_vars,
+            probe: false,
         }
     }
 
     /// True when running with `KEEL_ENV=production`.
     pub fn is_production(&self) -> bool {
         self.environment.as_deref() == Some("production")
+    }
+
+    /// Fails when an explicitly chosen config directory is missing; returns
+    /// whether the directory is there to read.
+    fn check_dir(&self) -> Result<bool, ConfigError> {
+        let path = self.dir.display().to_string();
+        let origin = if self.dir_from_env {
+            format!("set by {CONFIG_DIR_VAR}")
+        } else {
+            format!("the default; set {CONFIG_DIR_VAR} to choose another")
+        };
+        match std::fs::metadata(&self.dir) {
+            Ok(meta) if meta.is_dir() => Ok(true),
+            Ok(_) => Err(ConfigError::Dir {
+                path,
+                origin,
+                source: std::io::Error::new(std::io::ErrorKind::NotADirectory, "not a directory"),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !self.dir_from_env => Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ConfigError::MissingDir { path }),
+            Err(source) => Err(ConfigError::Dir { path, origin, source }),
+        }
+    }
+
+    /// The `KEEL_ENV` values that have an overlay in the config directory.
+    fn available_overlays(&self, dir_exists: bool) -> String {
+        if !dir_exists {
+            return "none (the directory does not exist)".to_owned();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(&self.dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.ok()?.file_name().into_string().ok()?;
+                let stem = name.strip_suffix(".yaml")?;
+                (stem != "default" && !stem.is_empty()).then(|| stem.to_owned())
+            })
+            .collect();
+        names.sort();
+        if names.is_empty() { "none".to_owned() } else { names.join(", ") }
     }
 }
 
@@ -384,28 +485,42 @@ impl Settings {
         })?;
 
         let mut builder = config::Config::builder();
-        builder = builder.add_source(yaml_file(&sources.dir.join("default.yaml"), false));
+        let dir_exists = sources.check_dir()?;
+        if dir_exists && let Some(layer) = read_yaml(&sources.dir.join("default.yaml"))? {
+            builder = builder.add_source(layer);
+        }
         if let Some(env) = &sources.environment {
-            builder = builder.add_source(yaml_file(&sources.dir.join(format!("{env}.yaml")), false));
+            // A name, not a path: the overlay is looked up in the directory.
+            if env.contains(['/', '\\']) || env == "." || env == ".." {
+                return Err(ConfigError::Environment { environment: env.clone() });
+            }
+            let path = sources.dir.join(format!("{env}.yaml"));
+            let layer = if dir_exists { read_yaml(&path)? } else { None };
+            let Some(layer) = layer else {
+                return Err(ConfigError::MissingOverlay {
+                    environment: env.clone(),
+                    path: path.display().to_string(),
+                    dir: sources.dir.display().to_string(),
+                    available: sources.available_overlays(dir_exists),
+                });
+            };
+            builder = builder.add_source(layer);
         }
         if let Some(file) = &sources.file {
-            if !file.is_file() {
-                return Err(ConfigError::File {
-                    path: file.display().to_string(),
-                    reason: "no such file (given with --config)".to_owned(),
-                });
-            }
-            builder = builder.add_source(yaml_file(file, true));
+            let Some(layer) = read_yaml(file)? else {
+                return Err(ConfigError::MissingFile { path: file.display().to_string() });
+            };
+            builder = builder.add_source(layer);
         }
-        builder = builder.add_source(EnvSource::new(&sources.env_vars, &known));
+        builder = builder.add_source(Layer::from_env(&sources.env_vars, &known));
 
-        let merged = builder.build().map_err(file_error)?;
-        let tree = merged.collect().map_err(file_error)?;
+        let merged = builder.build().map_err(merge_error)?;
+        let tree = merged.collect().map_err(merge_error)?;
         check_known_keys(&tree, &known, "")?;
 
         let settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
         settings.validate(&tree)?;
-        if sources.is_production() && settings.auth.tokens.is_empty() && !settings.auth.disabled {
+        if !sources.probe && sources.is_production() && settings.auth.tokens.is_empty() && !settings.auth.disabled {
             return Err(ConfigError::Invalid {
                 key: "auth.tokens".to_owned(),
                 origin: origin_of(&tree, "auth.tokens"),
@@ -483,20 +598,26 @@ impl Settings {
     }
 }
 
-fn yaml_file(path: &Path, required: bool) -> config::File<config::FileSourceFile, config::FileFormat> {
-    config::File::from(path).format(config::FileFormat::Yaml).required(required)
+/// Reads and parses one YAML layer; `None` when the file does not exist (the
+/// caller decides whether that is an error). Read here rather than with
+/// `config::File`, which reports paths relative to the current directory
+/// and drops the I/O error: the origin of every value is the path as given.
+fn read_yaml(path: &Path) -> Result<Option<Layer>, ConfigError> {
+    let uri = path.display().to_string();
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ConfigError::File { path: uri, source: Box::new(e) }),
+    };
+    match config::Format::parse(&config::FileFormat::Yaml, Some(&uri), &text) {
+        Ok(values) => Ok(Some(Layer { values: values.into_iter().collect() })),
+        Err(source) => Err(ConfigError::File { path: uri, source }),
+    }
 }
 
-fn file_error(error: config::ConfigError) -> ConfigError {
-    match error {
-        config::ConfigError::FileParse { uri, cause } => {
-            ConfigError::File { path: uri.unwrap_or_else(|| "<unknown>".to_owned()), reason: cause.to_string() }
-        }
-        config::ConfigError::Foreign(cause) => {
-            ConfigError::File { path: "<unknown>".to_owned(), reason: cause.to_string() }
-        }
-        other => ConfigError::File { path: "<unknown>".to_owned(), reason: other.to_string() },
-    }
+/// An error of the `config` crate while merging layers we already parsed.
+fn merge_error(error: config::ConfigError) -> ConfigError {
+    ConfigError::Merge(error)
 }
 
 /// Maps a deserialization error onto the key it is about and that key's layer.
@@ -518,7 +639,7 @@ fn check_known_keys(tree: &Map<String, Value>, known: &serde_json::Value, prefix
     for (name, value) in tree {
         let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
         let Some(expected) = known.get(name) else {
-            return Err(ConfigError::UnknownKey { origin: describe_origin(value.origin(), &key), key });
+            return Err(ConfigError::UnknownKey { origin: describe_value_origin(value, &key), key });
         };
         if let (ValueKind::Table(children), serde_json::Value::Object(_)) = (&value.kind, expected) {
             check_known_keys(children, expected, &key)?;
@@ -543,7 +664,32 @@ fn origin_of(tree: &Map<String, Value>, key: &str) -> String {
             None => break,
         }
     }
-    describe_origin(found.and_then(Value::origin), key)
+    match found {
+        Some(value) => describe_value_origin(value, key),
+        None => describe_origin(None, key),
+    }
+}
+
+/// Describes where `value` (at `key`) came from. Merging gives the tables it
+/// creates on the way to a nested key no origin (`KEEL__GRPC__TLS__CERT_FILE`
+/// creates `grpc.tls`), so a table without one is described by its first
+/// leaf that has one, named by that leaf's key.
+fn describe_value_origin(value: &Value, key: &str) -> String {
+    match first_origin(value, key) {
+        Some((origin, leaf_key)) => describe_origin(Some(origin), &leaf_key),
+        None => describe_origin(None, key),
+    }
+}
+
+fn first_origin<'a>(value: &'a Value, key: &str) -> Option<(&'a str, String)> {
+    if let Some(origin) = value.origin() {
+        return Some((origin, key.to_owned()));
+    }
+    let ValueKind::Table(children) = &value.kind else { return None };
+    // Sorted, so that the message is the same on every run.
+    let mut entries: Vec<(&String, &Value)> = children.iter().collect();
+    entries.sort_by_key(|(name, _)| *name);
+    entries.into_iter().find_map(|(name, child)| first_origin(child, &format!("{key}.{name}")))
 }
 
 fn describe_origin(origin: Option<&str>, key: &str) -> String {
@@ -563,16 +709,19 @@ pub fn env_var_name(key: &str) -> String {
     name
 }
 
-/// `KEEL__*` variables as a config layer. Written by hand rather than with
-/// `config::Environment` so list-valued keys are split on commas (and only
-/// those), and so errors can name the exact variable.
+/// One parsed layer handed to `config` for merging: a YAML file, or the
+/// `KEEL__*` variables. Sorted, so that merging (and any error) is the same
+/// on every run.
 #[derive(Debug, Clone)]
-struct EnvSource {
+struct Layer {
     values: BTreeMap<String, Value>,
 }
 
-impl EnvSource {
-    fn new(vars: &[(String, String)], known: &serde_json::Value) -> Self {
+impl Layer {
+    /// `KEEL__*` variables as a layer. Built by hand rather than with
+    /// `config::Environment` so list-valued keys are split on commas (and
+    /// only those), and so errors can name the exact variable.
+    fn from_env(vars: &[(String, String)], known: &serde_json::Value) -> Self {
         let prefix = format!("{ENV_PREFIX}{ENV_SEPARATOR}");
         let origin = ENV_ORIGIN.to_owned();
         let mut values = BTreeMap::new();
@@ -600,7 +749,7 @@ impl EnvSource {
     }
 }
 
-impl Source for EnvSource {
+impl Source for Layer {
     fn clone_into_box(&self) -> Box<dyn Source + Send + Sync> {
         Box::new(self.clone())
     }
@@ -619,7 +768,12 @@ mod tests {
         assert_eq!(ByteSize::parse("4MiB"), Ok(ByteSize(4 * 1024 * 1024)));
         assert_eq!(ByteSize::parse("512KiB"), Ok(ByteSize(512 * 1024)));
         assert_eq!(ByteSize::parse("100"), Ok(ByteSize(100)));
+        assert_eq!(ByteSize::parse("4mb"), Ok(ByteSize(4_000_000)));
+        assert_eq!(ByteSize::parse("4mib"), Ok(ByteSize(4 * 1024 * 1024)));
+        assert_eq!(ByteSize::parse("2 GiB"), Ok(ByteSize(2 * 1024 * 1024 * 1024)));
+        assert_eq!(ByteSize::parse("1kB"), Ok(ByteSize(1000)));
         assert!(ByteSize::parse("4 parsecs").is_err());
+        assert!(ByteSize::parse("4mbit").is_err());
         assert!(ByteSize::parse("MiB").is_err());
     }
 

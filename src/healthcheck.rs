@@ -12,12 +12,12 @@ use tonic_health::pb::health_client::HealthClient;
 /// Why a health check did not pass.
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {
-    #[error("invalid address: {0}")]
-    Address(String),
-    #[error("cannot start a runtime: {0}")]
-    Runtime(std::io::Error),
-    #[error("cannot connect: {0}")]
-    Connect(String),
+    #[error("invalid address")]
+    Address(#[source] tonic::transport::Error),
+    #[error("cannot start a runtime")]
+    Runtime(#[source] std::io::Error),
+    #[error("cannot connect")]
+    Connect(#[source] tonic::transport::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
     #[error("health check failed: {0}")]
@@ -41,11 +41,11 @@ pub fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), CheckEr
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(CheckError::Runtime)?;
     runtime.block_on(async {
         let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| CheckError::Address(e.to_string()))?
+            .map_err(CheckError::Address)?
             .connect_timeout(timeout)
             .timeout(timeout);
         let attempt = async {
-            let channel = endpoint.connect().await.map_err(|e| CheckError::Connect(source_chain(&e)))?;
+            let channel = endpoint.connect().await.map_err(CheckError::Connect)?;
             let response = HealthClient::new(channel)
                 .check(HealthCheckRequest { service: service.to_owned() })
                 .await
@@ -58,15 +58,4 @@ pub fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), CheckEr
         };
         tokio::time::timeout(timeout, attempt).await.map_err(|_| CheckError::Timeout(timeout))?
     })
-}
-
-fn source_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }

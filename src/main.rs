@@ -1,10 +1,13 @@
 //! The `keel` binary: CLI → config → runtime → telemetry → build → run →
 //! exit code. Config comes before telemetry because the log format, level
 //! and exporter are config; a config error is printed plainly to stderr.
+//! Errors are printed with their whole cause chain, on one line.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel::app::{App, AppError};
 use keel::config::{ConfigSources, EXIT_CONFIG, Settings};
@@ -48,24 +51,23 @@ struct HealthcheckArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::load(&ConfigSources::from_process(cli.config.clone())) {
+    let mut sources = ConfigSources::from_process(cli.config.clone());
+    sources.probe = matches!(cli.command, Some(Command::Healthcheck(_)));
+    let settings = match Settings::load(&sources) {
         Ok(settings) => settings,
         Err(error) => {
-            eprintln!("keel: {error}");
+            report(format_args!("keel: {}", chain(&error)));
             return ExitCode::from(EXIT_CONFIG as u8);
         }
     };
     match cli.command.unwrap_or(Command::Serve) {
-        Command::Config => {
-            println!("{}", settings.to_redacted_json());
-            ExitCode::SUCCESS
-        }
+        Command::Config => print_stdout(&settings.to_redacted_json()),
         Command::Healthcheck(args) => {
             let addr = args.addr.unwrap_or_else(|| keel::healthcheck::local_target(settings.grpc.addr).to_string());
             match keel::healthcheck::check(&addr, &args.service, args.timeout) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
-                    eprintln!("keel healthcheck: {addr}: {reason}");
+                    report(format_args!("keel healthcheck: {addr}: {}", chain(&reason)));
                     ExitCode::FAILURE
                 }
             }
@@ -78,7 +80,7 @@ fn serve(settings: Settings) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("keel: cannot start the async runtime: {error}");
+            report(format_args!("keel: cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
@@ -86,7 +88,7 @@ fn serve(settings: Settings) -> ExitCode {
         // Telemetry needs the runtime: span export runs on it.
         let telemetry = match keel::telemetry::init(&settings.log, &settings.tracing) {
             Ok(guard) => guard,
-            Err(error) => return Err(Failure::Config(error.to_string())),
+            Err(error) => return Err(Failure::Config(error.into())),
         };
         let served = run(settings).await;
         telemetry.shutdown().await;
@@ -97,13 +99,14 @@ fn serve(settings: Settings) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(error)) => {
-            eprintln!("keel: {error}");
+            report(format_args!("keel: {}", chain(error.as_ref())));
             ExitCode::from(EXIT_CONFIG as u8)
         }
         Err(Failure::Run(error)) => {
-            tracing::error!(error = format!("{error:#}"), "keel failed");
+            let message = chain(error.as_ref());
+            tracing::error!(error = %message, "keel failed");
             if error.downcast_ref::<AppError>().is_some_and(AppError::is_bind) {
-                eprintln!("keel: {error:#}");
+                report(format_args!("keel: {message}"));
             }
             ExitCode::FAILURE
         }
@@ -111,13 +114,53 @@ fn serve(settings: Settings) -> ExitCode {
 }
 
 enum Failure {
-    Config(String),
+    Config(anyhow::Error),
     Run(anyhow::Error),
+}
+
+/// Writes `text` and a newline to stdout. A closed pipe (`keel config |
+/// head -3`) is success: the reader has all it wanted. `println!` would
+/// panic there instead.
+fn print_stdout(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(error) => {
+            report(format_args!("keel: cannot write to stdout: {error}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error` and its causes on one line, `: `-separated, as anyhow's `{:#}`
+/// but without repeats: a cause is left out when the text so far already
+/// ends with it, because many errors print their source in their own
+/// message too (`cannot listen on …: {source}`), and hyper's connect error
+/// repeats its own text as its source.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let message = cause.to_string();
+        if !message.is_empty() && !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Writes one line to stderr. A failure to write it is ignored: there is
+/// nowhere left to report it, and `eprintln!` would panic.
+fn report(line: std::fmt::Arguments<'_>) {
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }
 
 /// Build → run, with the signals wired to the shutdown future.
 async fn run(settings: Settings) -> anyhow::Result<()> {
-    let signals = SignalListener::install().map_err(|e| anyhow::anyhow!("cannot install signal handlers: {e}"))?;
+    let signals = SignalListener::install().context("cannot install signal handlers")?;
     let app = App::build(settings).await?;
     let stop = CancellationToken::new();
     tokio::spawn(handle_signals(signals, stop.clone()));
@@ -139,5 +182,43 @@ async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
         }
         tracing::info!(?signal, "shutdown requested");
         stop.cancel();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error with a fixed message and an optional source.
+    #[derive(Debug)]
+    struct Link(&'static str, Option<Box<Link>>);
+
+    impl std::fmt::Display for Link {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+
+    impl std::error::Error for Link {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    fn link(message: &'static str, source: Option<Link>) -> Link {
+        Link(message, source.map(Box::new))
+    }
+
+    #[test]
+    fn chain_prints_every_cause_once() {
+        let repeated = link(
+            "cannot connect",
+            Some(link("tcp connect error", Some(link("tcp connect error", Some(link("Connection refused", None)))))),
+        );
+        assert_eq!(chain(&repeated), "cannot connect: tcp connect error: Connection refused");
+        let inlined = link("cannot listen on x: Address in use", Some(link("Address in use", None)));
+        assert_eq!(chain(&inlined), "cannot listen on x: Address in use");
+        let plain = link("cannot read config file a.yaml", Some(link("permission denied", None)));
+        assert_eq!(chain(&plain), "cannot read config file a.yaml: permission denied");
     }
 }

@@ -56,6 +56,8 @@ fn each_layer_overrides_the_one_before() -> Result<()> {
             ("KEEL_ENV", "ignored-here"),
             ("OTHER__GRPC__ADDR", "not ours"),
         ]),
+        dir_from_env: true,
+        probe: false,
     };
     let settings = Settings::load(&sources)?;
     let addr = |s: &str| s.parse::<SocketAddr>();
@@ -76,8 +78,117 @@ fn built_in_defaults_apply_without_any_file() -> Result<()> {
     let scratch = Scratch::new("empty")?;
     let settings = Settings::load(&ConfigSources { dir: scratch.0.clone(), ..Default::default() })?;
     assert_eq!(settings, Settings::default());
-    assert_eq!(settings.grpc.addr, "0.0.0.0:9000".parse::<SocketAddr>()?);
+    assert_eq!(settings.grpc.addr, "127.0.0.1:9000".parse::<SocketAddr>()?);
     assert_eq!(settings.shutdown.max_duration(), Duration::from_secs(25));
+    Ok(())
+}
+
+fn bound(settings: &Settings) -> [String; 3] {
+    [settings.grpc.addr, settings.http.addr, settings.admin.addr].map(|a| a.to_string())
+}
+
+#[test]
+fn defaults_bind_loopback_and_production_binds_every_interface() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+    let loopback = ["127.0.0.1:9000", "127.0.0.1:8080", "127.0.0.1:8081"];
+    assert_eq!(bound(&Settings::default()), loopback, "built-in defaults");
+    let shipped = Settings::load(&ConfigSources { dir: dir.clone(), ..Default::default() })?;
+    assert_eq!(bound(&shipped), loopback, "config/default.yaml");
+
+    let production = Settings::load(&ConfigSources {
+        dir,
+        environment: Some("production".into()),
+        env_vars: vars(&[("KEEL__AUTH__TOKENS", "t1")]),
+        ..Default::default()
+    })?;
+    assert_eq!(bound(&production), ["0.0.0.0:9000", "0.0.0.0:8080", "0.0.0.0:8081"], "config/production.yaml");
+    Ok(())
+}
+
+#[test]
+fn sizes_take_their_unit_in_any_case() -> Result<()> {
+    let scratch = Scratch::new("sizes")?;
+    for (text, bytes) in [("4mb", 4_000_000), ("4MB", 4_000_000), ("4mib", 4 << 20), ("4MiB", 4 << 20), ("4KB", 4000)] {
+        let sources = ConfigSources {
+            dir: scratch.0.clone(),
+            env_vars: vars(&[("KEEL__HTTP__MAX_BODY_SIZE", text)]),
+            ..Default::default()
+        };
+        assert_eq!(Settings::load(&sources)?.http.max_body_size.0, bytes, "{text}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_missing_overlay_is_an_error_that_lists_the_ones_there() -> Result<()> {
+    let scratch = Scratch::new("overlay")?;
+    scratch.write("default.yaml", "")?;
+    scratch.write("production.yaml", "")?;
+    scratch.write("staging.yaml", "")?;
+    let sources = ConfigSources { dir: scratch.0.clone(), environment: Some("prod".into()), ..Default::default() };
+    match Settings::load(&sources) {
+        Err(error @ ConfigError::MissingOverlay { .. }) => {
+            let message = error.to_string();
+            let path = scratch.0.join("prod.yaml");
+            assert!(
+                message.contains(&format!("KEEL_ENV=prod selects the config overlay {}", path.display())),
+                "{message}"
+            );
+            assert!(message.ends_with(": production, staging"), "{message}");
+        }
+        other => panic!("expected a missing overlay error, got {other:?}"),
+    }
+    let sources = ConfigSources { dir: scratch.0.clone(), environment: Some("../prod".into()), ..Default::default() };
+    assert!(matches!(Settings::load(&sources), Err(ConfigError::Environment { .. })), "a path is not an environment");
+    Ok(())
+}
+
+#[test]
+fn only_the_default_config_dir_may_be_missing() -> Result<()> {
+    let scratch = Scratch::new("no-dir")?;
+    let missing = scratch.0.join("absent");
+    let default_dir = ConfigSources { dir: missing.clone(), ..Default::default() };
+    assert_eq!(Settings::load(&default_dir)?, Settings::default(), "the built-in defaults are complete");
+
+    let chosen = ConfigSources { dir: missing.clone(), dir_from_env: true, ..Default::default() };
+    match Settings::load(&chosen) {
+        Err(ConfigError::MissingDir { path }) => assert_eq!(path, missing.display().to_string()),
+        other => panic!("expected a missing directory error, got {other:?}"),
+    }
+
+    let with_overlay = ConfigSources { environment: Some("production".into()), ..default_dir };
+    assert!(
+        matches!(Settings::load(&with_overlay), Err(ConfigError::MissingOverlay { .. })),
+        "KEEL_ENV asks for an overlay even when the default directory is absent"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_unknown_nested_section_names_the_layer_that_set_it() -> Result<()> {
+    let scratch = Scratch::new("nested")?;
+    let sources = ConfigSources {
+        dir: scratch.0.clone(),
+        env_vars: vars(&[("KEEL__GRPC__TLS__CERT_FILE", "x")]),
+        ..Default::default()
+    };
+    match Settings::load(&sources) {
+        Err(ConfigError::UnknownKey { key, origin }) => {
+            assert_eq!(key, "grpc.tls");
+            assert_eq!(origin, "environment variable KEEL__GRPC__TLS__CERT_FILE");
+        }
+        other => panic!("expected an unknown key error, got {other:?}"),
+    }
+
+    let file = scratch.write("nested.yaml", "grpc:\n  tls:\n    cert_file: x\n")?;
+    let sources = ConfigSources { dir: scratch.0.clone(), file: Some(file.clone()), ..Default::default() };
+    match Settings::load(&sources) {
+        Err(ConfigError::UnknownKey { key, origin }) => {
+            assert_eq!(key, "grpc.tls");
+            assert_eq!(origin, format!("file {}", file.display()));
+        }
+        other => panic!("expected an unknown key error, got {other:?}"),
+    }
     Ok(())
 }
 
@@ -127,6 +238,79 @@ mod binary {
             command.env(k, v);
         }
         command.output().context("cannot run keel")
+    }
+
+    /// Exit code 78 and one line on stderr containing every one of `parts`.
+    fn assert_exits_78_saying(output: &Output, parts: &[&str]) {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(78), "stderr: {stderr}");
+        for part in parts {
+            assert!(stderr.contains(part), "stderr should say {part:?}: {stderr}");
+        }
+        assert_eq!(stderr.trim().lines().count(), 1, "one clear message: {stderr}");
+    }
+
+    #[test]
+    fn a_keel_env_without_its_overlay_exits_78() -> Result<()> {
+        let scratch = Scratch::new("bin-env-typo")?;
+        scratch.write("production.yaml", "")?;
+        let output = keel(&["config"], &[("KEEL_ENV", "prod")], &scratch.0)?;
+        let missing = scratch.0.join("prod.yaml");
+        assert_exits_78_saying(&output, &["KEEL_ENV=prod", &missing.display().to_string(), "production"]);
+        assert!(output.stdout.is_empty(), "no settings printed");
+        Ok(())
+    }
+
+    #[test]
+    fn a_missing_keel_config_dir_exits_78() -> Result<()> {
+        let output = keel(&["config"], &[], Path::new("/nonexistent"))?;
+        assert_exits_78_saying(&output, &["/nonexistent", "KEEL_CONFIG_DIR"]);
+        Ok(())
+    }
+
+    #[test]
+    fn an_absolute_config_path_is_reported_as_given() -> Result<()> {
+        let scratch = Scratch::new("bin-abs")?;
+        let file = scratch.write("bad.yaml", "grpc:\n  adress: 127.0.0.1:1\n")?;
+        let file = file.to_string_lossy().into_owned();
+        assert!(Path::new(&file).is_absolute());
+        // Run from the file's own directory, where a path relative to the
+        // current directory would be just `bad.yaml`.
+        let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .args(["--config", &file, "config"])
+            .env_clear()
+            .env("KEEL_CONFIG_DIR", &scratch.0)
+            .current_dir(&scratch.0)
+            .output()?;
+        assert_exits_78_saying(&output, &["`grpc.adress`", &format!("(from file {file})")]);
+        Ok(())
+    }
+
+    #[test]
+    fn an_unknown_nested_env_key_names_its_variable() -> Result<()> {
+        let scratch = Scratch::new("bin-nested")?;
+        let output = keel(&["config"], &[("KEEL__GRPC__TLS__CERT_FILE", "x")], &scratch.0)?;
+        assert_config_error(&output, "grpc.tls", "environment variable KEEL__GRPC__TLS__CERT_FILE");
+        Ok(())
+    }
+
+    #[test]
+    fn config_into_a_closed_pipe_exits_quietly() -> Result<()> {
+        let scratch = Scratch::new("bin-pipe")?;
+        // The read end is closed before keel starts, as after `| head -3`
+        // has exited, so every write fails with EPIPE.
+        let (reader, writer) = std::io::pipe()?;
+        drop(reader);
+        let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("config")
+            .env_clear()
+            .env("KEEL_CONFIG_DIR", &scratch.0)
+            .stdout(writer)
+            .output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(0), "stderr: {stderr}");
+        assert!(stderr.is_empty(), "nothing on stderr: {stderr}");
+        Ok(())
     }
 
     fn assert_config_error(output: &Output, key: &str, origin: &str) {
@@ -215,6 +399,8 @@ mod binary {
         assert_eq!(output.status.code(), Some(1));
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(&addr), "stderr should name {addr}: {stderr}");
+        let parts: Vec<&str> = stderr.trim().split(": ").collect();
+        assert!(parts.windows(2).all(|w| w[0] != w[1]), "each cause once: {stderr}");
         drop(taken);
         Ok(())
     }

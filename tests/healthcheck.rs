@@ -45,3 +45,40 @@ async fn passes_against_a_live_server_and_fails_after_it_stops() -> Result<()> {
     assert!(reason.contains("cannot connect"), "{reason}");
     Ok(())
 }
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> Result<String> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.to_string())
+}
+
+#[test]
+fn a_refused_connection_is_explained_once() -> Result<()> {
+    let addr = closed_port()?;
+    let output = healthcheck(&["--addr", &addr, "--timeout", "2s"])?;
+    assert_eq!(output.status.code(), Some(1));
+    let reason = String::from_utf8_lossy(&output.stderr);
+    assert!(reason.contains("Connection refused"), "the root cause is shown: {reason}");
+    let parts: Vec<&str> = reason.trim().split(": ").collect();
+    assert!(parts.windows(2).all(|w| w[0] != w[1]), "no message repeated: {reason}");
+    Ok(())
+}
+
+#[test]
+fn the_probe_runs_in_production_without_tokens() -> Result<()> {
+    // As the chart's test pod does: the production image, no tokens. The
+    // probe serves nothing, so it must get as far as connecting rather than
+    // stop with the server's config error (78). No KEEL_CONFIG_DIR: the
+    // shipped config/ of the working directory is used.
+    let addr = closed_port()?;
+    let output = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .args(["healthcheck", "--addr", &addr, "--timeout", "2s"])
+        .env_clear()
+        .env("KEEL_ENV", "production")
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()?;
+    let reason = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{reason}");
+    assert!(reason.contains("cannot connect"), "{reason}");
+    Ok(())
+}

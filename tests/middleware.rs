@@ -239,6 +239,8 @@ mod auth {
     fn keel_config(env: &[(&str, &str)]) -> Result<std::process::Output> {
         let dir = std::env::temp_dir().join(format!("keel-auth-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
+        // KEEL_ENV must name an overlay that exists; an empty one adds nothing.
+        std::fs::write(dir.join("production.yaml"), "")?;
         let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
         command.arg("config").env_clear().env("KEEL_CONFIG_DIR", &dir).env("KEEL_ENV", "production");
         for (k, v) in env {
