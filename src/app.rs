@@ -44,8 +44,10 @@ pub enum AppError {
     Http(#[source] std::io::Error),
     #[error("the admin server failed")]
     Admin(#[source] std::io::Error),
-    #[error("the {0} server stopped unexpectedly: {1}")]
-    Crashed(&'static str, String),
+    #[error("the {0} server panicked")]
+    Panicked(&'static str, #[source] tokio::task::JoinError),
+    #[error("the {0} server returned before shutdown")]
+    Stopped(&'static str),
 }
 
 impl AppError {
@@ -211,9 +213,9 @@ impl App {
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
         match outcome {
             Some((http, grpc, admin)) => {
-                http.map_err(|e| AppError::Crashed("HTTP", e.to_string()))?.map_err(AppError::Http)?;
-                grpc.map_err(|e| AppError::Crashed("gRPC", e.to_string()))??;
-                admin.map_err(|e| AppError::Crashed("admin", e.to_string()))?.map_err(AppError::Admin)?;
+                http.map_err(|e| AppError::Panicked("HTTP", e))?.map_err(AppError::Http)?;
+                grpc.map_err(|e| AppError::Panicked("gRPC", e))??;
+                admin.map_err(|e| AppError::Panicked("admin", e))?.map_err(AppError::Admin)?;
                 Ok(())
             }
             None => {
@@ -237,8 +239,8 @@ async fn first_failure(
     tokio::select! {
         joined = grpc => match joined {
             Ok(Err(error)) => AppError::from(error),
-            Ok(Ok(())) => AppError::Crashed("gRPC", "it returned before shutdown".to_owned()),
-            Err(join) => AppError::Crashed("gRPC", join.to_string()),
+            Ok(Ok(())) => AppError::Stopped("gRPC"),
+            Err(join) => AppError::Panicked("gRPC", join),
         },
         joined = http => io_crashed("HTTP", joined, AppError::Http),
         joined = admin => io_crashed("admin", joined, AppError::Admin),
@@ -252,7 +254,7 @@ fn io_crashed(
 ) -> AppError {
     match joined {
         Ok(Err(error)) => failed(error),
-        Ok(Ok(())) => AppError::Crashed(server, "it returned before shutdown".to_owned()),
-        Err(join) => AppError::Crashed(server, join.to_string()),
+        Ok(Ok(())) => AppError::Stopped(server),
+        Err(join) => AppError::Panicked(server, join),
     }
 }

@@ -20,8 +20,8 @@ pub enum CheckError {
     Connect(#[source] tonic::transport::Error),
     #[error("no answer within {0:?}")]
     Timeout(Duration),
-    #[error("health check failed: {0}")]
-    Rpc(String),
+    #[error("health check failed")]
+    Rpc(#[source] tonic::Status),
     #[error("status is {0}")]
     NotServing(&'static str),
 }
@@ -49,7 +49,7 @@ pub fn check(addr: &str, service: &str, timeout: Duration) -> Result<(), CheckEr
             let response = HealthClient::new(channel)
                 .check(HealthCheckRequest { service: service.to_owned() })
                 .await
-                .map_err(|status| CheckError::Rpc(format!("{:?}: {}", status.code(), status.message())))?;
+                .map_err(CheckError::Rpc)?;
             match ServingStatus::try_from(response.into_inner().status) {
                 Ok(ServingStatus::Serving) => Ok(()),
                 Ok(other) => Err(CheckError::NotServing(other.as_str_name())),

@@ -13,12 +13,15 @@ use crate::config::{LogFormat, LogSettings, TracingSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("invalid log filter: {0}")]
-    Filter(String),
+    #[error("invalid log filter")]
+    Filter(#[source] tracing_subscriber::filter::ParseError),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
-    #[error("cannot set up the OTLP exporter: {0}")]
-    Exporter(String),
+    #[error("telemetry must be set up inside the tokio runtime")]
+    NoRuntime,
+    #[cfg(feature = "otel")]
+    #[error("cannot set up the OTLP exporter")]
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
 }
 
 /// Keeps the span exporter alive; [`TelemetryGuard::shutdown`] flushes it.
@@ -62,8 +65,7 @@ pub fn install<W>(
 where
     W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
-    let filter =
-        EnvFilter::try_new(directives.unwrap_or(&log.level)).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let filter = EnvFilter::try_new(directives.unwrap_or(&log.level)).map_err(TelemetryError::Filter)?;
     let logs = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -139,14 +141,13 @@ mod otel {
         if settings.otlp_endpoint.is_empty() {
             return Ok((None, None));
         }
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| TelemetryError::Exporter("telemetry must be set up inside the tokio runtime".to_owned()))?;
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| TelemetryError::NoRuntime)?;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_tonic()
             .with_endpoint(settings.otlp_endpoint.clone())
             .with_timeout(EXPORT_TIMEOUT)
             .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            .map_err(TelemetryError::Exporter)?;
         let resource = opentelemetry_sdk::Resource::builder().with_service_name(settings.service_name.clone()).build();
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(OnRuntime { inner: Arc::new(exporter), runtime })

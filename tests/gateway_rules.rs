@@ -7,16 +7,11 @@
 mod support;
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use anyhow::{Context as _, Result, anyhow};
-use bytes::{BufMut, Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Method, StatusCode};
-use http_body_util::{BodyExt, StreamBody};
-use hyper::body::Frame;
+use http::{Method, StatusCode};
 use keel::config::HttpSettings;
 use keel::gateway::forward::Forwarder;
 use keel::gateway::{BuildError, Gateway};
@@ -24,9 +19,10 @@ use keel::grpc::middleware::method::MethodTable;
 use keel::grpc::middleware::metrics::GrpcMetricsLayer;
 use keel::metrics::Metrics;
 use prost::Message;
-use prost_reflect::{DescriptorPool, DynamicMessage};
+use prost_reflect::DescriptorPool;
 use serde_json::{Value, json};
 use std::sync::Arc;
+use support::echo::{EchoBackend, EchoBody};
 use support::http::HttpClient;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -53,78 +49,6 @@ where
     let mut registry = keel::registry::ServiceRegistry::new()?;
     registry.add_descriptors(descriptors).add(service);
     Ok(registry.finish()?)
-}
-
-/// A gRPC backend for any EchoService method, written against raw HTTP/2
-/// so it needs no generated code.
-#[derive(Clone)]
-struct EchoBackend {
-    pool: DescriptorPool,
-}
-
-impl NamedService for EchoBackend {
-    const NAME: &'static str = "echo.v1.EchoService";
-}
-
-type EchoBody = tonic::body::Body;
-
-impl tower::Service<http::Request<EchoBody>> for EchoBackend {
-    type Response = http::Response<EchoBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, request: http::Request<EchoBody>) -> Self::Future {
-        let pool = self.pool.clone();
-        Box::pin(async move {
-            let (parts, body) = request.into_parts();
-            let bytes = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-            let payload = bytes.get(5..).map(Bytes::copy_from_slice).unwrap_or_default();
-
-            let mut response = http::Response::builder().header("content-type", "application/grpc");
-            for (name, value) in &parts.headers {
-                let name = name.as_str();
-                if name.starts_with("x-") || name == "authorization" || name == "tenant" {
-                    response = response.header(format!("echo-{name}"), value);
-                }
-            }
-            let mut frames: Vec<Frame<Bytes>> = Vec::new();
-            let mut trailers = HeaderMap::new();
-            trailers.insert("grpc-status", HeaderValue::from_static("0"));
-            if parts.uri.path().ends_with("/EchoStream") {
-                let message = pool
-                    .get_message_by_name("echo.v1.EchoMessage")
-                    .and_then(|desc| DynamicMessage::decode(desc, payload.clone()).ok());
-                let number = message.as_ref().and_then(|m| m.get_field_by_name("number")).and_then(|v| v.as_i32());
-                let fail = message.as_ref().and_then(|m| m.get_field_by_name("flag")).and_then(|v| v.as_bool());
-                for _ in 0..number.unwrap_or(0).clamp(0, 10) {
-                    frames.push(Frame::data(grpc_frame(&payload)));
-                }
-                if fail == Some(true) {
-                    trailers.insert("grpc-status", HeaderValue::from_static("13"));
-                    trailers.insert("grpc-message", HeaderValue::from_static("boom"));
-                }
-            } else {
-                frames.push(Frame::data(grpc_frame(&payload)));
-                trailers.insert("trailer-note", HeaderValue::from_static("done"));
-            }
-            frames.push(Frame::trailers(trailers));
-            let stream = tokio_stream::iter(frames.into_iter().map(Ok::<_, Infallible>));
-            let body = EchoBody::new(StreamBody::new(stream));
-            Ok(response.body(body).unwrap_or_default())
-        })
-    }
-}
-
-fn grpc_frame(payload: &[u8]) -> Bytes {
-    let mut frame = BytesMut::with_capacity(payload.len() + 5);
-    frame.put_u8(0);
-    frame.put_u32(u32::try_from(payload.len()).unwrap_or(u32::MAX));
-    frame.put_slice(payload);
-    frame.freeze()
 }
 
 /// The echo backend and a gateway in front of it, both on ephemeral ports.

@@ -24,10 +24,33 @@ use crate::registry::Services;
 /// Why the gateway could not be built. Each is a defect in the protos.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
-    #[error("{method}: {reason}")]
-    Binding { method: String, reason: String },
+    #[error("{method}: invalid google.api.http binding")]
+    Binding {
+        method: String,
+        #[source]
+        source: BindingError,
+    },
     #[error(transparent)]
     Conflict(#[from] route::RouteConflict),
+}
+
+/// What is wrong with one `google.api.http` rule.
+#[derive(Debug, thiserror::Error)]
+pub enum BindingError {
+    #[error("additional_bindings must not nest")]
+    Nested,
+    #[error("invalid HTTP method {0:?}")]
+    Method(String),
+    #[error("an http rule needs a pattern")]
+    NoPattern,
+    #[error(transparent)]
+    Template(#[from] route::TemplateError),
+    #[error(transparent)]
+    Plan(#[from] super::transcode::PlanError),
+    #[error("invalid gRPC path")]
+    GrpcPath(#[from] http::uri::InvalidUri),
+    #[error("its route {template} shadows the gateway's {reserved}")]
+    Reserved { template: String, reserved: &'static str },
 }
 
 /// One HTTP binding of one gRPC method.
@@ -64,7 +87,7 @@ impl Gateway {
         for service in services.rest() {
             let service = &service.descriptor;
             for method in service.methods() {
-                let fail = |reason: String| BuildError::Binding { method: method.full_name().to_owned(), reason };
+                let fail = |source: BindingError| BuildError::Binding { method: method.full_name().to_owned(), source };
                 if method.is_client_streaming() {
                     tracing::warn!(method = method.full_name(), "client-streaming methods have no HTTP route");
                     continue;
@@ -83,10 +106,10 @@ impl Gateway {
                     let binding = binding(&method, &rule, index, metrics).map_err(fail)?;
                     for reserved in [HEALTH_PATH, OPENAPI_PATH] {
                         if binding.template.matches(reserved).is_some() {
-                            return Err(fail(format!(
-                                "its route {} shadows the gateway's {reserved}",
-                                binding.template
-                            )));
+                            return Err(fail(BindingError::Reserved {
+                                template: binding.template.to_string(),
+                                reserved,
+                            }));
                         }
                     }
                     let http_method = binding.http_method.clone();
@@ -133,9 +156,14 @@ fn http_rules(method: &MethodDescriptor, extension: Option<&ExtensionDescriptor>
     std::iter::once(rule).chain(additional).collect()
 }
 
-fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize, metrics: &HttpMetrics) -> Result<Binding, String> {
+fn binding(
+    method: &MethodDescriptor,
+    rule: &HttpRule,
+    index: usize,
+    metrics: &HttpMetrics,
+) -> Result<Binding, BindingError> {
     if index > 0 && !rule.additional_bindings.is_empty() {
-        return Err("additional_bindings must not nest".to_owned());
+        return Err(BindingError::Nested);
     }
     let (http_method, path) = match &rule.pattern {
         Some(Pattern::Get(p)) => (Method::GET, p.as_str()),
@@ -144,12 +172,12 @@ fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize, metrics: &H
         Some(Pattern::Delete(p)) => (Method::DELETE, p.as_str()),
         Some(Pattern::Patch(p)) => (Method::PATCH, p.as_str()),
         Some(Pattern::Custom(custom)) => (
-            Method::from_bytes(custom.kind.as_bytes()).map_err(|_| format!("invalid HTTP method {:?}", custom.kind))?,
+            Method::from_bytes(custom.kind.as_bytes()).map_err(|_| BindingError::Method(custom.kind.clone()))?,
             custom.path.as_str(),
         ),
-        None => return Err("an http rule needs a pattern".to_owned()),
+        None => return Err(BindingError::NoPattern),
     };
-    let template = PathTemplate::parse(path).map_err(|e| e.to_string())?;
+    let template = PathTemplate::parse(path)?;
     let transcoding = Transcoding::new(
         method.input(),
         method.output(),
@@ -157,10 +185,8 @@ fn binding(method: &MethodDescriptor, rule: &HttpRule, index: usize, metrics: &H
         &rule.response_body,
         template.field_paths(),
         http_method == Method::PATCH,
-    )
-    .map_err(|e| e.to_string())?;
-    let grpc_path = PathAndQuery::try_from(format!("/{}/{}", method.parent_service().full_name(), method.name()))
-        .map_err(|e| e.to_string())?;
+    )?;
+    let grpc_path = PathAndQuery::try_from(format!("/{}/{}", method.parent_service().full_name(), method.name()))?;
     Ok(Binding {
         metrics: metrics.route(http_method.as_str(), template.as_str()),
         method: method.clone(),

@@ -66,7 +66,7 @@ const COMMON_HTTP_STATUSES: [u16; 16] =
     [200, 400, 401, 403, 404, 405, 409, 413, 415, 429, 499, 500, 501, 503, 504, 502];
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot register metrics: {0}")]
+#[error("cannot register metrics")]
 pub struct MetricsError(#[from] prometheus::Error);
 
 /// The registry and the families the layers record into. Cheap to clone.

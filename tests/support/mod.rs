@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod echo;
 pub mod exposition;
 pub mod http;
 pub mod process;

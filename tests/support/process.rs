@@ -79,6 +79,7 @@ impl KeelProcess {
     /// Sends a signal (`TERM`, `INT`, `QUIT`) with kill(2), as an operator
     /// or the kubelet would. Not the `kill` program: a minimal machine may
     /// lack procps.
+    #[allow(unsafe_code)] // kill(2) has no safe wrapper in std.
     pub fn signal(&self, name: &str) -> Result<()> {
         let number = match name {
             "TERM" => libc::SIGTERM,
