@@ -136,7 +136,8 @@ echo "ok   ${NEW}_ENV=production ${NEW}__AUTH__TOKENS=... $new config prints JSO
 # A server on ephemeral ports; its addresses come from the startup log line,
 # waited for (no fixed sleep) for up to 30 s.
 log="$work/serve.log"
-run_bin "${NEW}__GRPC__ADDR=127.0.0.1:0" "${NEW}__HTTP__ADDR=127.0.0.1:0" "${NEW}__ADMIN__ADDR=127.0.0.1:0" \
+# env directly, not run_bin: `$!` must be the server itself, not a subshell.
+env -i PATH="$PATH" HOME="${HOME:-/tmp}" "${NEW}__GRPC__ADDR=127.0.0.1:0" "${NEW}__HTTP__ADDR=127.0.0.1:0" "${NEW}__ADMIN__ADDR=127.0.0.1:0" \
     "${NEW}__LOG__FORMAT=json" "${NEW}__SHUTDOWN__DRAIN_DELAY=0s" "$binary" serve >"$log" 2>&1 &
 server_pid=$!
 deadline=$((SECONDS + 30))
@@ -168,10 +169,14 @@ run_bin "$binary" healthcheck --addr "$grpc" || fail "$new healthcheck --addr $g
 echo "ok   $new healthcheck --addr $grpc"
 
 kill -TERM "$server_pid"
+# A watchdog, so that a server hung in shutdown fails the check, not CI.
+( sleep 30; kill -KILL "$server_pid" 2>/dev/null ) &
+watchdog=$!
 set +e
 wait "$server_pid"
 code=$?
 set -e
+kill "$watchdog" 2>/dev/null || true
 server_pid=""
 [ "$code" -eq 0 ] || fail "$new serve exited $code after SIGTERM: $(tail -n 20 "$log")"
 grep -q "\"message\":\"$new serving\"" "$log" || echo "note: no \"$new serving\" log line" >&2
