@@ -17,7 +17,8 @@
 #      (`config` exits 78 naming a bad NEW_NAME__GRPC__ADDR; production
 #      refuses to start without tokens and prints its JSON with them), and a
 #      server started on port 0 serves NEW_NAME_build_info on /metrics and
-#      answers its own `healthcheck`;
+#      answers its own `healthcheck`; then the renamed scripts/e2e/run.sh
+#      against it (reusing target/e2e-venv);
 #   5. `helm lint --strict helm/NEW_NAME` (helm from scripts/chart/tools.sh,
 #      reused from target/chart-tools), then scripts/chart/test.sh in the
 #      copy, reusing this tree's helm and chart venv;
@@ -181,6 +182,11 @@ server_pid=""
 [ "$code" -eq 0 ] || fail "$new serve exited $code after SIGTERM: $(tail -n 20 "$log")"
 grep -q "\"message\":\"$new serving\"" "$log" || echo "note: no \"$new serving\" log line" >&2
 echo "ok   $new serve exits 0 on SIGTERM"
+
+step "scripts/e2e/run.sh target/debug/$new in the copy"
+# The renamed e2e (its NAMEproc.py, env names, log line, metric names and
+# README examples) against the renamed binary, reusing this tree's venv.
+env "${NEW}_E2E_VENV=$ROOT/target/e2e-venv" scripts/e2e/run.sh "$binary"
 
 # --- 5. the chart ------------------------------------------------------------------
 step "helm lint --strict helm/$new"
