@@ -45,6 +45,8 @@ fi
 
 export GRPCURL="$venv/bin/grpcurl"
 cd "$root"
+# The checks write scratch files there (with CARGO_TARGET_DIR elsewhere it may not exist).
+mkdir -p target
 for check in "$here"/*_acceptance.py; do
   echo "== $(basename "$check")"
   "$venv/bin/python" "$check" "$binary"
