@@ -868,6 +868,8 @@ def check_negative(checks: Checks, tools: Tools) -> None:
         ("ports.admin=70000", ["--set", "ports.admin=70000"], "ports.admin"),
         ("ports.admin equal to ports.grpc", ["--set", "ports.admin=9000"], "three different ports"),
         ("probes.type=tcp", ["--set", "probes.type=tcp"], "probes.type"),
+        ("environment=staging (no config/staging.yaml)", ["--set", "environment=staging"], "environment"),
+        ("environment=Production (case matters)", ["--set", "environment=Production"], "environment"),
         ("auth.tokens with a comma", ["--set-json", 'auth.tokens=["a,b"]'], "auth.tokens"),
         ("no tokens, auth.generate=false", ["--set", "auth.generate=false"], "keel needs bearer tokens"),
         (
@@ -971,6 +973,22 @@ def check_schema_matches_app(checks: Checks) -> None:
         "the config schema does not allow auth.tokens",
         "tokens" not in config_schema["properties"]["auth"].get("properties", {}),
     )
+
+
+def check_environment(checks: Checks, tools: Tools) -> None:
+    """`environment` (KEEL_ENV) accepts exactly the overlays in config/."""
+    checks.section("environment against the overlays in config/")
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = set(schema["properties"]["environment"].get("enum") or [])
+    overlays = {p.stem for p in (ROOT / "config").glob("*.yaml")} - {"default"}
+    checks.check(
+        "the schema's environment enum is the overlays in config/ plus \"\" (none)",
+        allowed == overlays | {""},
+        f"enum {sorted(allowed)}, config/ overlays {sorted(overlays)}",
+    )
+    for value in sorted(allowed):
+        result = helm_template(tools, ["--set-string", f"environment={value}"])
+        checks.check(f"renders with environment={value!r}", result.returncode == 0, short(result.stderr, 300))
 
 
 def check_notes(checks: Checks, tools: Tools) -> None:
@@ -1123,6 +1141,7 @@ def main() -> int:
 
     guarded("helm lint", check_lint, checks, tools)
     guarded("schema against config keys", check_schema_matches_app, checks)
+    guarded("environment against config overlays", check_environment, checks, tools)
     default_annotations = guarded("default render", check_default, checks, tools, app_version)
     guarded("all-on render", check_all_on, checks, tools, app_version)
     guarded("grpc-probes render", check_grpc_probes, checks, tools, app_version)

