@@ -41,19 +41,28 @@ const ENV_SEPARATOR: &str = "__";
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// The gRPC listener and its limits.
     pub grpc: GrpcSettings,
+    /// The HTTP/JSON gateway.
     pub http: HttpSettings,
+    /// The private admin listener.
     pub admin: AdminSettings,
+    /// Log level and format.
     pub log: LogSettings,
+    /// Bearer tokens, or auth off.
     pub auth: AuthSettings,
+    /// Drain delay and bound.
     pub shutdown: ShutdownSettings,
+    /// Server-stream buffering.
     pub streams: StreamSettings,
+    /// OTLP span export.
     pub tracing: TracingSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GrpcSettings {
+    /// Where this listener binds; port 0 picks a free one.
     pub addr: SocketAddr,
     /// HTTP/2 PING interval; detects dead peers holding endless streams open.
     #[serde(with = "human_duration")]
@@ -107,6 +116,7 @@ impl Default for GrpcSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HttpSettings {
+    /// Where this listener binds; port 0 picks a free one.
     pub addr: SocketAddr,
     /// Largest request body the gateway reads; larger ones get 413.
     pub max_body_size: ByteSize,
@@ -144,6 +154,7 @@ impl Default for HttpSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdminSettings {
+    /// Where this listener binds; port 0 picks a free one.
     pub addr: SocketAddr,
 }
 
@@ -159,6 +170,7 @@ pub struct LogSettings {
     /// An `EnvFilter` directive such as `info` or `keel=debug,tower=warn`.
     /// `RUST_LOG` wins over it.
     pub level: String,
+    /// JSON for machines, pretty for people.
     pub format: LogFormat,
 }
 

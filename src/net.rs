@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 pub struct BindError {
     /// The config key the address came from, e.g. `grpc.addr`.
     pub key: &'static str,
+    /// The address asked for.
     pub addr: SocketAddr,
     #[source]
     pub source: std::io::Error,

@@ -47,6 +47,36 @@ pub enum RegistryError {
     Duplicate(String),
 }
 
+/// What can be served: a tower service over gRPC requests with its proto
+/// name, as tonic generates them (`FooServiceServer`) or written by hand.
+pub trait GrpcService:
+    tower::Service<
+        http::Request<tonic::body::Body>,
+        Error = Infallible,
+        Response: axum::response::IntoResponse,
+        Future: Send + 'static,
+    > + NamedService
+    + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<S> GrpcService for S where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Error = Infallible,
+            Response: axum::response::IntoResponse,
+            Future: Send + 'static,
+        > + NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
 /// How a registered service is treated by the layer stack and the gateway.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServicePolicy {
@@ -75,6 +105,7 @@ pub struct RegisteredService {
     /// Its methods, with their options (the `google.api.http` rules) and
     /// message types; `None` until [`ServiceRegistry::finish`] checks it.
     pub descriptor: Option<ServiceDescriptor>,
+    /// How the layers and the gateway treat it.
     pub policy: ServicePolicy,
 }
 
@@ -154,32 +185,12 @@ impl ServiceRegistry {
 
     /// Serves an application service behind the layer stack, on REST and in
     /// health. The returned options change its policy.
-    pub fn add<S>(&mut self, service: S) -> ServiceOptions<'_>
-    where
-        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
+    pub fn add<S: GrpcService>(&mut self, service: S) -> ServiceOptions<'_> {
         self.add_with_policy(service, ServicePolicy::APPLICATION)
     }
 
     /// Serves a service with an explicit policy (the framework's own).
-    pub(crate) fn add_with_policy<S>(&mut self, service: S, policy: ServicePolicy) -> ServiceOptions<'_>
-    where
-        S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
-            + NamedService
-            + Clone
-            + Send
-            + Sync
-            + 'static,
-        S::Response: axum::response::IntoResponse,
-        S::Future: Send + 'static,
-    {
+    pub(crate) fn add_with_policy<S: GrpcService>(&mut self, service: S, policy: ServicePolicy) -> ServiceOptions<'_> {
         let routes = std::mem::take(&mut self.routes);
         self.routes = routes.add_service(service);
         self.services.push(RegisteredService { name: S::NAME.to_owned(), descriptor: None, policy });
@@ -265,6 +276,7 @@ pub struct Service {
     pub name: String,
     /// Its methods, options and message types.
     pub descriptor: ServiceDescriptor,
+    /// How the layers and the gateway treat it.
     pub policy: ServicePolicy,
 }
 

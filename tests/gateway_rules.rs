@@ -35,17 +35,7 @@ fn compile(file: &str) -> Result<Vec<u8>> {
 }
 
 /// A registry holding only `service`, with the test protos' descriptors.
-fn registry_of<S>(descriptors: &[u8], service: S) -> Result<keel::registry::Services>
-where
-    S: tower::Service<http::Request<tonic::body::Body>, Error = Infallible>
-        + NamedService
-        + Clone
-        + Send
-        + Sync
-        + 'static,
-    S::Response: axum::response::IntoResponse,
-    S::Future: Send + 'static,
-{
+fn registry_of<S: keel::registry::GrpcService>(descriptors: &[u8], service: S) -> Result<keel::registry::Services> {
     let mut registry = keel::registry::ServiceRegistry::new()?;
     registry.add_descriptors(descriptors).add(service);
     Ok(registry.finish()?)

@@ -45,7 +45,9 @@ struct Variable {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid path template {template:?}: {reason}")]
 pub struct TemplateError {
+    /// The template as written in the annotation.
     pub template: String,
+    /// What is wrong with it.
     pub reason: String,
 }
 
@@ -257,9 +259,13 @@ impl fmt::Display for PathTemplate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("conflicting HTTP routes: {method} {template} is bound by both {first} and {second}")]
 pub struct RouteConflict {
+    /// The HTTP method both routes claim.
     pub method: Method,
+    /// The template both match.
     pub template: String,
+    /// The gRPC method routed first.
     pub first: String,
+    /// The gRPC method that conflicts with it.
     pub second: String,
 }
 

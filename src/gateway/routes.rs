@@ -60,6 +60,7 @@ pub struct Binding {
     pub method: MethodDescriptor,
     /// `/package.Service/Method`.
     pub grpc_path: PathAndQuery,
+    /// The HTTP method the binding answers.
     pub http_method: Method,
     /// The URL template matched against request paths.
     pub template: PathTemplate,

@@ -29,8 +29,11 @@ pub enum BodyRule {
 /// startup.
 #[derive(Clone, Debug)]
 pub struct Transcoding {
+    /// The request message built from path, query and body.
     pub input: MessageDescriptor,
+    /// The response message rendered as JSON.
     pub output: MessageDescriptor,
+    /// Where the HTTP body goes.
     pub body: BodyRule,
     /// Fields bound by the path template, in template order.
     pub path_fields: Vec<Vec<FieldDescriptor>>,

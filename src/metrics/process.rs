@@ -77,10 +77,15 @@ impl Collector for ProcessCollector {
 // /proc's numbers are counted in; it reads configuration and nothing else.
 #[allow(unsafe_code)]
 mod proc_stat {
+    /// The `/proc/self/stat` fields the collector exports, in its units.
     pub struct Stat {
+        /// User plus system time.
         pub cpu_seconds: f64,
+        /// `vsize`.
         pub virtual_bytes: i64,
+        /// `rss` in pages, times the page size.
         pub resident_bytes: i64,
+        /// Boot time plus `starttime`.
         pub start_time_seconds: f64,
     }
 

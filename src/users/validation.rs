@@ -18,6 +18,7 @@ const MAX_ROLES: usize = 64;
 pub struct FieldViolation {
     /// The field's path in the request, e.g. `user.email`.
     pub field: String,
+    /// What is wrong with it, for the client.
     pub description: String,
 }
 

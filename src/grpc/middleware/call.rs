@@ -24,19 +24,23 @@ pub trait OnCallEnd: Send + 'static {
     fn data(&mut self, _bytes: &[u8]) {}
 }
 
-/// Counts gRPC messages in a byte stream by following the 5-byte
-/// length-prefixed framing across arbitrary chunk boundaries.
+/// Follows the 5-byte gRPC length prefixes of a byte stream across
+/// arbitrary chunk boundaries: counts the messages, and reports the largest
+/// length announced in each chunk (for the size limits).
 #[derive(Debug, Default)]
 pub struct MessageCounter {
     header: [u8; 5],
     header_len: usize,
     /// Bytes of the current message's payload still to skip.
     remaining: u64,
+    /// Messages whose prefix has been seen so far.
     pub messages: u64,
 }
 
 impl MessageCounter {
-    pub fn feed(&mut self, mut bytes: &[u8]) {
+    /// Feeds one chunk; returns the largest message length announced in it.
+    pub fn feed(&mut self, mut bytes: &[u8]) -> u64 {
+        let mut largest = 0;
         while !bytes.is_empty() {
             if self.remaining > 0 {
                 let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(bytes.len());
@@ -53,8 +57,10 @@ impl MessageCounter {
                 self.header_len = 0;
                 self.remaining =
                     u64::from(u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]));
+                largest = largest.max(self.remaining);
             }
         }
+        largest
     }
 }
 

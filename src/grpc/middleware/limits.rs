@@ -16,6 +16,8 @@ use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
+use super::call::MessageCounter;
+
 #[derive(Clone, Copy, Debug)]
 pub struct SizeLimitLayer {
     decoding: usize,
@@ -92,7 +94,7 @@ where
         // An oversized request message fails the body before the service's
         // decoder sees its prefix; tonic turns that error into the status.
         let request = request.map(|inner| {
-            tonic::body::Body::new(LimitedRequest { inner, frames: FrameLengths::default(), limits, failed: false })
+            tonic::body::Body::new(LimitedRequest { inner, frames: MessageCounter::default(), limits, failed: false })
         });
         SizeLimitFuture { inner: self.inner.call(request), limits }
     }
@@ -120,45 +122,9 @@ where
         Poll::Ready(Ok(response.map(|inner| LimitedBody {
             inner,
             limits,
-            frames: FrameLengths::default(),
+            frames: MessageCounter::default(),
             done: false,
         })))
-    }
-}
-
-/// Follows the 5-byte gRPC length prefixes across arbitrary chunk
-/// boundaries and reports the largest message announced in each chunk.
-#[derive(Debug, Default)]
-struct FrameLengths {
-    header: [u8; 5],
-    header_len: usize,
-    /// Payload bytes of the current message still to skip.
-    remaining: u64,
-}
-
-impl FrameLengths {
-    /// The largest message length announced by a prefix in `bytes`.
-    fn largest_in(&mut self, mut bytes: &[u8]) -> u64 {
-        let mut largest = 0;
-        while !bytes.is_empty() {
-            if self.remaining > 0 {
-                let skip = usize::try_from(self.remaining).unwrap_or(usize::MAX).min(bytes.len());
-                bytes = &bytes[skip..];
-                self.remaining -= skip as u64;
-                continue;
-            }
-            let take = (5 - self.header_len).min(bytes.len());
-            self.header[self.header_len..self.header_len + take].copy_from_slice(&bytes[..take]);
-            self.header_len += take;
-            bytes = &bytes[take..];
-            if self.header_len == 5 {
-                self.header_len = 0;
-                self.remaining =
-                    u64::from(u32::from_be_bytes([self.header[1], self.header[2], self.header[3], self.header[4]]));
-                largest = largest.max(self.remaining);
-            }
-        }
-        largest
     }
 }
 
@@ -167,7 +133,7 @@ pin_project! {
     struct LimitedRequest<B> {
         #[pin]
         inner: B,
-        frames: FrameLengths,
+        frames: MessageCounter,
         limits: SizeLimitLayer,
         failed: bool,
     }
@@ -188,7 +154,7 @@ where
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
-            && this.frames.largest_in(data) > this.limits.decoding as u64
+            && this.frames.feed(data) > this.limits.decoding as u64
         {
             *this.failed = true;
             return Poll::Ready(Some(Err(this.limits.too_large_request())));
@@ -213,7 +179,7 @@ pin_project! {
         #[pin]
         inner: B,
         limits: SizeLimitLayer,
-        frames: FrameLengths,
+        frames: MessageCounter,
         done: bool,
     }
 }
@@ -240,7 +206,7 @@ where
                 Err(frame) => {
                     let too_large = frame
                         .data_ref()
-                        .is_some_and(|data| this.frames.largest_in(data.as_ref()) > this.limits.encoding as u64);
+                        .is_some_and(|data| this.frames.feed(data.as_ref()) > this.limits.encoding as u64);
                     if !too_large {
                         return frame;
                     }
@@ -277,8 +243,8 @@ mod tests {
             bytes.extend(std::iter::repeat_n(7u8, len as usize));
         }
         for chunk in [1, 2, 5, 7, 1000, bytes.len()] {
-            let mut frames = FrameLengths::default();
-            let largest = bytes.chunks(chunk).map(|piece| frames.largest_in(piece)).max();
+            let mut frames = MessageCounter::default();
+            let largest = bytes.chunks(chunk).map(|piece| frames.feed(piece)).max();
             assert_eq!(largest, Some(70_000), "chunk size {chunk}");
         }
     }

@@ -44,6 +44,7 @@ impl GrpcType {
 pub struct MethodInfo {
     /// `/package.Service/Method`.
     pub path: String,
+    /// Unary or streaming: the metric label and how messages are counted.
     pub grpc_type: GrpcType,
     /// `None` for paths no registered service serves: they are not
     /// counted, which keeps label cardinality bounded.
