@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::AdminServer;
@@ -103,9 +102,8 @@ impl App {
         grpc::register_infrastructure(&mut registry, &health, &streams)?;
         let mut services = registry.finish()?;
 
-        let (grpc, channel) =
-            GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;
-        let gateway = GatewayServer::bind(&settings.http, &services, channel, &metrics).await?;
+        let grpc = GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;
+        let gateway = GatewayServer::bind(&settings.http, &services, grpc.in_process(), &metrics).await?;
         let readiness = Readiness::new(health.clone(), shutdown.clone(), services.take_readiness());
         let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
         Ok(Self { settings, grpc, gateway, admin, health, readiness, shutdown, live_streams })
@@ -140,24 +138,14 @@ impl App {
         let App { settings, grpc, gateway, admin, health, readiness, shutdown, .. } = self;
         let (grpc_addr, http_addr, admin_addr) = (grpc.addr(), gateway.addr(), admin.addr());
 
-        // The gRPC server says GOAWAY only once the gateway, its in-process
-        // client, has drained (or the drain bound has passed).
-        let gateway_drained = CancellationToken::new();
-        let grpc_stop = {
-            let drained = gateway_drained.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                tokio::select! {
-                    () = drained.cancelled() => {}
-                    () = shutdown.aborted() => {}
-                }
-            }
-        };
+        // Every server stops taking new work when draining begins: the gRPC
+        // server sends GOAWAY at once, since the gateway's calls reach its
+        // stack in process and need none of its connections.
         let draining = || {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let mut grpc_server: JoinHandle<Result<(), GrpcError>> = tokio::spawn(grpc.serve(grpc_stop));
+        let mut grpc_server: JoinHandle<Result<(), GrpcError>> = tokio::spawn(grpc.serve(draining()));
         let mut http_server = tokio::spawn(gateway.serve(draining()));
         let mut admin_server = tokio::spawn(admin.serve(draining()));
 
@@ -189,7 +177,6 @@ impl App {
         let abort_servers = [http_server.abort_handle(), grpc_server.abort_handle(), admin_server.abort_handle()];
         let drained = async {
             let http = (&mut http_server).await;
-            gateway_drained.cancel();
             let grpc = (&mut grpc_server).await;
             let admin = (&mut admin_server).await;
             shutdown.wait_for_tasks().await;

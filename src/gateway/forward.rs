@@ -1,4 +1,5 @@
-//! Calls over the one shared tonic `Channel`: a codec for dynamic messages,
+//! Calls into the gRPC layer stack (in process, or over any tonic-compatible
+//! service such as a `Channel` in tests): a codec for dynamic messages,
 //! HTTP headers → gRPC metadata on the way in, metadata → `Grpc-Metadata-*`
 //! headers on the way out, and the call deadline.
 
@@ -12,16 +13,20 @@ use prost::Message;
 use prost_reflect::{DynamicMessage, MessageDescriptor};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status, Streaming};
 use tower::Layer;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
 
 use super::error::GatewayError;
 use crate::grpc::middleware::deadline::parse_grpc_timeout;
 use crate::grpc::middleware::metrics::{GrpcMetrics, GrpcMetricsLayer};
 
-/// The shared channel, measured as `grpc_client_*`.
-pub type GatewayChannel = GrpcMetrics<Channel>;
+/// What the gateway calls, measured as `grpc_client_*`. Transport errors
+/// (only a `Channel` has them) are statuses by then: a concrete error type
+/// keeps the tonic client's futures provably `Send`.
+pub type GatewayChannel =
+    BoxCloneSyncService<http::Request<tonic::body::Body>, http::Response<tonic::body::Body>, Status>;
 
 /// Deadlines for calls made through the gateway.
 #[derive(Clone, Copy, Debug)]
@@ -59,9 +64,26 @@ pub struct Forwarder {
 }
 
 impl Forwarder {
-    /// Forwards over `channel`, measured by `metrics`.
-    pub fn new(channel: Channel, metrics: GrpcMetricsLayer) -> Self {
-        Self { channel: metrics.layer(channel) }
+    /// Forwards to `service` (the in-process stack, or a `Channel`),
+    /// measured by `metrics`.
+    pub fn new<S, B>(service: S, metrics: GrpcMetricsLayer) -> Self
+    where
+        S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<B>>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let measured: GrpcMetrics<S> = metrics.layer(service);
+        let service = ServiceBuilder::new()
+            .map_err(|error: S::Error| Status::from_error(error.into()))
+            .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new))
+            .service(measured);
+        Self { channel: BoxCloneSyncService::new(service) }
     }
 
     pub async fn unary(
@@ -86,7 +108,7 @@ impl Forwarder {
         client.server_streaming(request, path, DynamicCodec { output }).await
     }
 
-    /// The channel, for other clients of the same server (health checks).
+    /// The service, for other clients of the same server (health checks).
     pub fn channel(&self) -> GatewayChannel {
         self.channel.clone()
     }

@@ -1,7 +1,9 @@
 //! The HTTP/JSON gateway component: REST routes derived at startup from the
 //! `google.api.http` annotations of every REST-enabled service in the
 //! registry, transcoded to gRPC and forwarded over one shared channel, so
-//! auth, metrics and logging run once per call, on the gRPC side.
+//! auth, metrics and logging run once per call, on the gRPC side. The calls
+//! go straight into the gRPC layer stack in process: no HTTP/2, no socket,
+//! no connection limit, and nothing to close at shutdown.
 //!
 //! Building: [`routes`] (bindings, conflicts, OpenAPI via [`openapi`]).
 //! Serving: [`handler`] → route match ([`route`]) → JSON to protobuf
@@ -24,12 +26,11 @@ use std::net::SocketAddr;
 
 use axum::Router;
 use tokio::net::TcpListener;
-use tonic::transport::Channel;
 
 use crate::config::HttpSettings;
-use crate::grpc::HEALTH_SERVICE;
 use crate::grpc::middleware::method::MethodTable;
 use crate::grpc::middleware::metrics::GrpcMetricsLayer;
+use crate::grpc::{HEALTH_SERVICE, InProcess};
 use crate::metrics::Metrics;
 use crate::net::{self, BindError};
 use crate::registry::Services;
@@ -56,11 +57,12 @@ pub struct GatewayServer {
 
 impl GatewayServer {
     /// Binds `http.addr` and derives the routes of `services`, calling them
-    /// over `channel` (measured as `grpc_client_*`).
+    /// through `grpc`, the gRPC layer stack in process (measured as
+    /// `grpc_client_*`).
     pub async fn bind(
         settings: &HttpSettings,
         services: &Services,
-        channel: Channel,
+        grpc: InProcess,
         metrics: &Metrics,
     ) -> Result<Self, GatewayStartError> {
         let (listener, addr) = net::bind("http.addr", settings.addr).await?;
@@ -68,7 +70,7 @@ impl GatewayServer {
         // and health checks.
         let called = services.iter().filter(|s| s.policy.rest || s.name == HEALTH_SERVICE);
         let client_methods = std::sync::Arc::new(MethodTable::build(called, &metrics.grpc_client));
-        let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(client_methods));
+        let forwarder = Forwarder::new(grpc, GrpcMetricsLayer::client(client_methods));
         let gateway = Gateway::build(services, forwarder, settings, &metrics.http)?;
         Ok(Self { listener, addr, router: gateway.into_router() })
     }

@@ -2,6 +2,12 @@
 //! from the service registry, registers the infrastructure services (health,
 //! reflection v1 and v1alpha) and serves every registered service behind
 //! one ordered layer stack.
+//!
+//! The same stack is also handed out as an in-process tower service
+//! ([`GrpcServer::in_process`]): the gateway calls it with an
+//! `http::Request` and gets an `http::Response` back, with no HTTP/2
+//! framing, no pipe and no connection limit between them, while every layer
+//! still runs exactly once per call.
 
 pub mod incoming;
 pub mod middleware;
@@ -11,9 +17,10 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tonic::transport::{Channel, Endpoint, Server};
+use tonic::body::Body;
+use tonic::transport::Server;
 use tower::ServiceBuilder;
-use tower::util::MapRequestLayer;
+use tower::util::BoxCloneSyncService;
 
 use crate::config::{AuthSettings, GrpcSettings};
 use crate::health::Health;
@@ -26,7 +33,7 @@ use middleware::auth::{AuthLayer, Authenticator};
 use middleware::deadline::DeadlineLayer;
 use middleware::limits::SizeLimitLayer;
 use middleware::logging::LoggingLayer;
-use middleware::method::MethodTable;
+use middleware::method::{MethodTable, ResolveMethodLayer};
 use middleware::metrics::GrpcMetricsLayer;
 use middleware::recover::RecoverLayer;
 use middleware::request_id::RequestIdLayer;
@@ -73,84 +80,68 @@ pub fn register_infrastructure(
     Ok(())
 }
 
-/// The gRPC server: listener, method table, auth and routes.
+/// Every registered service behind the whole layer stack, callable in
+/// process. Cheap to clone; clones share the stack's state (the load
+/// shedding count, the method table, the metric series).
+pub type InProcess = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, std::convert::Infallible>;
+
+/// The gRPC server: listener, settings, the layer stack and the routes.
 pub struct GrpcServer {
-    /// TCP connections (accepted until draining begins) and the gateway's
-    /// in-process ones (accepted until the gateway has drained).
+    /// TCP connections, accepted until draining begins.
     incoming: Incoming,
     /// The address actually bound; port 0 resolves here.
     addr: SocketAddr,
     settings: GrpcSettings,
-    /// Every served method with its policy and pre-resolved series.
-    methods: Arc<MethodTable>,
-    auth: Authenticator,
+    /// The ordered layers every call passes, shared with [`Self::in_process`].
+    layers: Stack,
     /// The routes of every registered service.
     routes: tonic::service::Routes,
 }
 
 impl GrpcServer {
-    /// Binds `grpc.addr` and builds the server over `services`. Also
-    /// returns a channel into the server that needs no socket: the
-    /// gateway's, connected on first use.
+    /// Binds `grpc.addr` and builds the server over `services`.
     pub async fn bind(
         settings: &GrpcSettings,
         auth: &AuthSettings,
         services: &mut Services,
         metrics: &Metrics,
         shutdown: &Shutdown,
-    ) -> Result<(Self, Channel), GrpcError> {
+    ) -> Result<Self, GrpcError> {
         let (listener, addr) = net::bind("grpc.addr", settings.addr).await?;
-        // The TCP listener closes as soon as draining begins; the gateway's
-        // in-process connection lives on until the gateway has drained.
+        // The TCP listener closes as soon as draining begins.
         let close_tcp = {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let (incoming, local) = Incoming::new(listener, close_tcp);
-        let channel = Endpoint::from_static("http://in-process.invalid").connect_with_connector_lazy(local);
+        let incoming = Incoming::new(listener, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
         let auth = Authenticator::new(auth);
         if !auth.enabled() {
             tracing::warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
         }
-        let server = Self { incoming, addr, settings: settings.clone(), methods, auth, routes: services.take_routes() };
-        Ok((server, channel))
+        let layers = stack(settings, methods, auth);
+        Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
+    /// The routes behind the same layers, as a service the gateway calls
+    /// directly. Calls through it are not connections of this server, so
+    /// they are not limited by `grpc.max_concurrent_streams` and do not
+    /// hold up its GOAWAY; they end with the gateway's drain.
+    pub fn in_process(&self) -> InProcess {
+        let service = self.layers.clone().service(self.routes.clone());
+        BoxCloneSyncService::new(tower::util::MapResponse::new(service, |response: http::Response<_>| {
+            response.map(Body::new)
+        }))
+    }
+
     /// Serves until `stop` resolves, then sends GOAWAY and waits for open
     /// calls to finish (the caller bounds that wait).
     pub async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), GrpcError> {
-        let Self { incoming, settings, methods, auth, routes, .. } = self;
-        // Outermost first; each layer sees what the ones below it produce.
-        let layers = ServiceBuilder::new()
-            // Look the method up once; every layer below reads the result.
-            .layer(MapRequestLayer::new(move |mut request: http::Request<tonic::body::Body>| {
-                let method = methods.resolve(request.uri().path());
-                request.extensions_mut().insert(method);
-                request
-            }))
-            // The request id's span wraps everything else, so every log line
-            // of the call, rejections included, carries the id.
-            .layer(RequestIdLayer)
-            // Metrics and logging sit outside every layer that can reject a
-            // call, so rejected calls are counted and logged with their code.
-            .layer(GrpcMetricsLayer::server())
-            .layer(LoggingLayer)
-            // One place enforces the message size limits for every service,
-            // whatever its generated server was configured with.
-            .layer(SizeLimitLayer::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0))
-            // Shed before authenticating: refusing is the cheapest answer.
-            .layer(LoadShedLayer::new(settings.max_concurrent_requests))
-            .layer(AuthLayer::new(auth))
-            // Timers start only for calls that will run.
-            .layer(DeadlineLayer::new(settings.default_timeout, settings.max_timeout))
-            // Innermost, around the handlers: a panic becomes INTERNAL.
-            .layer(RecoverLayer);
-
+        let Self { incoming, settings, layers, routes, .. } = self;
         Server::builder()
             .http2_keepalive_interval(Some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
@@ -163,4 +154,58 @@ impl GrpcServer {
             .await?;
         Ok(())
     }
+}
+
+/// The layer stack's type, spelled once.
+type Stack = ServiceBuilder<
+    tower::layer::util::Stack<
+        RecoverLayer,
+        tower::layer::util::Stack<
+            DeadlineLayer,
+            tower::layer::util::Stack<
+                AuthLayer,
+                tower::layer::util::Stack<
+                    LoadShedLayer,
+                    tower::layer::util::Stack<
+                        SizeLimitLayer,
+                        tower::layer::util::Stack<
+                            LoggingLayer,
+                            tower::layer::util::Stack<
+                                GrpcMetricsLayer,
+                                tower::layer::util::Stack<
+                                    RequestIdLayer,
+                                    tower::layer::util::Stack<ResolveMethodLayer, tower::layer::util::Identity>,
+                                >,
+                            >,
+                        >,
+                    >,
+                >,
+            >,
+        >,
+    >,
+>;
+
+/// The ordered layer stack, outermost first; each layer sees what the ones
+/// below it produce.
+fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator) -> Stack {
+    ServiceBuilder::new()
+        // Look the method up once; every layer below reads the result.
+        .layer(ResolveMethodLayer::new(methods))
+        // The request id's span wraps everything else, so every log line
+        // of the call, rejections included, carries the id.
+        .layer(RequestIdLayer)
+        // Metrics and logging sit outside every layer that can reject a
+        // call, so rejected calls are counted and logged with their code.
+        .layer(GrpcMetricsLayer::server())
+        .layer(LoggingLayer)
+        // One place enforces the message size limits for every service,
+        // whatever its generated server was configured with.
+        .layer(SizeLimitLayer::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0))
+        // Shed before authenticating: refusing is the cheapest answer.
+        .layer(LoadShedLayer::new(settings.max_concurrent_requests))
+        .layer(AuthLayer::new(auth))
+        // Timers start only for calls that will run.
+        .layer(DeadlineLayer::new(settings.default_timeout, settings.max_timeout))
+        // Innermost, around the handlers: a panic becomes INTERNAL.
+        .layer(RecoverLayer)
 }

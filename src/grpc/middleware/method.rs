@@ -108,6 +108,52 @@ impl MethodTable {
     }
 }
 
+/// The outermost layer: resolves the method from the path once and leaves
+/// it in the request extensions.
+#[derive(Clone, Debug)]
+pub struct ResolveMethodLayer {
+    methods: Arc<MethodTable>,
+}
+
+impl ResolveMethodLayer {
+    pub fn new(methods: Arc<MethodTable>) -> Self {
+        Self { methods }
+    }
+}
+
+impl<S> tower::Layer<S> for ResolveMethodLayer {
+    type Service = ResolveMethod<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ResolveMethod { inner, methods: self.methods.clone() }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ResolveMethod<S> {
+    inner: S,
+    methods: Arc<MethodTable>,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for ResolveMethod<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let method = self.methods.resolve(request.uri().path());
+        request.extensions_mut().insert(method);
+        self.inner.call(request)
+    }
+}
+
 /// The method a request was resolved to by the method layer.
 pub fn method_of<B>(request: &http::Request<B>) -> Option<Arc<MethodInfo>> {
     request.extensions().get::<Arc<MethodInfo>>().cloned()
