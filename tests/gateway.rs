@@ -265,6 +265,29 @@ mod streams {
     }
 }
 
+mod in_process {
+    use super::*;
+
+    /// The gateway calls the gRPC stack in process, so open REST streams
+    /// use none of the gRPC server's HTTP/2 stream slots: with more watches
+    /// open than `grpc.max_concurrent_streams`, a unary call still gets its
+    /// real answer rather than waiting out its deadline.
+    #[tokio::test]
+    async fn open_watches_beyond_the_grpc_stream_limit_do_not_block_rest_calls() -> Result<()> {
+        let app = spawn_app_with(|s| s.grpc.max_concurrent_streams = 2).await?;
+        let http = app.http();
+        let mut watches = Vec::new();
+        for _ in 0..6 {
+            watches.push(http.open(Method::GET, "/v1/users:watch", &[]).await?);
+        }
+        eventually(READY_BOUND, || async { app.live_streams.get() == 6 }).await.context("watches did not open")?;
+        let missing = http.send(Method::GET, "/v1/users/nobody", &[("grpc-timeout", "2S")], None).await?;
+        assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.text());
+        drop(watches);
+        app.stop().await
+    }
+}
+
 mod headers {
     use super::*;
 
