@@ -5,13 +5,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::admin::AdminServer;
-use crate::config::Settings;
+use crate::config::{ABORT_GRACE, Settings};
 use crate::gateway::{GatewayServer, GatewayStartError};
 use crate::grpc::stream::{LiveStreams, StreamSpawner};
 use crate::grpc::{self, GrpcError, GrpcServer};
@@ -20,10 +20,6 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::net::BindError;
 use crate::registry::{RegistryError, ServiceContext, ServiceRegistry, SetupError};
 use crate::shutdown::Shutdown;
-
-/// How long streams get to deliver their final status once the drain bound
-/// has passed, before their connections are dropped.
-const ABORT_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -92,6 +88,11 @@ impl App {
         let shutdown = Shutdown::new();
         let metrics = Metrics::new()?;
         metrics.export_shutdown_budget(settings.shutdown.max_duration())?;
+        metrics.export_counter_fn(
+            "keel_log_lines_dropped_total",
+            "Log lines dropped because the log writer fell behind; calls never wait for it.",
+            crate::telemetry::dropped_lines,
+        )?;
         let live_streams = LiveStreams::new(metrics.live_streams.clone());
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams.clone());
 

@@ -172,11 +172,49 @@ pub struct LogSettings {
     pub level: String,
     /// JSON for machines, pretty for people.
     pub format: LogFormat,
+    /// Which calls get an access line: `all`, `errors` (failed or slow
+    /// calls only, for services at very high rates) or `off`.
+    pub access: AccessLogMode,
+    /// With `access: errors`, calls slower than this are logged too.
+    #[serde(with = "human_duration")]
+    pub access_slow: Duration,
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        Self { level: "info".to_owned(), format: LogFormat::Json }
+        Self {
+            level: "info".to_owned(),
+            format: LogFormat::Json,
+            access: AccessLogMode::All,
+            access_slow: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLogMode {
+    /// One line per call: the default.
+    #[default]
+    All,
+    /// Only calls that failed on the server's side or took longer than
+    /// `log.access_slow`.
+    Errors,
+    /// No access lines.
+    Off,
+}
+
+impl<'de> Deserialize<'de> for AccessLogMode {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "all" => Ok(Self::All),
+            "errors" => Ok(Self::Errors),
+            "off" => Ok(Self::Off),
+            _ => {
+                Err(serde::de::Error::custom(format!("unknown access log mode {text:?}: expected all, errors or off")))
+            }
+        }
     }
 }
 
@@ -220,18 +258,32 @@ pub struct ShutdownSettings {
     /// have closed; whatever remains after it is cancelled.
     #[serde(with = "human_duration")]
     pub timeout: Duration,
+    /// The bound on the final flush after the drain: buffered log lines and
+    /// spans. Whatever is not out by then is lost, so exit is never held.
+    #[serde(with = "human_duration")]
+    pub flush_timeout: Duration,
 }
 
 impl Default for ShutdownSettings {
     fn default() -> Self {
-        Self { drain_delay: Duration::from_secs(5), timeout: Duration::from_secs(20) }
+        Self {
+            drain_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(20),
+            flush_timeout: Duration::from_secs(1),
+        }
     }
 }
 
+/// How long streams get to deliver their final status once the drain bound
+/// has passed, before their connections are dropped.
+pub const ABORT_GRACE: Duration = Duration::from_millis(500);
+
 impl ShutdownSettings {
-    /// The longest a shutdown can take; the pod's grace period must exceed it.
+    /// The longest a shutdown can take: the drain delay, the drain bound,
+    /// the grace for cancelled streams, and the final flush. The pod's grace
+    /// period must exceed it.
     pub fn max_duration(&self) -> Duration {
-        self.drain_delay + self.timeout
+        self.drain_delay + self.timeout + ABORT_GRACE + self.flush_timeout
     }
 }
 

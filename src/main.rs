@@ -90,8 +90,13 @@ fn serve(settings: Settings) -> ExitCode {
             Ok(guard) => guard,
             Err(error) => return Err(Failure::Config(error.into())),
         };
+        let flush_timeout = settings.shutdown.flush_timeout;
         let served = run(settings).await;
-        telemetry.shutdown().await;
+        if let Err(error) = &served {
+            // Logged before the final flush, so the line is written.
+            tracing::error!(error = %chain(error.as_ref()), "keel failed");
+        }
+        telemetry.shutdown(flush_timeout).await;
         served.map_err(Failure::Run)
     });
     // Don't wait on abandoned handlers: they were given their bound.
@@ -104,7 +109,6 @@ fn serve(settings: Settings) -> ExitCode {
         }
         Err(Failure::Run(error)) => {
             let message = chain(error.as_ref());
-            tracing::error!(error = %message, "keel failed");
             if error.downcast_ref::<AppError>().is_some_and(AppError::is_bind) {
                 report(format_args!("keel: {message}"));
             }
@@ -174,10 +178,12 @@ async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
     while let Some(signal) = signals.recv().await {
         if signal == Signal::Quit {
             tracing::warn!(?signal, "exiting immediately");
+            keel::telemetry::flush_logs();
             std::process::exit(signal.exit_code().into());
         }
         if stop.is_cancelled() {
             tracing::warn!(?signal, "second signal during shutdown; exiting immediately");
+            keel::telemetry::flush_logs();
             std::process::exit(130);
         }
         tracing::info!(?signal, "shutdown requested");

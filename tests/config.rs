@@ -79,7 +79,8 @@ fn built_in_defaults_apply_without_any_file() -> Result<()> {
     let settings = Settings::load(&ConfigSources { dir: scratch.0.clone(), ..Default::default() })?;
     assert_eq!(settings, Settings::default());
     assert_eq!(settings.grpc.addr, "127.0.0.1:9000".parse::<SocketAddr>()?);
-    assert_eq!(settings.shutdown.max_duration(), Duration::from_secs(25));
+    // drain_delay 5s + timeout 20s + the 0.5s abort grace + flush_timeout 1s.
+    assert_eq!(settings.shutdown.max_duration(), Duration::from_millis(26_500));
     Ok(())
 }
 

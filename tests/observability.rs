@@ -137,8 +137,10 @@ async fn gateway_calls_are_measured_by_route_template_and_on_both_grpc_sides() -
         assert!(sample(&scrape, name, &[]).is_some_and(|v| v > 0.0), "{name} missing or zero");
     }
     assert_eq!(sample(&scrape, "keel_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
-    // Test settings: no drain delay, a 5s bound.
-    assert_eq!(sample(&scrape, "keel_shutdown_budget_seconds", &[]), Some(5.0));
+    // Test settings: no drain delay, a 5s bound, then the 0.5s abort grace
+    // and the 1s final flush.
+    assert_eq!(sample(&scrape, "keel_shutdown_budget_seconds", &[]), Some(6.5));
+    assert_eq!(sample(&scrape, "keel_log_lines_dropped_total", &[]), Some(0.0));
     app.stop().await
 }
 
@@ -180,6 +182,10 @@ impl Write for Captured {
 }
 
 impl Captured {
+    fn raw(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().map(|b| b.clone()).unwrap_or_default()).into_owned()
+    }
+
     fn lines(&self) -> Vec<serde_json::Value> {
         let bytes = self.0.lock().map(|b| b.clone()).unwrap_or_default();
         String::from_utf8_lossy(&bytes).lines().filter_map(|l| serde_json::from_str(l).ok()).collect()
@@ -193,7 +199,8 @@ fn captured_logs() -> Captured {
         let writer = logs.clone();
         let settings = keel::config::LogSettings::default();
         let tracing = keel::config::TracingSettings::default();
-        let _ = keel::telemetry::install(&settings, &tracing, Some("info"), move || writer.clone());
+        // The writer thread lives until flush_logs(), which no test calls.
+        let _guard = keel::telemetry::install(&settings, &tracing, Some("info"), writer);
         logs
     })
     .clone()
@@ -225,13 +232,19 @@ async fn a_request_id_follows_the_call_through_gateway_and_grpc_logs() -> Result
                     && line["request_id"] == id
                     && line["grpc.method"] == "/user.v1.UserService/GetUser"
                     && line["grpc.code"] == "OK"
-                    && line["span"]["request_id"] == id
+                    && line.get("span").is_none()
                     && line["peer"].is_string()
                     && line["duration_ms"].is_number()
             })
         })
         .await
         .with_context(|| format!("no gRPC log line with request id {id}"))?;
+    }
+    // Each field once per access line (the id used to be in the span too).
+    let raw = logs.raw();
+    for line in raw.lines().filter(|l| l.contains("\"rpc finished\"")) {
+        assert_eq!(line.matches("\"request_id\":").count(), 1, "{line}");
+        assert_eq!(line.matches("\"grpc.method\":").count(), 1, "{line}");
     }
     app.stop().await
 }

@@ -358,3 +358,32 @@ async fn repeated_start_load_stop_cycles_lose_nothing() -> Result<()> {
     }
     Ok(())
 }
+
+/// The access log is written off the request path; a clean exit still
+/// writes out every line of every call that completed.
+#[tokio::test]
+async fn every_completed_call_is_in_the_access_log_after_sigterm() -> Result<()> {
+    let mut keel = KeelProcess::start(&[("KEEL__SHUTDOWN__DRAIN_DELAY", "0s"), ("KEEL__SHUTDOWN__TIMEOUT", "2s")])?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", keel.grpc))?.connect().await?;
+    let mut users = UserServiceClient::new(channel);
+    let calls = 300;
+    for n in 0..calls {
+        let mut request = tonic::Request::new(GetUserRequest { user_id: format!("missing-{n}") });
+        request.metadata_mut().insert("x-request-id", format!("access-{n}").parse()?);
+        let status = users.get_user(request).await.err().map(|s| s.code());
+        assert_eq!(status, Some(tonic::Code::NotFound));
+    }
+    keel.signal("TERM")?;
+    let status = keel.wait_exit(Duration::from_secs(10))?;
+    assert_eq!(status.code(), Some(0));
+    let logs = keel.all_logs()?;
+    let logged = logs
+        .iter()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|line| line["message"] == "rpc finished" && line["grpc.code"] == "NotFound")
+        .filter_map(|line| line["request_id"].as_str().map(str::to_owned))
+        .filter(|id| id.starts_with("access-"))
+        .collect::<std::collections::HashSet<_>>();
+    assert_eq!(logged.len(), calls, "access lines missing after exit");
+    Ok(())
+}

@@ -74,7 +74,7 @@ async fn a_gateway_call_is_one_trace_exported_over_otlp() -> Result<()> {
         &keel::config::LogSettings::default(),
         &tracing_settings,
         Some("info"),
-        std::io::sink,
+        std::io::sink(),
     )?;
 
     let app = spawn_app_with(|s| s.tracing = tracing_settings.clone()).await?;
@@ -92,7 +92,7 @@ async fn a_gateway_call_is_one_trace_exported_over_otlp() -> Result<()> {
         .await?;
     assert_eq!(continued.status, http::StatusCode::NOT_FOUND);
     app.stop().await?;
-    telemetry.shutdown().await;
+    telemetry.shutdown(std::time::Duration::from_secs(5)).await;
 
     let spans = collector.spans.lock().map(|s| s.clone()).unwrap_or_default();
     let named = |name: &str| spans.iter().filter(|(_, s)| s.name == name).map(|(_, s)| s.clone()).collect::<Vec<_>>();

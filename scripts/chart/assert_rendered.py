@@ -157,8 +157,8 @@ def duration_seconds(text: str) -> float:
     return sum(int(n) * factors[u] for n, u in re.findall(r"([0-9]+)(ns|us|ms|s|m|h|d)", text))
 
 
-def expected_grace(drain: str, timeout: str, margin: int = 5) -> int:
-    return math.ceil(duration_seconds(drain) + duration_seconds(timeout)) + margin
+def expected_grace(drain: str, timeout: str, margin: int = 5, flush: str = "1s") -> int:
+    return math.ceil(duration_seconds(drain) + duration_seconds(timeout) + duration_seconds(flush)) + margin
 
 
 # Checks shared by every render
@@ -403,8 +403,8 @@ def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None
 
     grace = spec.get("terminationGracePeriodSeconds")
     checks.check(
-        f"{label}: terminationGracePeriodSeconds = 5s + 20s + 5s margin = 30 (>= 26)",
-        grace == expected_grace("5s", "20s") == 30 and grace >= 26,
+        f"{label}: terminationGracePeriodSeconds = 5s + 20s + 1s flush + 5s margin = 31 (>= 27)",
+        grace == expected_grace("5s", "20s") == 31 and grace >= 27,
         grace,
     )
     annotations = deployment["spec"]["template"]["metadata"].get("annotations", {})
@@ -440,7 +440,7 @@ def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None
     )
     checks.check(
         f"{label}: config.yaml carries log and shutdown settings",
-        config.get("shutdown") == {"drain_delay": "5s", "timeout": "20s"}
+        config.get("shutdown") == {"drain_delay": "5s", "timeout": "20s", "flush_timeout": "1s"}
         and config.get("log", {}).get("format") == "json",
         config,
     )
@@ -636,8 +636,8 @@ def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
 
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     checks.check(
-        f"{label}: terminationGracePeriodSeconds = 10s + 30s + 5s = 45",
-        grace == expected_grace("10s", "30s") == 45,
+        f"{label}: terminationGracePeriodSeconds = 10s + 30s + 1s + 5s = 46",
+        grace == expected_grace("10s", "30s") == 46,
         grace,
     )
     config = rendered_config(docs)
@@ -712,8 +712,8 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
     if deployment:
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         checks.check(
-            "drain_delay=30s: terminationGracePeriodSeconds rises to 30s + 20s + 5s = 55",
-            grace == expected_grace("30s", "20s") == 55,
+            "drain_delay=30s: terminationGracePeriodSeconds rises to 30s + 20s + 1s + 5s = 56",
+            grace == expected_grace("30s", "20s") == 56,
             grace,
         )
 
@@ -726,12 +726,12 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
     if deployment:
         grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
         checks.check(
-            "drain_delay=1m30s timeout=250ms: terminationGracePeriodSeconds = ceil(90.25) + 5 = 96",
-            grace == expected_grace("1m30s", "250ms") == 96,
+            "drain_delay=1m30s timeout=250ms: terminationGracePeriodSeconds = ceil(91.25) + 5 = 97",
+            grace == expected_grace("1m30s", "250ms") == 97,
             grace,
         )
 
-    for explicit, drain, timeout in ((26, "5s", "20s"), (60, "5s", "20s"), (92, "1m30s", "250ms")):
+    for explicit, drain, timeout in ((27, "5s", "20s"), (60, "5s", "20s"), (93, "1m30s", "250ms")):
         deployment, _ = deployment_of(
             checks,
             tools,
@@ -748,7 +748,7 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
         if deployment:
             grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
             checks.check(
-                f"explicit terminationGracePeriodSeconds={explicit} (>= {drain} + {timeout} + 1s) is kept",
+                f"explicit terminationGracePeriodSeconds={explicit} (>= {drain} + {timeout} + 1s flush + 1s) is kept",
                 grace == explicit,
                 grace,
             )
@@ -826,7 +826,7 @@ def check_negative(checks: Checks, tools: Tools) -> None:
     cases = [
         ("replicaCount=many (schema)", ["--set", "replicaCount=many"], "replicaCount"),
         (
-            "terminationGracePeriodSeconds=10 (below 5s + 20s + 1s)",
+            "terminationGracePeriodSeconds=10 (below 5s + 20s + 1s + 1s)",
             ["--set", "terminationGracePeriodSeconds=10"],
             "terminationGracePeriodSeconds=10 is too short",
         ),
@@ -840,7 +840,7 @@ def check_negative(checks: Checks, tools: Tools) -> None:
                 "--set",
                 "config.shutdown.timeout=250ms",
             ],
-            "must be at least 92",
+            "must be at least 93",
         ),
         ("config.shutdown.timeout=soon (schema)", ["--set", "config.shutdown.timeout=soon"], "config.shutdown.timeout"),
         (
@@ -1013,7 +1013,7 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                     "port-forward svc/demo-keel 9000 8080",
                     "helm test demo",
                     "A token was generated",
-                    "terminationGracePeriodSeconds is 30",
+                    "terminationGracePeriodSeconds is 31",
                 ],
             ),
             (

@@ -116,6 +116,13 @@ impl Metrics {
         Ok(())
     }
 
+    /// Exports a counter whose value is read from `read` at scrape time,
+    /// for counts kept elsewhere (such as the log writer's drops).
+    pub fn export_counter_fn(&self, name: &str, help: &str, read: fn() -> u64) -> Result<(), MetricsError> {
+        self.registry.register(Box::new(process::CounterFn::new(name, help, read)?))?;
+        Ok(())
+    }
+
     /// The exposition in the Prometheus text format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

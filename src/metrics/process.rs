@@ -1,11 +1,39 @@
 //! Process metrics (`process_*`) read from `/proc` at scrape time, with the
-//! names the Prometheus client libraries use. Written here rather than taken
+//! names the Prometheus client libraries use, and counters read from a
+//! function at scrape time. Written here rather than taken
 //! from the prometheus crate's `process` feature, which pulls in procfs and
 //! its dependency tree for six numbers.
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Counter, Gauge, IntGauge};
+use prometheus::{Counter, Gauge, IntCounter, IntGauge};
+
+/// A counter whose value lives elsewhere and is read at scrape time.
+pub(super) struct CounterFn {
+    counter: IntCounter,
+    read: fn() -> u64,
+}
+
+impl CounterFn {
+    pub(super) fn new(name: &str, help: &str, read: fn() -> u64) -> Result<Self, prometheus::Error> {
+        Ok(Self { counter: IntCounter::new(name, help)?, read })
+    }
+}
+
+impl Collector for CounterFn {
+    fn desc(&self) -> Vec<&Desc> {
+        self.counter.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let now = (self.read)();
+        let seen = self.counter.get();
+        if now > seen {
+            self.counter.inc_by(now - seen);
+        }
+        self.counter.collect()
+    }
+}
 
 /// Process metrics read from `/proc` at scrape time, with the standard
 /// names client libraries use.

@@ -16,6 +16,8 @@ pub struct KeelProcess {
     pub http: SocketAddr,
     pub admin: SocketAddr,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Reads stdout until the process closes it.
+    reader: Option<std::thread::JoinHandle<()>>,
 }
 
 impl KeelProcess {
@@ -42,7 +44,7 @@ impl KeelProcess {
         let stdout = child.stdout.take().context("no stdout")?;
         let logs = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<BTreeMap<String, String>>();
-        {
+        let reader = {
             let logs = logs.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -59,8 +61,8 @@ impl KeelProcess {
                         logs.push(line);
                     }
                 }
-            });
-        }
+            })
+        };
         let addrs = match ready_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(addrs) => addrs,
             Err(_) => {
@@ -69,7 +71,14 @@ impl KeelProcess {
             }
         };
         let addr = |key: &str| -> Result<SocketAddr> { Ok(addrs.get(key).context("address missing")?.parse()?) };
-        Ok(Self { grpc: addr("grpc.addr")?, http: addr("http.addr")?, admin: addr("admin.addr")?, child, logs })
+        Ok(Self {
+            grpc: addr("grpc.addr")?,
+            http: addr("http.addr")?,
+            admin: addr("admin.addr")?,
+            child,
+            logs,
+            reader: Some(reader),
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -107,6 +116,14 @@ impl KeelProcess {
             }
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// Every line the process wrote, once it has exited and closed stdout.
+    pub fn all_logs(&mut self) -> Result<Vec<String>> {
+        if let Some(reader) = self.reader.take() {
+            reader.join().map_err(|_| anyhow::anyhow!("the log reader panicked"))?;
+        }
+        Ok(self.logs())
     }
 
     pub fn logs(&self) -> Vec<String> {

@@ -142,16 +142,19 @@ schema validation is skipped. Call with (list "config.key" value).
 {{/*
 Shutdown and the grace period
 
-keel's worst-case shutdown is drain_delay + timeout + 1s. The kubelet sends
-SIGKILL terminationGracePeriodSeconds after SIGTERM, so the grace period must
-cover it: computed as ceil(drain_delay + timeout) + margin, or, when set
-explicitly, refused if it is shorter than ceil(drain_delay + timeout + 1s).
+keel's worst-case shutdown is drain_delay + timeout + flush_timeout + 1s
+(the 1s covers the grace for cancelled streams and the exit). The kubelet
+sends SIGKILL terminationGracePeriodSeconds after SIGTERM, so the grace period
+must cover it: computed as ceil(drain_delay + timeout + flush_timeout) +
+margin, or, when set explicitly, refused if it is shorter than
+ceil(drain_delay + timeout + flush_timeout + 1s).
 */}}
 {{- define "keel.shutdownNanos" -}}
 {{- $shutdown := (.Values.config | default dict).shutdown | default dict -}}
 {{- $drain := include "keel.durationNanos" (list "config.shutdown.drain_delay" ($shutdown.drain_delay | default "5s")) -}}
 {{- $timeout := include "keel.durationNanos" (list "config.shutdown.timeout" ($shutdown.timeout | default "20s")) -}}
-{{- add (int64 $drain) (int64 $timeout) -}}
+{{- $flush := include "keel.durationNanos" (list "config.shutdown.flush_timeout" ($shutdown.flush_timeout | default "1s")) -}}
+{{- add (int64 $drain) (int64 $timeout) (int64 $flush) -}}
 {{- end -}}
 
 {{- define "keel.terminationGracePeriodSeconds" -}}
@@ -162,7 +165,7 @@ explicitly, refused if it is shorter than ceil(drain_delay + timeout + 1s).
 {{- if kindIs "invalid" $explicit -}}
 {{- add (include "keel.ceilSeconds" $nanos) (.Values.terminationGracePeriodMarginSeconds | default 0) -}}
 {{- else if lt (int64 $explicit) $minimum -}}
-{{- fail (printf "terminationGracePeriodSeconds=%v is too short: keel may take up to config.shutdown.drain_delay (%s) + config.shutdown.timeout (%s) + 1s to shut down, so it must be at least %d. Raise it, or leave it null to have it computed." $explicit ($shutdown.drain_delay | default "5s") ($shutdown.timeout | default "20s") $minimum) -}}
+{{- fail (printf "terminationGracePeriodSeconds=%v is too short: keel may take up to config.shutdown.drain_delay (%s) + config.shutdown.timeout (%s) + config.shutdown.flush_timeout (%s) + 1s to shut down, so it must be at least %d. Raise it, or leave it null to have it computed." $explicit ($shutdown.drain_delay | default "5s") ($shutdown.timeout | default "20s") ($shutdown.flush_timeout | default "1s") $minimum) -}}
 {{- else -}}
 {{- int64 $explicit -}}
 {{- end -}}

@@ -1,7 +1,7 @@
-//! One structured log line per call, written when the call ends (for a
-//! stream, when its last message and status have gone out), with the method,
-//! the gRPC code, the duration, the peer and the request id, inside the
-//! call's span.
+//! One access line per call, written when the call ends (for a stream,
+//! when its last message and status have gone out), with the method, the
+//! gRPC code, the duration, the peer and the request id. The line itself is
+//! formatted and queued by [`crate::telemetry::access`].
 
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -18,7 +18,7 @@ use tracing::Span;
 use super::call::{ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, method_of};
 use super::request_id::{CallSpan, RequestId};
-use crate::metrics::code_name;
+use crate::telemetry::access;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingLayer;
@@ -83,19 +83,17 @@ impl CallLog {
 impl OnCallEnd for CallLog {
     fn call_ended(self, code: Code) {
         let _entered = self.span.as_ref().map(Span::enter);
-        let duration_ms = self.start.elapsed().as_secs_f64() * 1000.0;
-        let code_name = code_name(code);
-        let path = match &self.method {
+        let method = match &self.method {
             Method::Known(info) => info.path.as_str(),
             Method::Unknown(path) => path.as_str(),
         };
-        let peer = &self.peer;
-        let request_id = self.request_id.as_ref().map_or("", RequestId::as_str);
-        if is_server_fault(code) {
-            tracing::warn!(grpc.method = path, grpc.code = code_name, duration_ms, %peer, request_id, "rpc finished");
-        } else {
-            tracing::info!(grpc.method = path, grpc.code = code_name, duration_ms, %peer, request_id, "rpc finished");
-        }
+        access::record(&access::Entry {
+            method,
+            code,
+            duration: self.start.elapsed(),
+            peer: &self.peer,
+            request_id: self.request_id.as_ref().map_or("", RequestId::as_str),
+        });
     }
 }
 
@@ -107,11 +105,6 @@ impl std::fmt::Display for Peer {
             Self::Unknown => f.write_str("unknown"),
         }
     }
-}
-
-/// Codes that point at the server rather than the caller.
-fn is_server_fault(code: Code) -> bool {
-    matches!(code, Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented)
 }
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Logging<S>

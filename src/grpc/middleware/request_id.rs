@@ -3,7 +3,8 @@
 //! the call, in every layer and in the handler, names it.
 
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll, ready};
 
 use http::{HeaderValue, Request, Response};
@@ -31,13 +32,37 @@ impl RequestId {
         }
     }
 
+    /// A fresh UUIDv4-shaped id with no syscall: one random seed per
+    /// process (the only getrandom), then a counter mixed through
+    /// SplitMix64, a bijection, so ids never repeat within the process and
+    /// do not reveal the call count.
     pub fn generate() -> Self {
-        Self(Arc::from(uuid::Uuid::new_v4().to_string()))
+        static SEED: OnceLock<u64> = OnceLock::new();
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let seed = *SEED.get_or_init(|| {
+            let random = uuid::Uuid::new_v4().as_u64_pair();
+            random.0 ^ random.1.rotate_left(17)
+        });
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let high = splitmix64(seed.wrapping_add(n));
+        let low = splitmix64(high ^ seed.rotate_left(29) ^ n);
+        let uuid =
+            uuid::Builder::from_random_bytes(((u128::from(high) << 64) | u128::from(low)).to_be_bytes()).into_uuid();
+        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        Self(Arc::from(&*uuid.hyphenated().encode_lower(&mut text)))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// SplitMix64's finaliser: a bijection on u64 with good avalanche.
+fn splitmix64(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
 }
 
 #[derive(Clone, Copy, Debug, Default)]
@@ -131,5 +156,16 @@ mod tests {
         let long = HeaderValue::from_str(&"x".repeat(200)).unwrap_or(HeaderValue::from_static("x"));
         assert!(RequestId::from_header(Some(&long)).as_str().len() <= MAX_LEN);
         assert_eq!(RequestId::from_header(None).as_str().len(), 36);
+    }
+
+    #[test]
+    fn generated_ids_are_distinct_uuids() {
+        let ids: std::collections::HashSet<String> =
+            (0..10_000).map(|_| RequestId::generate().as_str().to_owned()).collect();
+        assert_eq!(ids.len(), 10_000);
+        for id in ids.iter().take(20) {
+            let parsed = uuid::Uuid::parse_str(id).map(|u| u.get_version_num()).unwrap_or_default();
+            assert_eq!(parsed, 4, "{id}");
+        }
     }
 }

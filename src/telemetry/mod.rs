@@ -2,9 +2,15 @@
 //! or pretty text (a terminal), filtered by `log.level` unless `RUST_LOG` is
 //! set; and, with the `otel` feature and `tracing.otlp_endpoint`, the same
 //! spans exported over OTLP with W3C `traceparent` propagation, so a call
-//! through the gateway and the gRPC server is one trace.
+//! through the gateway and the gRPC server is one trace. Every line goes
+//! through one non-blocking writer (tracing-appender); the per-call access
+//! line is formatted in [`access`].
 
-use tracing_subscriber::fmt::MakeWriter;
+pub mod access;
+
+use std::sync::{Mutex, OnceLock};
+
+use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -25,7 +31,7 @@ pub enum TelemetryError {
 }
 
 /// Keeps the span exporter alive; [`TelemetryGuard::shutdown`] flushes it.
-#[must_use = "dropping the guard without shutdown may lose the last spans"]
+#[must_use = "dropping the guard without shutdown may lose the last lines and spans"]
 #[derive(Default)]
 pub struct TelemetryGuard {
     #[cfg(feature = "otel")]
@@ -33,29 +39,70 @@ pub struct TelemetryGuard {
 }
 
 impl TelemetryGuard {
-    /// Exports what is still buffered.
-    pub async fn shutdown(self) {
+    /// Writes out every queued log line and exports the buffered spans,
+    /// within `bound` (`shutdown.flush_timeout`): whatever is not out by
+    /// then is abandoned, so exit is never held.
+    pub async fn shutdown(self, bound: std::time::Duration) {
         #[cfg(feature = "otel")]
-        if let Some(provider) = self.provider {
-            // Shutting down blocks until the last export, which runs on this
-            // runtime: wait for it from a blocking thread.
-            let flushed = tokio::task::spawn_blocking(move || provider.shutdown()).await;
-            if let Ok(Err(error)) = flushed {
+        let provider = self.provider;
+        #[cfg(not(feature = "otel"))]
+        let _ = self;
+        // Both block (the span export runs on this runtime), so wait for
+        // them from a blocking thread.
+        let flush = tokio::task::spawn_blocking(move || {
+            #[cfg(feature = "otel")]
+            if let Some(provider) = provider
+                && let Err(error) = provider.shutdown()
+            {
                 tracing::warn!(%error, "flushing spans failed");
             }
+            // Last, so the span warning above is written too.
+            flush_logs();
+        });
+        if tokio::time::timeout(bound, flush).await.is_err() {
+            eprintln!("keel: the final flush of logs and spans took longer than shutdown.flush_timeout");
         }
     }
 }
+
+/// The log writer thread; dropping its guard writes out every queued line.
+/// Global, so an immediate exit (a second signal) can flush too.
+static LOG_WORKER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+
+/// Writes out every queued log line and stops the writer thread; later
+/// lines are lost. Blocks for at most about a second (tracing-appender's
+/// own bound). Call right before the process exits.
+pub fn flush_logs() {
+    let worker = LOG_WORKER.lock().map(|mut w| w.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
+    drop(worker);
+}
+
+/// Lines dropped because the log queue was full, for
+/// `keel_log_lines_dropped_total`.
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// How many log lines were dropped since start because the writer fell
+/// behind.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |counter| u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX))
+}
+
+/// Log lines the queue holds before new ones are dropped.
+const QUEUE_LINES: usize = 64 * 1024;
 
 /// Installs the global subscriber, writing to stdout. `RUST_LOG`, when set,
 /// replaces `log.level`. Call from within the tokio runtime.
 pub fn init(log: &LogSettings, tracing: &TracingSettings) -> Result<TelemetryGuard, TelemetryError> {
     let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
-    install(log, tracing, directives.as_deref(), std::io::stdout)
+    // Batched: the writer thread flushes when its queue runs empty.
+    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
+    install(log, tracing, directives.as_deref(), stdout)
 }
 
 /// Installs the global subscriber with an explicit filter and writer (tests
-/// capture the production log format this way).
+/// capture the production log format this way). Lines go through a bounded
+/// queue to a writer thread, so no caller ever blocks on the writer; when
+/// the queue is full, new lines are dropped and counted.
 pub fn install<W>(
     log: &LogSettings,
     tracing: &TracingSettings,
@@ -63,9 +110,21 @@ pub fn install<W>(
     writer: W,
 ) -> Result<TelemetryGuard, TelemetryError>
 where
-    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+    W: std::io::Write + Send + 'static,
 {
     let filter = EnvFilter::try_new(directives.unwrap_or(&log.level)).map_err(TelemetryError::Filter)?;
+    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUE_LINES)
+        .thread_name("keel-log-writer")
+        .finish(writer);
+    let _ = DROPPED.set(writer.error_counter());
+    if let Ok(mut slot) = LOG_WORKER.lock() {
+        *slot = Some(worker);
+    }
+    if log.format == LogFormat::Json {
+        access::install_sink(writer.clone(), log.access, log.access_slow);
+    }
     let logs = match log.format {
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
@@ -88,7 +147,7 @@ where
     {
         let _ = tracing;
         registry.try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
-        Ok(TelemetryGuard::default())
+        Ok(TelemetryGuard {})
     }
 }
 

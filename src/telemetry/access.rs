@@ -1,0 +1,201 @@
+//! The access log: one JSON line per call, formatted by hand and handed to
+//! the non-blocking writer, so a call never waits on stdout.
+//!
+//! Written by hand because tracing-subscriber's generic JSON formatter
+//! (field visitors, span lookups, a `serde_json` map per event) costs about
+//! as much as the whole layer stack; this line needs none of that. Each
+//! field appears once. With `log.format: pretty` the line is an ordinary
+//! tracing event instead, for people reading a terminal.
+
+use std::fmt::{Display, Write as _};
+use std::io::Write as _;
+use std::sync::OnceLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tonic::Code;
+use tracing_appender::non_blocking::NonBlocking;
+
+use crate::config::AccessLogMode;
+use crate::metrics::code_name;
+
+/// Where JSON access lines go, set once by [`super::install`].
+static SINK: OnceLock<Sink> = OnceLock::new();
+
+struct Sink {
+    /// The same queue the other log lines go through, so lines never
+    /// interleave mid-line and all leave in order.
+    writer: NonBlocking,
+    mode: AccessLogMode,
+    slow: Duration,
+}
+
+/// Makes `writer` the destination of JSON access lines. Only the first call
+/// counts: the global subscriber can be installed only once too.
+pub(super) fn install_sink(writer: NonBlocking, mode: AccessLogMode, slow: Duration) {
+    let _ = SINK.set(Sink { writer, mode, slow });
+}
+
+/// One finished call.
+pub struct Entry<'a> {
+    /// `/package.Service/Method`.
+    pub method: &'a str,
+    pub code: Code,
+    pub duration: Duration,
+    /// The TCP peer, or the gateway's client from `x-forwarded-for`.
+    pub peer: &'a dyn Display,
+    pub request_id: &'a str,
+}
+
+/// Codes that point at the server rather than the caller: logged at WARN.
+pub fn is_server_fault(code: Code) -> bool {
+    matches!(code, Code::Unknown | Code::Internal | Code::DataLoss | Code::Unimplemented)
+}
+
+/// Writes the access line of `entry`, if the mode and the log level want
+/// it. Never blocks: a full queue drops the line, and the drop is counted
+/// (`keel_log_lines_dropped_total`).
+pub fn record(entry: &Entry<'_>) {
+    let fault = is_server_fault(entry.code);
+    let Some(sink) = SINK.get() else {
+        // Pretty logs, or no subscriber installed: an ordinary event.
+        return record_event(entry, fault);
+    };
+    match sink.mode {
+        AccessLogMode::Off => return,
+        AccessLogMode::Errors if !fault && entry.duration < sink.slow => return,
+        _ => {}
+    }
+    // The level filter (`log.level`, `RUST_LOG`) still applies.
+    let enabled = if fault {
+        tracing::enabled!(target: "keel::access", tracing::Level::WARN)
+    } else {
+        tracing::enabled!(target: "keel::access", tracing::Level::INFO)
+    };
+    if !enabled {
+        return;
+    }
+    let mut line = String::with_capacity(256);
+    format_line(&mut line, SystemTime::now(), entry, if fault { "WARN" } else { "INFO" });
+    let mut writer = sink.writer.clone();
+    let _ = writer.write(line.as_bytes());
+}
+
+fn record_event(entry: &Entry<'_>, fault: bool) {
+    let duration_ms = entry.duration.as_secs_f64() * 1000.0;
+    let (method, code, peer, request_id) = (entry.method, code_name(entry.code), entry.peer, entry.request_id);
+    if fault {
+        tracing::warn!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, "rpc finished");
+    } else {
+        tracing::info!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, "rpc finished");
+    }
+}
+
+/// The JSON line, in the field names of the other log lines.
+fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str) {
+    out.push_str("{\"timestamp\":\"");
+    rfc3339(out, now);
+    out.push_str("\",\"level\":\"");
+    out.push_str(level);
+    out.push_str("\",\"message\":\"rpc finished\",\"grpc.method\":");
+    json_string(out, entry.method);
+    out.push_str(",\"grpc.code\":\"");
+    out.push_str(code_name(entry.code));
+    let _ = write!(out, "\",\"duration_ms\":{:.3},\"peer\":", entry.duration.as_secs_f64() * 1000.0);
+    let mut peer = String::with_capacity(48);
+    let _ = write!(peer, "{}", entry.peer);
+    json_string(out, &peer);
+    out.push_str(",\"request_id\":");
+    json_string(out, entry.request_id);
+    out.push_str(",\"target\":\"keel::access\"}\n");
+}
+
+/// A JSON string literal: quotes, backslashes and control characters
+/// escaped.
+fn json_string(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+/// `2026-12-01T07:40:12.345678Z`: UTC, microseconds.
+fn rfc3339(out: &mut String, now: SystemTime) {
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60,
+        since.subsec_micros()
+    );
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (the
+/// well-known era-based conversion).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let month = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates_convert_across_leap_years_and_eras() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(11_016), (2000, 2, 29));
+        assert_eq!(civil_from_days(20_788), (2026, 12, 1));
+        assert_eq!(civil_from_days(-1), (1969, 12, 31));
+    }
+
+    #[test]
+    fn the_line_is_one_json_object_with_each_field_once() {
+        let mut line = String::new();
+        let peer = "10.0.0.1, 192.0.2.7";
+        let entry = Entry {
+            method: "/a.v1.S/M\"x",
+            code: Code::NotFound,
+            duration: Duration::from_micros(1500),
+            peer: &peer,
+            request_id: "rid-1",
+        };
+        let at = UNIX_EPOCH + Duration::from_secs(1_796_110_000) + Duration::from_micros(42);
+        format_line(&mut line, at, &entry, "INFO");
+        assert!(line.ends_with("}\n"), "{line}");
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        assert_eq!(parsed["grpc.method"], "/a.v1.S/M\"x");
+        assert_eq!(parsed["grpc.code"], "NotFound");
+        assert_eq!(parsed["duration_ms"], 1.5);
+        assert_eq!(parsed["peer"], peer);
+        assert_eq!(parsed["request_id"], "rid-1");
+        assert_eq!(parsed["timestamp"], "2026-12-01T07:26:40.000042Z");
+        for key in ["grpc.method", "request_id", "peer", "message"] {
+            assert_eq!(line.matches(&format!("\"{key}\":")).count(), 1, "{key} twice in {line}");
+        }
+    }
+}
