@@ -94,8 +94,6 @@ def errors(http):
           f"a 404 carries Grpc-Metadata-X-Request-Id: {headers}")
     status, body = http.json("GET", "/v1/users/dup?_=1")
     check(status == 400 and '"_"' in body.get("message", ""), f"unknown query parameter -> 400 naming _ {body}")
-    status, body = http.json("POST", "/echo.v1.EchoService/Unannotated", {})
-    check(status == 404, f"unannotated methods have no route by default {body}")
     status, body = http.json("GET", "/v2/nowhere")
     check(status == 404 and body.get("code") == 5, f"unknown route -> 404 {body}")
     status, body = http.json("PUT", "/v1/users/x")
