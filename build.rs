@@ -7,6 +7,9 @@
 
 use std::path::{Path, PathBuf};
 
+/// Vendored schemas always in the descriptor set (see `src/gateway`).
+const GATEWAY_SCHEMAS: [&str; 2] = ["google/rpc/error_details.proto", "google/api/httpbody.proto"];
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = Path::new("proto");
     let mut entry_points = Vec::new();
@@ -19,6 +22,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for file in &entry_points {
         let relative = file.strip_prefix(proto_root)?;
         compiler.open_file(relative)?;
+    }
+    // Schemas the gateway renders whether or not a service imports them:
+    // error details in `google.rpc.Status` bodies, and raw HTTP bodies.
+    for vendored in GATEWAY_SCHEMAS {
+        compiler.open_file(vendored)?;
     }
     // Encoded by protox itself: a round trip through prost-types would drop
     // custom options such as the google.api.http annotations.

@@ -133,8 +133,107 @@ pub struct HttpSettings {
     #[serde(with = "human_duration")]
     pub sse_keepalive: Duration,
     /// Serves methods without a `google.api.http` annotation at
-    /// `POST /{package.Service}/{Method}`.
+    /// `POST /{package.Service}/{Method}`. Off by default, as grpc-gateway's
+    /// `generate_unbound_methods`: an internal RPC is not public by accident.
     pub unannotated_routes: bool,
+    /// What an unknown JSON field or query parameter does.
+    pub unknown_fields: UnknownFields,
+    /// Request headers passed to the service as `grpcgateway-<name>`
+    /// metadata (grpc-gateway's permanent headers, by default).
+    pub permanent_headers: Vec<String>,
+    /// Cross-origin requests; off while `allowed_origins` is empty.
+    pub cors: CorsSettings,
+}
+
+/// `http.unknown_fields`: strict (as Envoy) or lenient (as grpc-gateway).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownFields {
+    /// A 400 that names the field or parameter.
+    #[default]
+    Reject,
+    /// Dropped, so newer clients can call older servers.
+    Ignore,
+}
+
+impl<'de> Deserialize<'de> for UnknownFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        match text.trim().to_ascii_lowercase().as_str() {
+            "reject" => Ok(Self::Reject),
+            "ignore" => Ok(Self::Ignore),
+            _ => Err(serde::de::Error::custom(format!("unknown value {text:?}: expected reject or ignore"))),
+        }
+    }
+}
+
+/// grpc-gateway's permanent HTTP headers, less three: `Authorization` is
+/// forwarded as itself, `Host` as `x-forwarded-host`, and `Cookie` never,
+/// since cookies are credentials a gRPC service should not see by default.
+pub const DEFAULT_PERMANENT_HEADERS: [&str; 21] = [
+    "accept",
+    "accept-charset",
+    "accept-language",
+    "accept-ranges",
+    "cache-control",
+    "content-type",
+    "date",
+    "expect",
+    "from",
+    "if-match",
+    "if-modified-since",
+    "if-none-match",
+    "if-schedule-tag-match",
+    "if-unmodified-since",
+    "max-forwards",
+    "origin",
+    "pragma",
+    "referer",
+    "user-agent",
+    "via",
+    "warning",
+];
+
+/// `http.cors`: answered by tower-http's CORS layer in front of every route.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CorsSettings {
+    /// Origins allowed to call (`https://app.example.com`), or `["*"]`.
+    /// Empty: CORS is off and no CORS header is ever sent.
+    pub allowed_origins: Vec<String>,
+    /// Methods a preflight allows.
+    pub allowed_methods: Vec<String>,
+    /// Request headers a preflight allows.
+    pub allowed_headers: Vec<String>,
+    /// Response headers scripts may read.
+    pub exposed_headers: Vec<String>,
+    /// How long a browser may cache a preflight answer.
+    #[serde(with = "human_duration")]
+    pub max_age: Duration,
+    /// Sends `Access-Control-Allow-Credentials: true` (not with origin `*`).
+    pub allow_credentials: bool,
+}
+
+impl Default for CorsSettings {
+    fn default() -> Self {
+        Self {
+            allowed_origins: Vec::new(),
+            allowed_methods: ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"].map(str::to_owned).to_vec(),
+            allowed_headers: [
+                "authorization",
+                "content-type",
+                "grpc-timeout",
+                "x-request-id",
+                "x-grpc-web",
+                "x-user-agent",
+            ]
+            .map(str::to_owned)
+            .to_vec(),
+            exposed_headers: ["grpc-status", "grpc-message", "x-request-id"].map(str::to_owned).to_vec(),
+            max_age: Duration::from_secs(600),
+            allow_credentials: false,
+        }
+    }
 }
 
 impl Default for HttpSettings {
@@ -146,7 +245,10 @@ impl Default for HttpSettings {
             default_stream_timeout: Duration::from_secs(3600),
             max_timeout: Duration::from_secs(3600),
             sse_keepalive: Duration::from_secs(15),
-            unannotated_routes: true,
+            unannotated_routes: false,
+            unknown_fields: UnknownFields::Reject,
+            permanent_headers: DEFAULT_PERMANENT_HEADERS.map(str::to_owned).to_vec(),
+            cors: CorsSettings::default(),
         }
     }
 }
@@ -648,6 +750,40 @@ impl Settings {
             }
             if !cfg!(feature = "otel") {
                 return Err(fail("tracing.otlp_endpoint", "this keel was built without the `otel` feature".to_owned()));
+            }
+        }
+        for name in &self.http.permanent_headers {
+            if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                return Err(fail("http.permanent_headers", format!("{name:?} is not a header name")));
+            }
+        }
+        let cors = &self.http.cors;
+        for origin in &cors.allowed_origins {
+            let valid =
+                origin == "*" || origin.parse::<http::Uri>().is_ok_and(|u| u.scheme().is_some() && u.host().is_some());
+            if !valid {
+                return Err(fail(
+                    "http.cors.allowed_origins",
+                    format!("{origin:?} is not an origin such as https://app.example.com, or *"),
+                ));
+            }
+        }
+        if cors.allowed_origins.len() > 1 && cors.allowed_origins.iter().any(|o| o == "*") {
+            return Err(fail("http.cors.allowed_origins", "\"*\" must be the only origin".to_owned()));
+        }
+        if cors.allow_credentials && cors.allowed_origins.iter().any(|o| o == "*") {
+            return Err(fail("http.cors.allow_credentials", "cannot be true with the origin \"*\"".to_owned()));
+        }
+        for method in &cors.allowed_methods {
+            if http::Method::from_bytes(method.as_bytes()).is_err() {
+                return Err(fail("http.cors.allowed_methods", format!("{method:?} is not an HTTP method")));
+            }
+        }
+        for (key, names) in
+            [("http.cors.allowed_headers", &cors.allowed_headers), ("http.cors.exposed_headers", &cors.exposed_headers)]
+        {
+            if let Some(name) = names.iter().find(|n| http::HeaderName::from_bytes(n.as_bytes()).is_err()) {
+                return Err(fail(key, format!("{name:?} is not a header name")));
             }
         }
         if self.auth.tokens.iter().any(|t| t.trim().is_empty()) {

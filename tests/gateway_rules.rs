@@ -7,7 +7,6 @@
 mod support;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::task::{Context, Poll};
 
 use anyhow::{Context as _, Result, anyhow};
@@ -19,90 +18,15 @@ use keel::grpc::middleware::method::MethodTable;
 use keel::grpc::middleware::metrics::GrpcMetricsLayer;
 use keel::metrics::Metrics;
 use prost::Message;
-use prost_reflect::DescriptorPool;
 use serde_json::{Value, json};
 use std::sync::Arc;
-use support::echo::{EchoBackend, EchoBody};
-use support::http::HttpClient;
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
+use support::echo::EchoBody;
+use support::echo_gateway::{EchoGateway, registry_of};
 use tonic::server::NamedService;
 use tonic::transport::Endpoint;
-use tonic::transport::server::TcpIncoming;
 
 fn compile(file: &str) -> Result<Vec<u8>> {
     support::compile_test_proto(file)
-}
-
-/// A registry holding only `service`, with the test protos' descriptors.
-fn registry_of<S: keel::registry::GrpcService>(descriptors: &[u8], service: S) -> Result<keel::registry::Services> {
-    let mut registry = keel::registry::ServiceRegistry::new()?;
-    registry.add_descriptors(descriptors).add(service);
-    Ok(registry.finish()?)
-}
-
-/// The echo backend and a gateway in front of it, both on ephemeral ports.
-struct EchoGateway {
-    http: HttpClient,
-    stops: Vec<oneshot::Sender<()>>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-impl EchoGateway {
-    async fn start(settings: HttpSettings) -> Result<Self> {
-        let descriptors = compile("echo/v1/echo.proto")?;
-        let pool = DescriptorPool::decode(descriptors.as_slice())?;
-
-        let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let grpc_addr = grpc_listener.local_addr()?;
-        let (grpc_stop, grpc_stopped) = oneshot::channel::<()>();
-        let backend = tonic::transport::Server::builder()
-            .add_service(EchoBackend { pool: pool.clone() })
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc_listener), async {
-                let _ = grpc_stopped.await;
-            });
-        let grpc_task = tokio::spawn(async move {
-            let _ = backend.await;
-        });
-
-        let channel = Endpoint::from_shared(format!("http://{grpc_addr}"))?.connect_lazy();
-        let metrics = Metrics::new()?;
-        let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
-        let services = registry_of(&descriptors, EchoBackend { pool: pool.clone() })?;
-        let gateway = Gateway::build(&services, forwarder, &settings, &metrics.http)?;
-        let http_listener = TcpListener::bind("127.0.0.1:0").await?;
-        let http_addr: SocketAddr = http_listener.local_addr()?;
-        let (http_stop, http_stopped) = oneshot::channel::<()>();
-        let http_task = tokio::spawn(async move {
-            let _ = keel::gateway::server::serve(http_listener, gateway.into_router(), async {
-                let _ = http_stopped.await;
-            })
-            .await;
-        });
-        Ok(Self {
-            http: HttpClient::new(http_addr),
-            stops: vec![http_stop, grpc_stop],
-            tasks: vec![http_task, grpc_task],
-        })
-    }
-
-    async fn stop(self) -> Result<()> {
-        for stop in self.stops {
-            let _ = stop.send(());
-        }
-        for task in self.tasks {
-            tokio::time::timeout(std::time::Duration::from_secs(10), task).await??;
-        }
-        Ok(())
-    }
-
-    async fn ok_json(&self, method: Method, path: &str, body: Option<&str>) -> Result<Value> {
-        let response = self.http.send(method.clone(), path, &[], body).await?;
-        if response.status != StatusCode::OK {
-            return Err(anyhow!("{method} {path}: {} {}", response.status, response.text()));
-        }
-        response.json()
-    }
 }
 
 mod binding {
@@ -226,14 +150,14 @@ mod binding {
     }
 
     #[tokio::test]
-    async fn unannotated_methods_are_reachable_unless_switched_off() -> Result<()> {
-        let gw = EchoGateway::start(HttpSettings::default()).await?;
+    async fn unannotated_methods_are_reachable_only_when_switched_on() -> Result<()> {
+        let settings = HttpSettings { unannotated_routes: true, ..HttpSettings::default() };
+        let gw = EchoGateway::start(settings).await?;
         let echoed = gw.ok_json(Method::POST, "/echo.v1.EchoService/Unannotated", Some(r#"{"name": "u"}"#)).await?;
         assert_eq!(echoed["name"], "u");
         gw.stop().await?;
 
-        let settings = HttpSettings { unannotated_routes: false, ..HttpSettings::default() };
-        let gw = EchoGateway::start(settings).await?;
+        let gw = EchoGateway::start(HttpSettings::default()).await?;
         let response = gw.http.send(Method::POST, "/echo.v1.EchoService/Unannotated", &[], Some("{}")).await?;
         assert_eq!(response.status, StatusCode::NOT_FOUND);
         gw.stop().await

@@ -60,6 +60,16 @@ def crud(http):
     check(status == 200 and patched["display_name"] == "Bob" and patched["email"] == "ada@example.com",
           "PATCH changes only the sent keys")
 
+    # grpc-gateway's query form of a mask: proto names, comma-separated.
+    status, patched = http.json("PATCH", "/v1/users/ada?update_mask=display_name", {"display_name": "Ada L."})
+    check(status == 200 and patched.get("display_name") == "Ada L.", f"PATCH ?update_mask=display_name: {status} {patched}")
+    status, headers, data = http.call("HEAD", "/v1/users/ada")
+    check(status == 200 and data == b"" and headers.get("content-type") == "application/json", f"HEAD on a GET route: {status}")
+    # curl -d sends application/x-www-form-urlencoded; the body is read as JSON.
+    status, created = http.json("POST", "/v1/users", raw=b'{"user_id": "form", "display_name": "F", "email": "f@example.com"}',
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+    check(status == 200 and created.get("user_id") == "form", f"a form-typed JSON body creates the user: {status} {created}")
+
     status, deleted = http.json("DELETE", "/v1/users/ada")
     check(status == 200 and deleted == {}, f"DELETE returns {{}}: {deleted}")
 
@@ -77,7 +87,13 @@ def errors(http):
     status, body = http.json("POST", "/v1/users", raw=b'{"display_name": ')
     check(status == 400 and body.get("code") == 3, f"malformed JSON -> 400 {body}")
     status, body = http.json("POST", "/v1/users", raw=b"hello", headers={"Content-Type": "text/plain"})
-    check(status == 415, f"text/plain -> 415 {body}")
+    check(status == 400 and "application/json" in body.get("message", ""),
+          f"text/plain that is not JSON -> 400 naming application/json {body}")
+    status, headers, _ = http.call("GET", "/v1/users/ghost", headers={"X-Request-Id": "req-404"})
+    check(status == 404 and headers.get("grpc-metadata-x-request-id") == "req-404",
+          f"a 404 carries Grpc-Metadata-X-Request-Id: {headers}")
+    status, body = http.json("GET", "/v1/users/dup?_=1")
+    check(status == 400 and '"_"' in body.get("message", ""), f"unknown query parameter -> 400 naming _ {body}")
     status, body = http.json("GET", "/v2/nowhere")
     check(status == 404 and body.get("code") == 5, f"unknown route -> 404 {body}")
     status, body = http.json("PUT", "/v1/users/x")

@@ -1,7 +1,10 @@
 //! Errors on the HTTP side, in one shape: a gRPC status becomes the HTTP
 //! status grpc-gateway would use, and the body is always the
 //! `google.rpc.Status` JSON (`{"code", "message", "details"}`), for upstream
-//! failures and the gateway's own alike.
+//! failures and the gateway's own alike. Details are rendered in full when
+//! their type is in the descriptor pool (which always holds
+//! `google/rpc/error_details.proto`), and as `{"@type", "value": base64}`
+//! otherwise, as protojson does for a type it cannot resolve.
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -23,11 +26,9 @@ pub enum GatewayError {
     NotFound(String),
     #[error("method {method} is not allowed here")]
     MethodNotAllowed { method: Method, allowed: Vec<Method> },
-    #[error("unsupported content type {0:?}: send application/json")]
-    UnsupportedMediaType(String),
     #[error("request body is larger than the limit of {0} bytes")]
     PayloadTooLarge(usize),
-    #[error("malformed JSON: {0}")]
+    #[error("the request body is not valid JSON (it is read as application/json): {0}")]
     MalformedJson(String),
     #[error("{0}")]
     InvalidArgument(String),
@@ -43,9 +44,11 @@ impl GatewayError {
         match self {
             Self::NotFound(_) => Code::NotFound,
             Self::MethodNotAllowed { .. } => Code::Unimplemented,
-            Self::UnsupportedMediaType(_) | Self::MalformedJson(_) | Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::MalformedJson(_) | Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::PayloadTooLarge(_) => Code::ResourceExhausted,
-            Self::BodyRead(_) => Code::Cancelled,
+            // grpc-gateway: a body that cannot be read is the client's
+            // problem, INVALID_ARGUMENT.
+            Self::BodyRead(_) => Code::InvalidArgument,
             Self::Upstream(status) => status.code(),
         }
     }
@@ -54,7 +57,6 @@ impl GatewayError {
         match self {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
-            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
@@ -93,6 +95,14 @@ impl GatewayError {
             if let Ok(value) = HeaderValue::from_str(&list) {
                 headers.insert(header::ALLOW, value);
             }
+        }
+        if self.code() == Code::Unauthenticated {
+            // RFC 6750: a 401 names the scheme the client should use.
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Self::Upstream(status) = &self {
+            // Metadata reaches the client on errors as on success.
+            super::forward::response_headers(status.metadata(), headers);
         }
         response
     }
@@ -133,8 +143,7 @@ struct RpcStatus {
     details: Vec<prost_types::Any>,
 }
 
-/// Renders status details as `Any` JSON: decoded when the type is in the
-/// descriptor pool, otherwise just its type URL.
+/// Renders status details as `Any` JSON.
 fn status_details(raw: &[u8], pool: &DescriptorPool) -> Vec<serde_json::Value> {
     if raw.is_empty() {
         return Vec::new();
@@ -143,18 +152,29 @@ fn status_details(raw: &[u8], pool: &DescriptorPool) -> Vec<serde_json::Value> {
     status.details.iter().map(|any| any_to_json(any, pool)).collect()
 }
 
-/// An `Any` in the JSON mapping, or just its type URL when the type is
-/// unknown here.
+/// An `Any` in the JSON mapping: a message's fields beside `@type`; a
+/// well-known type's own JSON form (even an object, as for Struct or Empty)
+/// under `"value"`; and a type unknown here as its bytes in base64 under
+/// `"value"`, so nothing the service sent is lost.
 fn any_to_json(any: &prost_types::Any, pool: &DescriptorPool) -> Value {
+    use base64::Engine as _;
     let type_name = any.type_url.rsplit('/').next().unwrap_or_default();
-    let decoded = pool
-        .get_message_by_name(type_name)
-        .and_then(|desc| DynamicMessage::decode(desc, any.value.as_slice()).ok())
-        .and_then(|message| message.serialize_with_options(serde_json::value::Serializer, &JSON_OUTPUT).ok());
+    // The global pool holds the well-known types, which a service's
+    // descriptors need not import to send them.
+    let descriptor =
+        pool.get_message_by_name(type_name).or_else(|| DescriptorPool::global().get_message_by_name(type_name));
+    let decoded = descriptor.and_then(|desc| {
+        let message = DynamicMessage::decode(desc.clone(), any.value.as_slice()).ok()?;
+        let json = super::transcode::message_to_value(&message).ok()?;
+        Some((desc.full_name().starts_with("google.protobuf."), json))
+    });
     let mut object = match decoded {
-        Some(Value::Object(map)) => map,
-        Some(other) => Map::from_iter([("value".to_owned(), other)]),
-        None => Map::new(),
+        Some((false, Value::Object(map))) => map,
+        Some((_, other)) => Map::from_iter([("value".to_owned(), other)]),
+        None => {
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&any.value);
+            Map::from_iter([("value".to_owned(), Value::String(encoded))])
+        }
     };
     object.insert("@type".to_owned(), Value::String(any.type_url.clone()));
     Value::Object(object)

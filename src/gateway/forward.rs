@@ -118,8 +118,9 @@ impl Forwarder {
 const FORWARDED: [&str; 4] = ["authorization", "x-request-id", "traceparent", "tracestate"];
 const METADATA_PREFIX: &str = "grpc-metadata-";
 
-/// Builds the outgoing metadata from the HTTP request headers.
-pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>) -> MetadataMap {
+/// Builds the outgoing metadata from the HTTP request headers; `authority`
+/// is the request URI's (HTTP/2 sends `:authority` instead of `Host`).
+pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>, authority: Option<&str>) -> MetadataMap {
     let mut out = HeaderMap::with_capacity(8);
     for name in FORWARDED {
         if let Some(value) = headers.get(name) {
@@ -135,8 +136,11 @@ pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>) -> Metada
             out.append(key, value.clone());
         }
     }
-    // X-Forwarded-For: what earlier proxies said, then the peer we saw.
-    let earlier = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    // X-Forwarded-For: what earlier proxies said (every header line, in
+    // order, as grpc-gateway joins them), then the peer we saw.
+    let earlier: Vec<&str> = headers.get_all("x-forwarded-for").iter().filter_map(|v| v.to_str().ok()).collect();
+    let earlier = (!earlier.is_empty()).then(|| earlier.join(", "));
+    let earlier = earlier.as_deref();
     let chain = match (earlier, peer) {
         (Some(earlier), Some(peer)) => Some(format!("{earlier}, {}", peer.ip())),
         (None, Some(peer)) => Some(peer.ip().to_string()),
@@ -146,8 +150,13 @@ pub fn request_metadata(headers: &HeaderMap, peer: Option<SocketAddr>) -> Metada
     if let Some(value) = chain.and_then(|c| HeaderValue::from_str(&c).ok()) {
         out.insert(HeaderName::from_static("x-forwarded-for"), value);
     }
-    if let Some(host) = headers.get("x-forwarded-host").or_else(|| headers.get(http::header::HOST)) {
-        out.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+    let host = headers
+        .get("x-forwarded-host")
+        .or_else(|| headers.get(http::header::HOST))
+        .cloned()
+        .or_else(|| authority.and_then(|a| HeaderValue::from_str(a).ok()));
+    if let Some(host) = host {
+        out.insert(HeaderName::from_static("x-forwarded-host"), host);
     }
     // The gRPC span is a child of the gateway's, not of the caller's.
     crate::telemetry::propagate(&mut out);
@@ -238,15 +247,19 @@ mod tests {
         headers.insert("host", HeaderValue::from_static("api.example.com"));
         headers.insert("cookie", HeaderValue::from_static("secret"));
         let peer: SocketAddr = ([192, 0, 2, 7], 5555).into();
-        let md = request_metadata(&headers, Some(peer));
+        headers.append("x-forwarded-for", HeaderValue::from_static("10.0.0.2"));
+        let md = request_metadata(&headers, Some(peer), None);
         let get = |k: &str| md.get(k).and_then(|v| v.to_str().ok()).map(str::to_owned);
         assert_eq!(get("authorization").as_deref(), Some("Bearer t"));
         assert_eq!(get("x-request-id").as_deref(), Some("r1"));
         assert_eq!(get("tenant").as_deref(), Some("acme"));
-        assert_eq!(get("x-forwarded-for").as_deref(), Some("10.0.0.1, 192.0.2.7"));
+        assert_eq!(get("x-forwarded-for").as_deref(), Some("10.0.0.1, 10.0.0.2, 192.0.2.7"));
         assert_eq!(get("x-forwarded-host").as_deref(), Some("api.example.com"));
         assert_eq!(get("cookie"), None);
         assert_eq!(get("grpc-timeout"), None);
+
+        let md = request_metadata(&HeaderMap::new(), None, Some("h2.example.com"));
+        assert_eq!(md.get("x-forwarded-host").and_then(|v| v.to_str().ok()), Some("h2.example.com"));
     }
 
     #[test]

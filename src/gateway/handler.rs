@@ -1,7 +1,15 @@
 //! Serving gateway requests: route match → JSON to protobuf → the call over
 //! the shared channel → protobuf to JSON or a framed stream, plus
 //! `/healthz` and `/openapi.json`. Every failure is a `google.rpc.Status`
-//! body.
+//! body. gRPC-Web requests are recognised by their Content-Type first and
+//! go to [`super::grpc_web`]; CORS, when configured, sits in front of all
+//! of it ([`super::cors`]).
+//!
+//! As in grpc-gateway: `HEAD` is answered by every `GET` route; a body
+//! with no Content-Type or an unknown one is read as JSON; a handler picks
+//! the success status with `x-http-code` response metadata; a unary call's
+//! trailers go out as `Grpc-Trailer-*` HTTP trailers when the client sent
+//! `TE: trailers` (otherwise they are folded into the headers).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -19,12 +27,18 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
+use http::HeaderName;
+use http_body::Frame;
+use http_body_util::StreamBody;
+use tonic::metadata::MetadataMap;
+
 use super::error::GatewayError;
 use super::forward::{Forwarder, Timeouts, request_metadata, response_headers};
-use super::route::{Lookup, RouteTable};
+use super::grpc_web::GrpcWeb;
+use super::route::{self, Lookup, RouteTable};
 use super::routes::Binding;
 use super::stream::{FramedStream, Framing};
-use super::transcode;
+use super::transcode::{self, RequestBody};
 use crate::grpc::middleware::request_id::{self, RequestId};
 use crate::metrics::{HttpMetrics, RouteMetrics};
 
@@ -33,6 +47,11 @@ pub(super) const HEALTH_PATH: &str = "/healthz";
 pub(super) const OPENAPI_PATH: &str = "/openapi.json";
 /// How long `/healthz` waits for the gRPC health service.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Response metadata that sets the success status; consumed, not forwarded.
+const HTTP_CODE_KEY: &str = "x-http-code";
+/// Prefix of trailers sent as HTTP trailers (grpc-gateway's
+/// `MetadataTrailerPrefix`).
+const TRAILER_PREFIX: &str = "grpc-trailer-";
 
 /// The built gateway: routes, the forwarder and the rendered OpenAPI.
 pub struct Gateway {
@@ -54,26 +73,56 @@ pub struct Gateway {
     pub(super) sse_keepalive: Duration,
     /// `/openapi.json`, rendered once at startup.
     pub(super) openapi: Bytes,
+    /// `http.permanent_headers`: each request header with the
+    /// `grpcgateway-` metadata key it is sent as.
+    pub(super) permanent_headers: Vec<(HeaderName, HeaderName)>,
+    /// gRPC-Web, translated onto the same gRPC server.
+    pub(super) grpc_web: GrpcWeb,
+    pub(super) grpc_web_metrics: RouteMetrics,
+    /// `http.cors`, when any origin is allowed.
+    pub(super) cors: Option<tower_http::cors::CorsLayer>,
 }
 
 impl Gateway {
     /// The axum router serving the gateway.
-    pub fn into_router(self) -> Router {
-        Router::new().fallback(dispatch).with_state(Arc::new(self))
+    pub fn into_router(mut self) -> Router {
+        let cors = self.cors.take();
+        let router = Router::new().fallback(dispatch).with_state(Arc::new(self));
+        match cors {
+            Some(cors) => router.layer(cors),
+            None => router,
+        }
     }
 
     /// Routes a request; also returns the series to record it in.
     async fn handle(&self, request: Request) -> (RouteMetrics, Result<Response, GatewayError>) {
+        if GrpcWeb::accepts(request.headers()) {
+            return (self.grpc_web_metrics.clone(), Ok(self.grpc_web.call(request).await));
+        }
         let path = request.uri().path();
-        if request.method() == Method::GET && path == HEALTH_PATH {
-            return (self.health_metrics.clone(), Ok(self.healthz(request.uri().query()).await));
+        // HEAD is GET without the body, as grpc-gateway's mux does.
+        let head = request.method() == Method::HEAD;
+        let method = if head { Method::GET } else { request.method().clone() };
+        if method == Method::GET && path == HEALTH_PATH {
+            return (self.health_metrics.clone(), Ok(without_body(head, self.healthz(request.uri().query()).await)));
         }
-        if request.method() == Method::GET && path == OPENAPI_PATH {
-            return (self.openapi_metrics.clone(), Ok(json_response(StatusCode::OK, self.openapi.clone())));
+        if method == Method::GET && path == OPENAPI_PATH {
+            let response = json_response(StatusCode::OK, self.openapi.clone());
+            return (self.openapi_metrics.clone(), Ok(without_body(head, response)));
         }
-        match self.routes.lookup(request.method(), path) {
-            Lookup::Found { target, bindings } => (target.metrics.clone(), self.call(target, &bindings, request).await),
-            Lookup::MethodNotAllowed(allowed) => {
+        // A broken escape is a bad request, not a path that matches nothing.
+        if let Err(reason) = route::check_escapes(path) {
+            return (self.unmatched(request.method()), Err(GatewayError::InvalidArgument(reason)));
+        }
+        match self.routes.lookup(&method, path) {
+            Lookup::Found { target, bindings } => {
+                let outcome = self.call(target, &bindings, request).await;
+                (target.metrics.clone(), outcome.map(|r| without_body(head, r)))
+            }
+            Lookup::MethodNotAllowed(mut allowed) => {
+                if allowed.contains(&Method::GET) {
+                    allowed.push(Method::HEAD);
+                }
                 let method = request.method().clone();
                 (self.unmatched(&method), Err(GatewayError::MethodNotAllowed { method, allowed }))
             }
@@ -108,58 +157,113 @@ impl Gateway {
         request: Request,
     ) -> Result<Response, GatewayError> {
         let (parts, body) = request.into_parts();
-        let json = match binding.transcoding.body {
-            transcode::BodyRule::None => None,
-            _ => self.read_json(&parts.headers, body).await?,
+        let body = match binding.transcoding.body {
+            transcode::BodyRule::None => RequestBody::Json(None),
+            _ => self.read_body(&parts.headers, body, binding.transcoding.raw_request).await?,
         };
-        let message = binding.transcoding.request(bindings, parts.uri.query(), json)?;
+        let message = binding.transcoding.request_from(bindings, parts.uri.query(), body)?;
         let timeout = self.timeouts.for_request(&parts.headers, binding.streaming)?;
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
-        let mut call =
-            tonic::Request::from_parts(request_metadata(&parts.headers, peer), tonic::Extensions::default(), message);
+        let metadata = self.metadata(&parts.headers, peer, parts.uri.authority().map(|a| a.as_str()));
+        let mut call = tonic::Request::from_parts(metadata, tonic::Extensions::default(), message);
         call.set_timeout(timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let output = binding.transcoding.output.clone();
+        let timed_out = |_| tonic::Status::deadline_exceeded("deadline exceeded");
 
+        // Both kinds are called as a server stream, which keeps the
+        // response headers apart from the trailers. A trailers-only answer
+        // (the handler failed before sending anything) is an error here, so
+        // it gets its HTTP status, for streams as for unary calls.
+        let response =
+            tokio::time::timeout_at(deadline, self.forwarder.server_streaming(binding.grpc_path.clone(), output, call))
+                .await
+                .map_err(timed_out)??;
+        let (mut metadata, mut upstream, _) = response.into_parts();
+        let status = success_status(&mut metadata);
+
+        let with_headers = |status: tonic::Status| GatewayError::Upstream(merge_metadata(&metadata, status));
         if binding.streaming {
-            let framing = Framing::negotiate(&parts.headers);
-            let response = tokio::time::timeout_at(
-                deadline,
-                self.forwarder.server_streaming(binding.grpc_path.clone(), output, call),
-            )
-            .await
-            .map_err(|_| tonic::Status::deadline_exceeded("deadline exceeded"))??;
-            let (metadata, upstream, _) = response.into_parts();
-            let body = FramedStream::new(upstream, binding.transcoding.clone(), framing, deadline, self.sse_keepalive);
+            let raw = binding.transcoding.raw_response;
+            let framing = if raw { Framing::Raw } else { Framing::negotiate(&parts.headers) };
+            let mut content_type = framing.content_type();
+            let mut first = None;
+            if raw {
+                // An HttpBody stream's Content-Type is its first message's,
+                // so that message is awaited before the headers go out.
+                first = tokio::time::timeout_at(deadline, upstream.message())
+                    .await
+                    .map_err(timed_out)?
+                    .map_err(with_headers)?;
+                if let Some(message) = &first {
+                    let (declared, _) = binding.transcoding.raw_response(message)?;
+                    content_type = HeaderValue::from_str(&declared).ok();
+                }
+            }
+            let body = FramedStream::new(upstream, binding.transcoding.clone(), framing, deadline, self.sse_keepalive)
+                .starting_with(first);
             let mut response = Response::new(Body::from_stream(body));
+            *response.status_mut() = status;
             let headers = response.headers_mut();
-            headers.insert(header::CONTENT_TYPE, framing.content_type());
+            if let Some(content_type) = content_type {
+                headers.insert(header::CONTENT_TYPE, content_type);
+            }
             headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
             // Ask reverse proxies not to buffer the stream.
             headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
             response_headers(&metadata, headers);
-            Ok(response)
+            return Ok(response);
+        }
+
+        let message = tokio::time::timeout_at(deadline, upstream.message())
+            .await
+            .map_err(timed_out)?
+            .map_err(with_headers)?
+            .ok_or_else(|| with_headers(tonic::Status::internal("the server sent no response message")))?;
+        let trailers = tokio::time::timeout_at(deadline, upstream.trailers())
+            .await
+            .map_err(timed_out)?
+            .map_err(with_headers)?
+            .unwrap_or_default();
+        let mut response = if binding.transcoding.raw_response {
+            let (content_type, data) = binding.transcoding.raw_response(&message)?;
+            let mut response = (status, data).into_response();
+            if let Ok(value) = HeaderValue::from_str(&content_type) {
+                response.headers_mut().insert(header::CONTENT_TYPE, value);
+            }
+            response
+        } else if status == StatusCode::NO_CONTENT {
+            Response::builder().status(status).body(Body::empty()).unwrap_or_default()
         } else {
-            let response =
-                tokio::time::timeout_at(deadline, self.forwarder.unary(binding.grpc_path.clone(), output, call))
-                    .await
-                    .map_err(|_| tonic::Status::deadline_exceeded("deadline exceeded"))??;
-            let (metadata, message, _) = response.into_parts();
-            let mut response = json_response(StatusCode::OK, Bytes::from(binding.transcoding.response(&message)?));
-            response_headers(&metadata, response.headers_mut());
+            json_response(status, Bytes::from(binding.transcoding.response(&message)?))
+        };
+        response_headers(&metadata, response.headers_mut());
+        if accepts_trailers(&parts.headers) && status != StatusCode::NO_CONTENT {
+            Ok(with_http_trailers(response, &trailers))
+        } else {
+            response_headers(&trailers, response.headers_mut());
             Ok(response)
         }
     }
 
-    /// Reads a JSON body within the size limit.
-    async fn read_json(&self, headers: &HeaderMap, body: Body) -> Result<Option<serde_json::Value>, GatewayError> {
-        if let Some(content_type) = headers.get(header::CONTENT_TYPE) {
-            let text = content_type.to_str().unwrap_or_default();
-            let essence = text.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
-            if essence != "application/json" && !essence.ends_with("+json") {
-                return Err(GatewayError::UnsupportedMediaType(text.to_owned()));
+    /// The call's metadata: the mapped headers (see [`request_metadata`])
+    /// and the permanent headers as `grpcgateway-*`, as grpc-gateway's
+    /// `DefaultHeaderMatcher` sends them.
+    fn metadata(&self, headers: &HeaderMap, peer: Option<SocketAddr>, authority: Option<&str>) -> MetadataMap {
+        let mut out = request_metadata(headers, peer, authority).into_headers();
+        for (name, key) in &self.permanent_headers {
+            for value in headers.get_all(name) {
+                out.append(key.clone(), value.clone());
             }
         }
+        MetadataMap::from_headers(out)
+    }
+
+    /// Reads a request body within the size limit: raw for a
+    /// `google.api.HttpBody` binding, otherwise as JSON whatever the
+    /// Content-Type says, as grpc-gateway does; bad JSON is a 400 naming
+    /// the expected type.
+    async fn read_body(&self, headers: &HeaderMap, body: Body, raw: bool) -> Result<RequestBody, GatewayError> {
         let declared =
             headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
         if declared.is_some_and(|len| len > self.max_body as u64) {
@@ -170,9 +274,13 @@ impl Gateway {
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
                 return Err(GatewayError::PayloadTooLarge(self.max_body));
             }
-            Err(error) => return Err(GatewayError::BodyRead(error.to_string())),
+            Err(error) => return Err(GatewayError::BodyRead(format!("{error:#}"))),
         };
-        transcode::parse_body(&bytes)
+        if raw {
+            let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            return Ok(RequestBody::Raw { content_type: content_type.to_owned(), data: bytes });
+        }
+        transcode::parse_body(&bytes).map(RequestBody::Json)
     }
 
     /// `GET /healthz[?service=NAME]`: the gRPC health check over HTTP.
@@ -190,10 +298,13 @@ impl Gateway {
         match outcome {
             Ok(Ok(response)) => {
                 let status = ServingStatus::try_from(response.get_ref().status).unwrap_or(ServingStatus::Unknown);
-                let code =
-                    if status == ServingStatus::Serving { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+                if status != ServingStatus::Serving {
+                    // A google.rpc.Status like every other failure: UNAVAILABLE.
+                    let status = tonic::Status::unavailable(format!("not serving: {}", status.as_str_name()));
+                    return GatewayError::Upstream(status).into_response(&self.pool);
+                }
                 let body = serde_json::json!({ "status": status.as_str_name() });
-                json_response(code, Bytes::from(body.to_string()))
+                json_response(StatusCode::OK, Bytes::from(body.to_string()))
             }
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
                 GatewayError::Upstream(status).into_response(&self.pool)
@@ -233,6 +344,87 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
         response.headers_mut().insert(request_id::HEADER, value);
     }
     response
+}
+
+/// The success status a handler chose with `x-http-code` metadata (removed
+/// here, so it is not forwarded), or 200.
+fn success_status(metadata: &mut MetadataMap) -> StatusCode {
+    let chosen = metadata.remove(HTTP_CODE_KEY).and_then(|value| {
+        let code = value.to_str().ok()?.trim().parse::<u16>().ok()?;
+        StatusCode::from_u16(code).ok().filter(|s| s.is_success() || s.is_redirection())
+    });
+    chosen.unwrap_or(StatusCode::OK)
+}
+
+/// An error status with the response headers' metadata too, so they reach
+/// the client as `Grpc-Metadata-*` on an error as on success.
+fn merge_metadata(headers: &MetadataMap, mut status: tonic::Status) -> tonic::Status {
+    let mut all = headers.clone().into_headers();
+    for (name, value) in status.metadata().as_ref() {
+        all.append(name.clone(), value.clone());
+    }
+    *status.metadata_mut() = MetadataMap::from_headers(all);
+    status
+}
+
+fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|v| v.trim().eq_ignore_ascii_case("trailers"))
+}
+
+/// Re-sends a complete response with its gRPC trailers as HTTP trailers
+/// named `Grpc-Trailer-*`, announced in a `Trailer` header (HTTP/1.1 sends
+/// only announced trailers).
+fn with_http_trailers(response: Response, trailers: &MetadataMap) -> Response {
+    let mut fields = HeaderMap::new();
+    response_headers(trailers, &mut fields);
+    let mut renamed = HeaderMap::new();
+    for (name, value) in &fields {
+        let key = name.as_str().trim_start_matches("grpc-metadata-");
+        if let Ok(name) = HeaderName::from_bytes(format!("{TRAILER_PREFIX}{key}").as_bytes()) {
+            renamed.append(name, value.clone());
+        }
+    }
+    if renamed.is_empty() {
+        return response;
+    }
+    let announced = renamed.keys().map(HeaderName::as_str).collect::<Vec<_>>().join(", ");
+    let (mut parts, body) = response.into_parts();
+    if let Ok(value) = HeaderValue::from_str(&announced) {
+        parts.headers.insert(header::TRAILER, value);
+    }
+    parts.headers.remove(header::CONTENT_LENGTH);
+    let frames = async_stream_frames(body, renamed);
+    Response::from_parts(parts, Body::new(StreamBody::new(frames)))
+}
+
+/// The body's data, then one trailers frame.
+fn async_stream_frames(
+    body: Body,
+    trailers: HeaderMap,
+) -> impl tokio_stream::Stream<Item = Result<Frame<Bytes>, axum::Error>> + Send {
+    let data = body.into_data_stream();
+    let data = tokio_stream::StreamExt::map(data, |chunk| chunk.map(Frame::data));
+    tokio_stream::StreamExt::chain(data, tokio_stream::once(Ok(Frame::trailers(trailers))))
+}
+
+/// For HEAD: the same status and headers, no body; the length the body
+/// would have had is kept when it is known.
+fn without_body(head: bool, response: Response) -> Response {
+    if !head {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    if let Some(length) = http_body::Body::size_hint(&body).exact()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+    }
+    Response::from_parts(parts, Body::empty())
 }
 
 fn json_response(status: StatusCode, body: Bytes) -> Response {

@@ -9,10 +9,13 @@
 //! Serving: [`handler`] → route match ([`route`]) → JSON to protobuf
 //! ([`transcode`]) → the call ([`forward`]) → protobuf to JSON, or a framed
 //! stream ([`stream`]). Every failure is a `google.rpc.Status` body
-//! ([`error`]). [`server`] owns the listener and its drain.
+//! ([`error`]). [`server`] owns the listener and its drain. gRPC-Web
+//! ([`grpc_web`]) and CORS ([`cors`]) share the port.
 
+pub mod cors;
 pub mod error;
 pub mod forward;
+pub mod grpc_web;
 pub mod handler;
 pub mod openapi;
 pub mod route;

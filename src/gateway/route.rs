@@ -223,6 +223,15 @@ fn parse_plain_segment(part: &str) -> Option<Segment> {
     }
 }
 
+/// Checks that every `%XX` escape in a request path is well formed and
+/// decodes to UTF-8; the error says what is wrong, for a 400.
+pub fn check_escapes(path: &str) -> Result<(), String> {
+    match percent_decode(path, false) {
+        Some(_) => Ok(()),
+        None => Err(format!("malformed percent-encoding in the path {path:?}")),
+    }
+}
+
 /// Decodes `%XX` escapes; `None` for a broken escape or invalid UTF-8.
 fn percent_decode(part: &str, keep_slash: bool) -> Option<String> {
     if !part.contains('%') {

@@ -6,11 +6,13 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::Method;
 use http::uri::PathAndQuery;
+use http::{HeaderName, Method};
 use prost_reflect::{ExtensionDescriptor, MethodDescriptor, Value as ProtoValue};
 
+use super::cors;
 use super::forward::{Forwarder, Timeouts};
+use super::grpc_web::GrpcWeb;
 use super::handler::{Gateway, HEALTH_PATH, OPENAPI_PATH};
 use super::openapi;
 use super::route::{self, PathTemplate, RouteTable};
@@ -104,7 +106,7 @@ impl Gateway {
                     rules
                 };
                 for (index, rule) in rules.into_iter().enumerate() {
-                    let binding = binding(&method, &rule, index, metrics).map_err(fail)?;
+                    let binding = binding(&method, &rule, index, metrics, settings).map_err(fail)?;
                     for reserved in [HEALTH_PATH, OPENAPI_PATH] {
                         if binding.template.matches(reserved).is_some() {
                             return Err(fail(BindingError::Reserved {
@@ -122,7 +124,20 @@ impl Gateway {
             }
         }
         let openapi = openapi::document(routes.iter().map(|(_, _, b)| b.as_ref()));
+        let permanent_headers = settings
+            .permanent_headers
+            .iter()
+            .filter_map(|name| {
+                let name = HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).ok()?;
+                let key = HeaderName::from_bytes(format!("grpcgateway-{name}").as_bytes()).ok()?;
+                Some((name, key))
+            })
+            .collect();
         Ok(Self {
+            permanent_headers,
+            grpc_web: GrpcWeb::new(forwarder.channel()),
+            grpc_web_metrics: metrics.route("POST", "grpc-web"),
+            cors: cors::layer(&settings.cors),
             pool,
             routes,
             http_metrics: metrics.clone(),
@@ -162,6 +177,7 @@ fn binding(
     rule: &HttpRule,
     index: usize,
     metrics: &HttpMetrics,
+    settings: &HttpSettings,
 ) -> Result<Binding, BindingError> {
     if index > 0 && !rule.additional_bindings.is_empty() {
         return Err(BindingError::Nested);
@@ -186,7 +202,8 @@ fn binding(
         &rule.response_body,
         template.field_paths(),
         http_method == Method::PATCH,
-    )?;
+    )?
+    .with_unknown_fields(settings.unknown_fields);
     let grpc_path = PathAndQuery::try_from(format!("/{}/{}", method.parent_service().full_name(), method.name()))?;
     Ok(Binding {
         metrics: metrics.route(http_method.as_str(), template.as_str()),

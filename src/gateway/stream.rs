@@ -3,6 +3,11 @@
 //! grpc-gateway writes them), or Server-Sent Events when the client accepts
 //! `text/event-stream`. Frames go out as messages arrive; dropping the body
 //! (the HTTP client left) drops the upstream call, which cancels it.
+//!
+//! A stream of `google.api.HttpBody` is one raw body instead: each
+//! message's `data` is the next chunk. It has no in-band error form, so a
+//! failure after the first chunk aborts the body, which the client sees as
+//! a truncated response rather than a complete one.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -24,6 +29,8 @@ use super::transcode::Transcoding;
 pub enum Framing {
     NdJson,
     Sse,
+    /// `google.api.HttpBody` chunks, unframed.
+    Raw,
 }
 
 impl Framing {
@@ -37,10 +44,13 @@ impl Framing {
         if wants_sse { Self::Sse } else { Self::NdJson }
     }
 
-    pub fn content_type(self) -> HeaderValue {
+    /// The Content-Type of the framing; a raw body's comes from its
+    /// messages.
+    pub fn content_type(self) -> Option<HeaderValue> {
         match self {
-            Self::NdJson => HeaderValue::from_static("application/x-ndjson"),
-            Self::Sse => HeaderValue::from_static("text/event-stream"),
+            Self::NdJson => Some(HeaderValue::from_static("application/x-ndjson")),
+            Self::Sse => Some(HeaderValue::from_static("text/event-stream")),
+            Self::Raw => None,
         }
     }
 }
@@ -54,7 +64,14 @@ pub struct FramedStream {
     keepalive: Option<Interval>,
     /// The call's deadline, enforced here too in case the server does not.
     deadline: Pin<Box<Sleep>>,
+    /// A message read before the headers were sent, to go out first.
+    first: Option<DynamicMessage>,
 }
+
+/// Why a raw body was cut short.
+#[derive(Debug, thiserror::Error)]
+#[error("the HttpBody stream failed: {0}")]
+pub struct RawStreamError(String);
 
 impl FramedStream {
     pub fn new(
@@ -75,10 +92,21 @@ impl FramedStream {
             framing,
             keepalive,
             deadline: Box::pin(tokio::time::sleep_until(deadline)),
+            first: None,
         }
     }
 
+    /// Sends `first` before anything read from upstream.
+    #[must_use]
+    pub fn starting_with(mut self, first: Option<DynamicMessage>) -> Self {
+        self.first = first;
+        self
+    }
+
     fn message_frame(&self, message: &DynamicMessage) -> Result<Bytes, GatewayError> {
+        if self.framing == Framing::Raw {
+            return self.transcoding.raw_response(message).map(|(_, data)| data);
+        }
         let json = self.transcoding.response(message)?;
         let mut frame = BytesMut::with_capacity(json.len() + 16);
         match self.framing {
@@ -87,7 +115,7 @@ impl FramedStream {
                 frame.put_slice(&json);
                 frame.put_slice(b"}\n");
             }
-            Framing::Sse => {
+            Framing::Sse | Framing::Raw => {
                 frame.put_slice(b"data: ");
                 frame.put_slice(&json);
                 frame.put_slice(b"\n\n");
@@ -96,34 +124,44 @@ impl FramedStream {
         Ok(frame.freeze())
     }
 
-    fn error_frame(&self, error: &GatewayError) -> Bytes {
+    fn error_frame(&self, error: &GatewayError) -> Result<Bytes, RawStreamError> {
         let body = error.to_json(self.transcoding.output.parent_pool());
         match self.framing {
-            Framing::NdJson => Bytes::from(format!("{}\n", serde_json::json!({ "error": body }))),
-            Framing::Sse => Bytes::from(format!("event: error\ndata: {body}\n\n")),
+            Framing::NdJson => Ok(Bytes::from(format!("{}\n", serde_json::json!({ "error": body })))),
+            Framing::Sse => Ok(Bytes::from(format!("event: error\ndata: {body}\n\n"))),
+            Framing::Raw => Err(RawStreamError(error.to_string())),
         }
     }
 }
 
 impl Stream for FramedStream {
-    type Item = Result<Bytes, std::convert::Infallible>;
+    type Item = Result<Bytes, RawStreamError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(first) = self.first.take() {
+            return Poll::Ready(Some(match self.message_frame(&first) {
+                Ok(frame) => Ok(frame),
+                Err(error) => {
+                    self.upstream = None;
+                    self.error_frame(&error)
+                }
+            }));
+        }
         let Some(upstream) = self.upstream.as_mut() else { return Poll::Ready(None) };
         match Pin::new(upstream).poll_next(cx) {
             Poll::Ready(Some(Ok(message))) => {
                 let frame = self.message_frame(&message);
-                return Poll::Ready(Some(Ok(match frame {
-                    Ok(frame) => frame,
+                return Poll::Ready(Some(match frame {
+                    Ok(frame) => Ok(frame),
                     Err(error) => {
                         self.upstream = None;
                         self.error_frame(&error)
                     }
-                })));
+                }));
             }
             Poll::Ready(Some(Err(status))) => {
                 self.upstream = None;
-                return Poll::Ready(Some(Ok(self.error_frame(&GatewayError::Upstream(status)))));
+                return Poll::Ready(Some(self.error_frame(&GatewayError::Upstream(status))));
             }
             Poll::Ready(None) => {
                 self.upstream = None;
@@ -135,7 +173,7 @@ impl Stream for FramedStream {
             // Dropping the upstream cancels the call.
             self.upstream = None;
             let status = Status::new(Code::DeadlineExceeded, "deadline exceeded");
-            return Poll::Ready(Some(Ok(self.error_frame(&GatewayError::Upstream(status)))));
+            return Poll::Ready(Some(self.error_frame(&GatewayError::Upstream(status))));
         }
         if let Some(keepalive) = self.keepalive.as_mut()
             && keepalive.poll_tick(cx).is_ready()

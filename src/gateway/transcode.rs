@@ -6,13 +6,27 @@
 //! the path wins. That object then goes through the JSON mapping once, so
 //! every field type (enums, well-known types, 64-bit integers) parses the
 //! same way wherever it came from.
+//!
+//! Path and query strings are first turned into the JSON the mapping
+//! expects, parsing scalars as grpc-gateway's `runtime.PopulateFieldFromPath`
+//! does: enums by name or number, booleans as Go's `strconv.ParseBool`,
+//! field masks as comma-separated paths in either spelling, and map entries
+//! as `field[key]=value`.
+//!
+//! `google.api.HttpBody` is the exception to JSON both ways: a request body
+//! bound to one is taken raw with its Content-Type, and a response that is
+//! one is written raw with its own.
 
 use prost_reflect::{
-    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, Value as ProtoValue,
+    DeserializeOptions, DynamicMessage, FieldDescriptor, Kind, MessageDescriptor, ReflectMessage, Value as ProtoValue,
 };
 use serde_json::{Map, Value};
 
 use super::error::{GatewayError, JSON_OUTPUT};
+use crate::config::UnknownFields;
+
+/// The message type of raw HTTP bodies.
+pub const HTTP_BODY: &str = "google.api.HttpBody";
 
 /// Where the HTTP body goes in the request message.
 #[derive(Clone, Debug)]
@@ -41,6 +55,23 @@ pub struct Transcoding {
     pub patch_mask: Option<FieldDescriptor>,
     /// `response_body`: the response field returned instead of the message.
     pub response_body: Option<FieldDescriptor>,
+    /// Unknown JSON fields and query parameters: a 400, or dropped.
+    pub unknown_fields: UnknownFields,
+    /// The body is a raw `google.api.HttpBody` (the whole request, or the
+    /// bound field), not JSON.
+    pub raw_request: bool,
+    /// The response (or its `response_body` field) is a `google.api.HttpBody`,
+    /// written raw.
+    pub raw_response: bool,
+}
+
+/// A request body, as the binding reads it.
+#[derive(Debug)]
+pub enum RequestBody {
+    /// Parsed JSON (`None`: no body or only whitespace).
+    Json(Option<Value>),
+    /// The bytes of a `google.api.HttpBody` binding, and their type.
+    Raw { content_type: String, data: bytes::Bytes },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,7 +120,80 @@ impl Transcoding {
         } else {
             None
         };
-        Ok(Self { input, output, body, path_fields: resolved_paths, patch_mask, response_body })
+        let raw_request = match &body {
+            BodyRule::Whole => input.full_name() == HTTP_BODY,
+            BodyRule::Field(field) => is_http_body(field),
+            BodyRule::None => false,
+        };
+        let raw_response = match &response_body {
+            None => output.full_name() == HTTP_BODY,
+            Some(field) => is_http_body(field),
+        };
+        Ok(Self {
+            input,
+            output,
+            body,
+            path_fields: resolved_paths,
+            patch_mask,
+            response_body,
+            unknown_fields: UnknownFields::Reject,
+            raw_request,
+            raw_response,
+        })
+    }
+
+    /// Sets what unknown JSON fields and query parameters do.
+    #[must_use]
+    pub fn with_unknown_fields(mut self, mode: UnknownFields) -> Self {
+        self.unknown_fields = mode;
+        self
+    }
+
+    fn ignores_unknown(&self) -> bool {
+        self.unknown_fields == UnknownFields::Ignore
+    }
+
+    /// Like [`Self::request`], for a body read as [`RequestBody`].
+    pub fn request_from(
+        &self,
+        bindings: &[(&str, String)],
+        query: Option<&str>,
+        body: RequestBody,
+    ) -> Result<DynamicMessage, GatewayError> {
+        let (content_type, data) = match body {
+            RequestBody::Json(json) => return self.request(bindings, query, json),
+            RequestBody::Raw { content_type, data } => (content_type, data),
+        };
+        let mut message = self.request(bindings, query, None)?;
+        let mut raw = match &self.body {
+            BodyRule::Field(field) => match field.kind() {
+                Kind::Message(descriptor) => DynamicMessage::new(descriptor),
+                _ => return Err(internal("the HttpBody field is not a message")),
+            },
+            _ => message.clone(),
+        };
+        raw.set_field_by_name("content_type", ProtoValue::String(content_type));
+        raw.set_field_by_name("data", ProtoValue::Bytes(data));
+        match &self.body {
+            BodyRule::Field(field) => message.set_field(field, ProtoValue::Message(raw)),
+            _ => message = raw,
+        }
+        Ok(message)
+    }
+
+    /// A raw response: the `google.api.HttpBody`'s content type and data.
+    pub fn raw_response(&self, message: &DynamicMessage) -> Result<(String, bytes::Bytes), GatewayError> {
+        let body = match &self.response_body {
+            None => std::borrow::Cow::Borrowed(message),
+            Some(field) => match message.get_field(field).as_ref() {
+                ProtoValue::Message(inner) => std::borrow::Cow::Owned(inner.clone()),
+                _ => return Err(internal("the response_body field is not an HttpBody")),
+            },
+        };
+        let content_type =
+            body.get_field_by_name("content_type").and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+        let data = body.get_field_by_name("data").and_then(|v| v.as_bytes().cloned()).unwrap_or_default();
+        Ok((content_type, data))
     }
 
     /// Builds the request message from the path bindings, the raw query
@@ -135,7 +239,7 @@ impl Transcoding {
             })?;
         }
 
-        let mut message = decode_json(&self.input, Value::Object(root))?;
+        let mut message = self.decode(Value::Object(root))?;
 
         if let (Some(mask_field), Some(keys), BodyRule::Field(body_field)) = (&self.patch_mask, body_keys, &self.body)
             && !message.has_field(mask_field)
@@ -152,27 +256,62 @@ impl Transcoding {
 
     fn bind_query(&self, root: &mut Map<String, Value>, query: &str) -> Result<(), GatewayError> {
         for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-            let fields = resolve_field_path(&self.input, &key)
-                .ok_or_else(|| GatewayError::InvalidArgument(format!("unknown query parameter {key:?}")))?;
+            let invalid = |reason: String| GatewayError::InvalidArgument(format!("query parameter {key:?}: {reason}"));
+            // `labels[k]=v` sets one entry of a map field, as in grpc-gateway.
+            let (name, map_key) = match key.strip_suffix(']').and_then(|k| k.split_once('[')) {
+                Some((name, map_key)) => (name, Some(map_key)),
+                None => (key.as_ref(), None),
+            };
+            let Some(fields) = resolve_field_path(&self.input, name) else {
+                if self.ignores_unknown() {
+                    continue;
+                }
+                return Err(GatewayError::InvalidArgument(format!("unknown query parameter {key:?}")));
+            };
             let bound_by_path = self.path_fields.iter().any(|p| is_prefix(p, &fields) || is_prefix(&fields, p));
             let bound_by_body = matches!(&self.body, BodyRule::Field(f) if fields.first() == Some(f));
             if bound_by_path || bound_by_body {
+                if self.ignores_unknown() {
+                    continue;
+                }
                 return Err(GatewayError::InvalidArgument(format!(
                     "query parameter {key:?} sets a field already bound by the {}",
                     if bound_by_path { "path" } else { "body" }
                 )));
             }
-            let leaf = fields.last();
-            if leaf.is_some_and(|f| f.is_map() || matches!(f.kind(), Kind::Message(m) if !is_string_encoded_wkt(&m))) {
+            let Some(leaf) = fields.last() else { continue };
+            if let Some(map_key) = map_key {
+                let value_field = match leaf.kind() {
+                    Kind::Message(entry) if leaf.is_map() => entry.map_entry_value_field(),
+                    _ => return Err(invalid(format!("{name} is not a map field"))),
+                };
+                if matches!(value_field.kind(), Kind::Message(m) if !is_string_encoded_wkt(&m)) {
+                    return Err(invalid(format!("the values of {name} are messages")));
+                }
+                let json = scalar_json(Some(&value_field), &value).map_err(invalid)?;
+                insert_at(root, &fields, json, Insert::MapEntry(map_key)).map_err(invalid)?;
+                continue;
+            }
+            if leaf.is_map() || matches!(leaf.kind(), Kind::Message(m) if !is_string_encoded_wkt(&m)) {
                 return Err(GatewayError::InvalidArgument(format!(
-                    "query parameter {key:?} names a message field; set its fields instead (e.g. {key}.name=...)"
+                    "query parameter {key:?} names a message or map field; set its fields instead \
+                     (e.g. {key}.name=... or {key}[key]=...)"
                 )));
             }
-            let json = scalar_json(leaf, &value)
-                .map_err(|reason| GatewayError::InvalidArgument(format!("query parameter {key:?}: {reason}")))?;
-            let mode = if leaf.is_some_and(FieldDescriptor::is_list) { Insert::Append } else { Insert::Once };
-            insert_at(root, &fields, json, mode)
-                .map_err(|reason| GatewayError::InvalidArgument(format!("query parameter {key:?}: {reason}")))?;
+            let is_mask = matches!(leaf.kind(), Kind::Message(m) if m.full_name() == FIELD_MASK);
+            let json = if is_mask {
+                Value::String(mask_json(&value))
+            } else {
+                scalar_json(Some(leaf), &value).map_err(invalid)?
+            };
+            let mode = if leaf.is_list() {
+                Insert::Append
+            } else if is_mask {
+                Insert::Join
+            } else {
+                Insert::Once
+            };
+            insert_at(root, &fields, json, mode).map_err(invalid)?;
         }
         Ok(())
     }
@@ -184,10 +323,56 @@ impl Transcoding {
             Some(field) => {
                 let value = message_to_value(message)?;
                 let part = value.get(field.json_name()).cloned().unwrap_or(Value::Null);
-                serde_json::to_vec(&part).map_err(|e| GatewayError::Upstream(tonic::Status::internal(e.to_string())))
+                serde_json::to_vec(&part).map_err(|e| internal(&e.to_string()))
             }
         }
     }
+
+    /// Decodes a JSON body, dropping unknown fields when so configured.
+    fn decode(&self, value: Value) -> Result<DynamicMessage, GatewayError> {
+        let options = DeserializeOptions::new().deny_unknown_fields(!self.ignores_unknown());
+        decode_json_with(&self.input, value, &options)
+    }
+}
+
+const FIELD_MASK: &str = "google.protobuf.FieldMask";
+
+fn is_http_body(field: &FieldDescriptor) -> bool {
+    !field.is_list() && matches!(field.kind(), Kind::Message(m) if m.full_name() == HTTP_BODY)
+}
+
+fn internal(message: &str) -> GatewayError {
+    GatewayError::Upstream(tonic::Status::internal(message.to_owned()))
+}
+
+/// A query field mask (`display_name,user.email`, or the same in camelCase)
+/// as the JSON mapping's string form, which is camelCase: grpc-gateway keeps
+/// the paths as written, so both spellings must reach the service as the
+/// same proto names.
+fn mask_json(value: &str) -> String {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|path| path.split('.').map(lower_camel).collect::<Vec<_>>().join("."))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn lower_camel(segment: &str) -> String {
+    let mut out = String::with_capacity(segment.len());
+    let mut upper = false;
+    for c in segment.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.extend(c.to_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn mask_field_type(field: &FieldDescriptor) -> Result<MessageDescriptor, GatewayError> {
@@ -199,18 +384,61 @@ fn mask_field_type(field: &FieldDescriptor) -> Result<MessageDescriptor, Gateway
 
 /// Serializes a message as JSON bytes.
 pub fn encode_json(message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
+    if has_message_fields(&message.descriptor()) {
+        let value = message_to_value(message)?;
+        return serde_json::to_vec(&value).map_err(|e| internal(&format!("cannot encode the response: {e}")));
+    }
     let mut out = Vec::with_capacity(128);
     let mut serializer = serde_json::Serializer::new(&mut out);
     message
         .serialize_with_options(&mut serializer, &JSON_OUTPUT)
-        .map_err(|e| GatewayError::Upstream(tonic::Status::internal(format!("cannot encode the response: {e}"))))?;
+        .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
     Ok(out)
 }
 
+/// The message in the JSON mapping, unset singular message fields as `null`.
 pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError> {
-    message
+    let mut value = message
         .serialize_with_options(serde_json::value::Serializer, &JSON_OUTPUT)
-        .map_err(|e| GatewayError::Upstream(tonic::Status::internal(format!("cannot encode the response: {e}"))))
+        .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
+    emit_null_messages(&message.descriptor(), &mut value);
+    Ok(value)
+}
+
+fn has_message_fields(descriptor: &MessageDescriptor) -> bool {
+    descriptor.fields().any(|f| matches!(f.kind(), Kind::Message(_)))
+}
+
+/// Writes `"field": null` for every unset singular message field, at every
+/// depth, as grpc-gateway's default marshaler (protojson `EmitUnpopulated`)
+/// does: prost-reflect emits zeros and `[]` but omits unset messages. As in
+/// protojson, members of a oneof (proto3 `optional` included) stay absent,
+/// and well-known types, whose JSON is not an object of fields, are left
+/// alone.
+fn emit_null_messages(descriptor: &MessageDescriptor, value: &mut Value) {
+    let Value::Object(object) = value else { return };
+    if descriptor.full_name().starts_with("google.protobuf.") {
+        return;
+    }
+    for field in descriptor.fields() {
+        let Kind::Message(nested) = field.kind() else { continue };
+        if field.is_map() {
+            let value_field = nested.map_entry_value_field();
+            if let (Kind::Message(values), Some(Value::Object(entries))) =
+                (value_field.kind(), object.get_mut(field.json_name()))
+            {
+                entries.values_mut().for_each(|v| emit_null_messages(&values, v));
+            }
+        } else if field.is_list() {
+            if let Some(Value::Array(items)) = object.get_mut(field.json_name()) {
+                items.iter_mut().for_each(|v| emit_null_messages(&nested, v));
+            }
+        } else if let Some(present) = object.get_mut(field.json_name()) {
+            emit_null_messages(&nested, present);
+        } else if field.containing_oneof().is_none() {
+            object.insert(field.json_name().to_owned(), Value::Null);
+        }
+    }
 }
 
 /// Parses JSON bytes; the error says where the syntax broke.
@@ -223,35 +451,45 @@ pub fn parse_body(bytes: &[u8]) -> Result<Option<Value>, GatewayError> {
 
 /// Applies the JSON mapping, naming the offending field on failure.
 pub fn decode_json(descriptor: &MessageDescriptor, value: Value) -> Result<DynamicMessage, GatewayError> {
+    decode_json_with(descriptor, value, &DeserializeOptions::new())
+}
+
+fn decode_json_with(
+    descriptor: &MessageDescriptor,
+    value: Value,
+    options: &DeserializeOptions,
+) -> Result<DynamicMessage, GatewayError> {
     let mut track = serde_path_to_error::Track::new();
     let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
-    DynamicMessage::deserialize_with_options(descriptor.clone(), deserializer, &DeserializeOptions::new()).map_err(
-        |e| {
-            let path = track.path().to_string();
-            if path.is_empty() || path == "." {
-                GatewayError::InvalidArgument(format!("invalid request: {e}"))
-            } else {
-                GatewayError::InvalidArgument(format!("invalid request field {path}: {e}"))
-            }
-        },
-    )
+    DynamicMessage::deserialize_with_options(descriptor.clone(), deserializer, options).map_err(|e| {
+        let path = track.path().to_string();
+        if path.is_empty() || path == "." {
+            GatewayError::InvalidArgument(format!("invalid request: {e}"))
+        } else {
+            GatewayError::InvalidArgument(format!("invalid request field {path}: {e}"))
+        }
+    })
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Insert {
+enum Insert<'a> {
     /// Path variables: overwrite whatever the body said.
     Replace,
     /// Singular query parameters: a second value is an error.
     Once,
     /// Repeated query parameters: collect into a list.
     Append,
+    /// Field masks: a second value adds its paths.
+    Join,
+    /// `map[key]=value`: one entry of a map field.
+    MapEntry(&'a str),
 }
 
 fn insert_at(
     root: &mut Map<String, Value>,
     fields: &[FieldDescriptor],
     value: Value,
-    mode: Insert,
+    mode: Insert<'_>,
 ) -> Result<(), String> {
     let Some((leaf, parents)) = fields.split_last() else { return Err("empty field path".to_owned()) };
     let mut object = root;
@@ -292,19 +530,44 @@ fn insert_at(
             Value::Array(items) => items.push(value),
             _ => return Err("cannot add to a non-list value".to_owned()),
         },
+        Insert::Join => match (object.get_mut(leaf.name()), value) {
+            (Some(Value::String(existing)), Value::String(more)) => {
+                existing.push(',');
+                existing.push_str(&more);
+            }
+            (_, value) => {
+                object.insert(leaf.name().to_owned(), value);
+            }
+        },
+        Insert::MapEntry(key) => {
+            match object.entry(leaf.name().to_owned()).or_insert_with(|| Value::Object(Map::new())) {
+                Value::Object(entries) => {
+                    if entries.insert(key.to_owned(), value).is_some() {
+                        return Err(format!("map key {key:?} given more than once"));
+                    }
+                }
+                _ => return Err("cannot add an entry to a non-map value".to_owned()),
+            }
+        }
     }
     Ok(())
 }
 
 /// A path or query string value as the JSON the mapping expects: booleans
-/// as JSON booleans, everything else as a string (the mapping accepts
-/// numbers, enums and string-encoded well-known types as strings).
+/// as JSON booleans (the spellings Go's `strconv.ParseBool` accepts, as
+/// grpc-gateway), an enum given by number as a JSON number, everything
+/// else as a string (the mapping accepts numbers, enum names and
+/// string-encoded well-known types such as `90s` as strings).
 fn scalar_json(field: Option<&FieldDescriptor>, value: &str) -> Result<Value, String> {
     match field.map(FieldDescriptor::kind) {
-        Some(Kind::Bool) => match value.to_ascii_lowercase().as_str() {
-            "true" | "1" => Ok(Value::Bool(true)),
-            "false" | "0" => Ok(Value::Bool(false)),
+        Some(Kind::Bool) => match value {
+            "true" | "True" | "TRUE" | "t" | "T" | "1" => Ok(Value::Bool(true)),
+            "false" | "False" | "FALSE" | "f" | "F" | "0" => Ok(Value::Bool(false)),
             _ => Err(format!("{value:?} is not a boolean")),
+        },
+        Some(Kind::Enum(_)) => match value.parse::<i32>() {
+            Ok(number) => Ok(Value::from(number)),
+            Err(_) => Ok(Value::String(value.to_owned())),
         },
         _ => Ok(Value::String(value.to_owned())),
     }

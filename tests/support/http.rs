@@ -16,6 +16,8 @@ pub struct HttpResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// HTTP trailers, when the server sent any.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl HttpResponse {
@@ -51,10 +53,14 @@ impl HttpClient {
         body: Option<&str>,
     ) -> Result<Request<Full<Bytes>>> {
         let mut builder = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        // A content-type given as "" means: send none.
         if body.is_some() && !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("content-type")) {
             builder = builder.header("content-type", "application/json");
         }
         for (name, value) in headers {
+            if name.eq_ignore_ascii_case("content-type") && value.is_empty() {
+                continue;
+            }
             builder = builder.header(*name, *value);
         }
         Ok(builder.body(Full::new(Bytes::from(body.unwrap_or_default().to_owned())))?)
@@ -71,8 +77,9 @@ impl HttpClient {
         let request = self.request(method, path, headers, body)?;
         let response = tokio::time::timeout(Duration::from_secs(20), self.client.request(request)).await??;
         let (parts, body) = response.into_parts();
-        let body = tokio::time::timeout(Duration::from_secs(20), body.collect()).await??.to_bytes();
-        Ok(HttpResponse { status: parts.status, headers: parts.headers, body })
+        let collected = tokio::time::timeout(Duration::from_secs(20), body.collect()).await??;
+        let trailers = collected.trailers().cloned();
+        Ok(HttpResponse { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers })
     }
 
     pub async fn get(&self, path: &str) -> Result<HttpResponse> {

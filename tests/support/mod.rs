@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod echo;
+pub mod echo_gateway;
 pub mod exposition;
 pub mod http;
 pub mod process;
