@@ -410,3 +410,27 @@ async fn connections_past_their_max_age_are_sent_away() -> Result<()> {
     assert!(lived >= age, "closed before its maximum age: {lived:?}");
     app.stop().await
 }
+
+/// A call the client abandons (RST_STREAM CANCEL) is `Canceled`, not a
+/// server error: it must not inflate error-ratio dashboards and alerts.
+#[tokio::test]
+async fn a_call_the_client_cancels_is_recorded_as_canceled() -> Result<()> {
+    let (app, faulty) = spawn_with_faulty(|_| {}).await?;
+    let call = tokio::spawn(call_faulty(app.channel()?, "Wait", None));
+    eventually(READY_BOUND, || async { faulty.waiting.load(Ordering::SeqCst) == 1 }).await?;
+    // Dropping the call's future resets its HTTP/2 stream.
+    call.abort();
+    let labels =
+        |code: &'static str| [("grpc_service", "test.v1.Faulty"), ("grpc_method", "Wait"), ("grpc_code", code)];
+    eventually(READY_BOUND, || async {
+        app.scrape()
+            .await
+            .is_ok_and(|s| support::sample(&s, "grpc_server_handled_total", &labels("Canceled")) == Some(1.0))
+    })
+    .await
+    .context("the cancelled call was not recorded as Canceled")?;
+    let scrape = app.scrape().await?;
+    assert_eq!(support::sample(&scrape, "grpc_server_handled_total", &labels("Internal")), Some(0.0));
+    faulty.gate.add_permits(10);
+    app.stop().await
+}

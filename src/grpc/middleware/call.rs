@@ -138,15 +138,26 @@ pin_project! {
     /// the code at once for a trailers-only response (every error tonic
     /// returns from a handler), else when the body ends, or `on_error` if
     /// the inner service fails.
-    pub struct ObservedFuture<F, E> {
+    pub struct ObservedFuture<F, E: OnCallEnd> {
         #[pin]
         inner: F,
         on_end: Option<E>,
         on_error: Code,
     }
+
+    impl<F, E: OnCallEnd> PinnedDrop for ObservedFuture<F, E> {
+        fn drop(this: Pin<&mut Self>) {
+            // Dropped before the handler answered: the client reset the
+            // stream or went away. That is the client's doing, not a
+            // server error.
+            if let Some(on_end) = this.project().on_end.take() {
+                on_end.call_ended(Code::Cancelled);
+            }
+        }
+    }
 }
 
-impl<F, E> ObservedFuture<F, E> {
+impl<F, E: OnCallEnd> ObservedFuture<F, E> {
     pub fn new(inner: F, on_end: Option<E>, on_error: Code) -> Self {
         Self { inner, on_end, on_error }
     }
