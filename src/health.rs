@@ -142,7 +142,21 @@ impl health_server::Health for HealthApi {
 
     async fn watch(&self, request: Request<HealthCheckRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let deadline = deadline_of(&request);
-        let mut updates = self.inner.watch(request).await?.into_inner();
+        let mut updates = match self.inner.watch(request).await {
+            Ok(updates) => updates.into_inner(),
+            // The health protocol: an unknown service is not an error for
+            // Watch. Send SERVICE_UNKNOWN and keep the stream open (it ends
+            // like every watch, at its deadline or at shutdown), so a
+            // watcher started before its service registers keeps waiting.
+            Err(status) if status.code() == tonic::Code::NotFound => {
+                let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| async move {
+                    sink.send(HealthCheckResponse { status: tonic_health::pb::health_check_response::ServingStatus::ServiceUnknown as i32 }).await?;
+                    Err(sink.stopped().await.into())
+                });
+                return Ok(Response::new(stream));
+            }
+            Err(status) => return Err(status),
+        };
         let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| async move {
             loop {
                 tokio::select! {

@@ -82,7 +82,8 @@ impl<S> GrpcService for S where
 pub struct ServicePolicy {
     /// Calls need no credentials (health checks and reflection).
     pub auth_exempt: bool,
-    /// Calls are never shed under load, so probes keep answering.
+    /// Unary calls are never shed under load, so probes keep answering.
+    /// Streams always count against `grpc.max_concurrent_requests`.
     pub shed_exempt: bool,
     /// The gateway derives REST routes and OpenAPI paths for it.
     pub rest: bool,

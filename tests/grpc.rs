@@ -39,6 +39,46 @@ async fn health_is_serving_for_the_server_and_the_user_service() -> Result<()> {
     app.stop().await
 }
 
+/// The health protocol: Watch of an unknown service streams
+/// SERVICE_UNKNOWN and keeps watching, rather than failing.
+#[tokio::test]
+async fn health_watch_of_an_unknown_service_streams_service_unknown() -> Result<()> {
+    let app = spawn_app().await?;
+    let mut watch =
+        app.health()?.watch(HealthCheckRequest { service: "no.such.Service".into() }).await?.into_inner();
+    let first = watch.message().await?.context("no first status")?;
+    assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
+    // Still open: nothing more arrives until something ends it.
+    let more = tokio::time::timeout(std::time::Duration::from_millis(200), watch.message()).await;
+    assert!(more.is_err(), "the watch ended: {more:?}");
+    drop(watch);
+    app.stop().await
+}
+
+/// Health checks are never shed, but health Watch streams count against
+/// the concurrency limit like every stream, so they cannot pile up.
+#[tokio::test]
+async fn health_watches_count_against_the_concurrency_limit() -> Result<()> {
+    let app = support::spawn_app_with(|s| s.grpc.max_concurrent_requests = 2).await?;
+    let mut health = app.health()?;
+    let ask = || HealthCheckRequest { service: String::new() };
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let mut watch = health.watch(ask()).await?.into_inner();
+        watch.message().await?.context("no first status")?;
+        open.push(watch);
+    }
+    let refused = match health.watch(ask()).await {
+        Ok(response) => response.into_inner().message().await.err(),
+        Err(status) => Some(status),
+    };
+    assert_eq!(refused.map(|s| s.code()), Some(Code::ResourceExhausted));
+    let check = health.check(ask()).await?.into_inner().status;
+    assert_eq!(check, ServingStatus::Serving as i32, "checks are still answered");
+    drop(open);
+    app.stop().await
+}
+
 mod reflection {
     use super::*;
 

@@ -81,7 +81,10 @@ impl MethodTable {
                     path: path.clone(),
                     grpc_type,
                     auth_exempt: service.policy.auth_exempt,
-                    shed_exempt: service.policy.shed_exempt,
+                    // Only unary calls are exempt: a stream holds its slot
+                    // for as long as the client likes, so exempt streams
+                    // (health Watch) would be an unbounded way in.
+                    shed_exempt: service.policy.shed_exempt && grpc_type == GrpcType::Unary,
                 };
                 by_path.insert(path, Arc::new(info));
             }
