@@ -434,3 +434,40 @@ async fn a_call_the_client_cancels_is_recorded_as_canceled() -> Result<()> {
     faulty.gate.add_permits(10);
     app.stop().await
 }
+
+/// A unary call that sends two request messages is a protocol violation:
+/// INTERNAL, as grpc-go answers, never OK. Sent over a raw HTTP/2 client,
+/// since no gRPC client will send it.
+#[tokio::test]
+async fn a_unary_call_with_two_request_messages_is_rejected() -> Result<()> {
+    use prost::Message as _;
+
+    let app = support::spawn_app().await?;
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut client = client.ready().await?;
+    let request = http::Request::post(format!("http://{}/user.v1.UserService/GetUser", app.grpc_addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (response, mut send) = client.send_request(request, false)?;
+    let message = GetUserRequest { user_id: "nobody".into() }.encode_to_vec();
+    let mut body = Vec::new();
+    for _ in 0..2 {
+        body.push(0u8);
+        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        body.extend_from_slice(&message);
+    }
+    send.send_data(Bytes::from(body), true)?;
+    let response = tokio::time::timeout(READY_BOUND, response).await??;
+    let headers_status = response.headers().get("grpc-status").cloned();
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        chunk?;
+    }
+    let trailers = body.trailers().await?;
+    let status = headers_status.or_else(|| trailers.and_then(|t| t.get("grpc-status").cloned()));
+    assert_eq!(status.as_ref().map(|v| v.as_bytes()), Some(&b"13"[..]), "{status:?}");
+    app.stop().await
+}

@@ -4,7 +4,8 @@
 //! gRPC length prefixes as the bytes pass. Generated tonic servers only get
 //! limits when each one is configured by hand, and report a violation as
 //! OUT_OF_RANGE; gRPC (and grpc-go) use RESOURCE_EXHAUSTED, which clients and
-//! dashboards expect, with a message naming the setting.
+//! dashboards expect, with a message naming the setting. A method that takes
+//! one request message and receives a second fails as grpc-go fails it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -17,6 +18,7 @@ use tonic::{Code, Status};
 use tower::{Layer, Service};
 
 use super::call::MessageCounter;
+use super::method::method_of;
 
 #[derive(Clone, Copy, Debug)]
 pub struct SizeLimitLayer {
@@ -91,10 +93,17 @@ where
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let limits = self.limits;
+        let single = method_of(&request).is_some_and(|m| m.grpc_type.single_request());
         // An oversized request message fails the body before the service's
         // decoder sees its prefix; tonic turns that error into the status.
         let request = request.map(|inner| {
-            tonic::body::Body::new(LimitedRequest { inner, frames: MessageCounter::default(), limits, failed: false })
+            tonic::body::Body::new(LimitedRequest {
+                inner,
+                frames: MessageCounter::default(),
+                limits,
+                single,
+                failed: false,
+            })
         });
         SizeLimitFuture { inner: self.inner.call(request), limits }
     }
@@ -135,6 +144,9 @@ pin_project! {
         inner: B,
         frames: MessageCounter,
         limits: SizeLimitLayer,
+        // The method takes exactly one request message (unary or server
+        // streaming): a second one is a protocol violation.
+        single: bool,
         failed: bool,
     }
 }
@@ -154,10 +166,18 @@ where
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
-            && this.frames.feed(data) > this.limits.decoding as u64
         {
-            *this.failed = true;
-            return Poll::Ready(Some(Err(this.limits.too_large_request())));
+            if this.frames.feed(data) > this.limits.decoding as u64 {
+                *this.failed = true;
+                return Poll::Ready(Some(Err(this.limits.too_large_request())));
+            }
+            if *this.single && this.frames.messages > 1 {
+                // grpc-go answers the same, with the same code.
+                *this.failed = true;
+                return Poll::Ready(Some(Err(Status::internal(
+                    "cardinality violation: expected one request message, received more",
+                ))));
+            }
         }
         Poll::Ready(frame)
     }
