@@ -142,21 +142,32 @@ impl App {
         // Every server stops taking new work when draining begins: the gRPC
         // server sends GOAWAY at once, since the gateway's calls reach its
         // stack in process and need none of its connections.
-        let draining = || {
+        let draining = {
             let shutdown = shutdown.clone();
-            async move { shutdown.draining().await }
+            move || {
+                let shutdown = shutdown.clone();
+                async move { shutdown.draining().await }
+            }
         };
-        let mut grpc_server: JoinHandle<Result<(), GrpcError>> = tokio::spawn(grpc.serve(draining()));
-        let mut http_server = tokio::spawn(gateway.serve(draining()));
-        let mut admin_server = tokio::spawn(admin.serve(draining()));
+        let (draining_http, draining_admin) = (draining.clone(), draining.clone());
+        let mut servers = [
+            ServerTask::spawn("gRPC", async move { grpc.serve(draining()).await.map_err(AppError::from) }),
+            ServerTask::spawn("HTTP", gateway.serve(draining_http()).map_err_into(AppError::Http)),
+            ServerTask::spawn("admin", admin.serve(draining_admin()).map_err_into(AppError::Admin)),
+        ];
 
         health.set_serving().await;
         readiness.mark_started();
         info!(grpc.addr = %grpc_addr, http.addr = %http_addr, admin.addr = %admin_addr, "keel serving");
 
-        tokio::select! {
-            () = signal => {}
-            error = first_failure(&mut grpc_server, &mut http_server, &mut admin_server) => return Err(error),
+        // A server that fails still gets the shutdown sequence: the others
+        // turn unready and drain within the bound before the error returns.
+        let mut failure = tokio::select! {
+            () = signal => None,
+            error = first_failure(&mut servers) => Some(error),
+        };
+        if let Some(error) = &failure {
+            tracing::error!(error = %crate::telemetry::chain(error), "a server failed; shutting down");
         }
 
         let begun = Instant::now();
@@ -165,27 +176,30 @@ impl App {
         info!("shutdown 1/4: reporting NOT_SERVING");
 
         let delay = settings.shutdown.drain_delay;
-        if !delay.is_zero() {
+        if !delay.is_zero() && failure.is_none() {
             info!(drain_delay = %humantime::format_duration(delay), "shutdown 2/4: serving through the drain delay");
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                error = first_failure(&mut grpc_server, &mut http_server, &mut admin_server) => return Err(error),
+                error = first_failure(&mut servers) => failure = Some(error),
             }
         }
 
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 3/4: closing listeners, draining calls and streams");
         shutdown.begin_draining();
-        let abort_servers = [http_server.abort_handle(), grpc_server.abort_handle(), admin_server.abort_handle()];
+        let aborts: Vec<_> = servers.iter().map(|server| server.abort.clone()).collect();
         let drained = async {
-            let http = (&mut http_server).await;
-            let grpc = (&mut grpc_server).await;
-            let admin = (&mut admin_server).await;
+            let mut errors = Vec::new();
+            for server in &mut servers {
+                if let Err(error) = server.finish().await {
+                    errors.push(error);
+                }
+            }
             shutdown.wait_for_tasks().await;
-            (http, grpc, admin)
+            errors
         };
         tokio::pin!(drained);
-        let outcome = match tokio::time::timeout(settings.shutdown.timeout, &mut drained).await {
-            Ok(joined) => Some(joined),
+        let errors = match tokio::time::timeout(settings.shutdown.timeout, &mut drained).await {
+            Ok(errors) => errors,
             Err(_) => {
                 warn!(
                     timeout = %humantime::format_duration(settings.shutdown.timeout),
@@ -195,54 +209,74 @@ impl App {
                 shutdown.abort();
                 // Abandon handlers that ignore cancellation; their tasks end
                 // with the runtime.
-                tokio::time::timeout(ABORT_GRACE, &mut drained).await.ok()
+                tokio::time::timeout(ABORT_GRACE, &mut drained).await.unwrap_or_default()
             }
         };
+        // Whatever still runs after the bound is abandoned.
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
-        match outcome {
-            Some((http, grpc, admin)) => {
-                http.map_err(|e| AppError::Panicked("HTTP", e))?.map_err(AppError::Http)?;
-                grpc.map_err(|e| AppError::Panicked("gRPC", e))??;
-                admin.map_err(|e| AppError::Panicked("admin", e))?.map_err(AppError::Admin)?;
-                Ok(())
-            }
-            None => {
-                abort_servers.iter().for_each(tokio::task::AbortHandle::abort);
-                Ok(())
-            }
+        match failure.or_else(|| errors.into_iter().next()) {
+            Some(error) => Err(error),
+            None => Ok(()),
         }
     }
 }
 
+/// One server's task. Its outcome is taken once; after that it counts as
+/// finished.
+struct ServerTask {
+    name: &'static str,
+    handle: Option<JoinHandle<Result<(), AppError>>>,
+    abort: tokio::task::AbortHandle,
+}
+
+impl ServerTask {
+    fn spawn(name: &'static str, serve: impl Future<Output = Result<(), AppError>> + Send + 'static) -> Self {
+        let handle = tokio::spawn(serve);
+        Self { name, abort: handle.abort_handle(), handle: Some(handle) }
+    }
+
+    /// Waits for the server to end and takes its outcome; pending forever
+    /// once it has been taken.
+    async fn ended(&mut self) -> Result<(), AppError> {
+        let Some(handle) = self.handle.as_mut() else { return std::future::pending().await };
+        let joined = handle.await;
+        self.handle = None;
+        joined.map_err(|join| AppError::Panicked(self.name, join))?
+    }
+
+    /// Like [`Self::ended`], but at once when the outcome was taken already.
+    async fn finish(&mut self) -> Result<(), AppError> {
+        if self.handle.is_none() {
+            return Ok(());
+        }
+        self.ended().await
+    }
+}
+
+/// Resolves when any server stops before shutdown asked it to.
+async fn first_failure(servers: &mut [ServerTask; 3]) -> AppError {
+    let [grpc, http, admin] = servers;
+    let (name, outcome) = tokio::select! {
+        outcome = grpc.ended() => (grpc.name, outcome),
+        outcome = http.ended() => (http.name, outcome),
+        outcome = admin.ended() => (admin.name, outcome),
+    };
+    match outcome {
+        Ok(()) => AppError::Stopped(name),
+        Err(error) => error,
+    }
+}
+
+/// `io::Result` futures as `AppError` ones.
+trait MapIoError: Future<Output = std::io::Result<()>> + Sized {
+    fn map_err_into(self, wrap: fn(std::io::Error) -> AppError) -> impl Future<Output = Result<(), AppError>> {
+        async move { self.await.map_err(wrap) }
+    }
+}
+
+impl<F: Future<Output = std::io::Result<()>>> MapIoError for F {}
+
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
-}
-
-/// Resolves if any server stops before shutdown asked it to.
-async fn first_failure(
-    grpc: &mut JoinHandle<Result<(), GrpcError>>,
-    http: &mut JoinHandle<std::io::Result<()>>,
-    admin: &mut JoinHandle<std::io::Result<()>>,
-) -> AppError {
-    tokio::select! {
-        joined = grpc => match joined {
-            Ok(Err(error)) => AppError::from(error),
-            Ok(Ok(())) => AppError::Stopped("gRPC"),
-            Err(join) => AppError::Panicked("gRPC", join),
-        },
-        joined = http => io_crashed("HTTP", joined, AppError::Http),
-        joined = admin => io_crashed("admin", joined, AppError::Admin),
-    }
-}
-
-fn io_crashed(
-    server: &'static str,
-    joined: Result<std::io::Result<()>, tokio::task::JoinError>,
-    failed: fn(std::io::Error) -> AppError,
-) -> AppError {
-    match joined {
-        Ok(Err(error)) => failed(error),
-        Ok(Ok(())) => AppError::Stopped(server),
-        Err(join) => AppError::Panicked(server, join),
-    }
 }

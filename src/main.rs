@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel::app::{App, AppError};
+use keel::telemetry::chain;
 use keel::config::{ConfigSources, EXIT_CONFIG, Settings};
 use keel::shutdown::{Signal, SignalListener};
 use tokio_util::sync::CancellationToken;
@@ -137,25 +138,6 @@ fn print_stdout(text: &str) -> ExitCode {
     }
 }
 
-/// `error` and its causes on one line, `: `-separated, as anyhow's `{:#}`
-/// but without repeats: a cause is left out when the text so far already
-/// ends with it, because many errors print their source in their own
-/// message too (`cannot listen on …: {source}`), and hyper's connect error
-/// repeats its own text as its source.
-fn chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let message = cause.to_string();
-        if !message.is_empty() && !text.ends_with(&message) {
-            text.push_str(": ");
-            text.push_str(&message);
-        }
-        source = cause.source();
-    }
-    text
-}
-
 /// Writes one line to stderr. A failure to write it is ignored: there is
 /// nowhere left to report it, and `eprintln!` would panic.
 fn report(line: std::fmt::Arguments<'_>) {
@@ -188,43 +170,5 @@ async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
         }
         tracing::info!(?signal, "shutdown requested");
         stop.cancel();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// An error with a fixed message and an optional source.
-    #[derive(Debug)]
-    struct Link(&'static str, Option<Box<Link>>);
-
-    impl std::fmt::Display for Link {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-
-    impl std::error::Error for Link {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|e| e as _)
-        }
-    }
-
-    fn link(message: &'static str, source: Option<Link>) -> Link {
-        Link(message, source.map(Box::new))
-    }
-
-    #[test]
-    fn chain_prints_every_cause_once() {
-        let repeated = link(
-            "cannot connect",
-            Some(link("tcp connect error", Some(link("tcp connect error", Some(link("Connection refused", None)))))),
-        );
-        assert_eq!(chain(&repeated), "cannot connect: tcp connect error: Connection refused");
-        let inlined = link("cannot listen on x: Address in use", Some(link("Address in use", None)));
-        assert_eq!(chain(&inlined), "cannot listen on x: Address in use");
-        let plain = link("cannot read config file a.yaml", Some(link("permission denied", None)));
-        assert_eq!(chain(&plain), "cannot read config file a.yaml: permission denied");
     }
 }
