@@ -100,7 +100,7 @@ impl App {
         let context = ServiceContext { settings: &settings, streams: streams.clone() };
         register(&mut registry, &context).map_err(AppError::Setup)?;
         let health = Health::new(registry.health_names()).await;
-        grpc::register_infrastructure(&mut registry, &health, &streams)?;
+        grpc::register_infrastructure(&mut registry, &health, &streams, &shutdown)?;
         let mut services = registry.finish()?;
 
         let grpc = GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;

@@ -150,7 +150,10 @@ impl health_server::Health for HealthApi {
             // watcher started before its service registers keeps waiting.
             Err(status) if status.code() == tonic::Code::NotFound => {
                 let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| async move {
-                    sink.send(HealthCheckResponse { status: tonic_health::pb::health_check_response::ServingStatus::ServiceUnknown as i32 }).await?;
+                    sink.send(HealthCheckResponse {
+                        status: tonic_health::pb::health_check_response::ServingStatus::ServiceUnknown as i32,
+                    })
+                    .await?;
                     Err(sink.stopped().await.into())
                 });
                 return Ok(Response::new(stream));

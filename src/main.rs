@@ -10,9 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use keel::app::{App, AppError};
-use keel::telemetry::chain;
 use keel::config::{ConfigSources, EXIT_CONFIG, Settings};
 use keel::shutdown::{Signal, SignalListener};
+use keel::telemetry::chain;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser, Debug)]

@@ -44,8 +44,7 @@ async fn health_is_serving_for_the_server_and_the_user_service() -> Result<()> {
 #[tokio::test]
 async fn health_watch_of_an_unknown_service_streams_service_unknown() -> Result<()> {
     let app = spawn_app().await?;
-    let mut watch =
-        app.health()?.watch(HealthCheckRequest { service: "no.such.Service".into() }).await?.into_inner();
+    let mut watch = app.health()?.watch(HealthCheckRequest { service: "no.such.Service".into() }).await?.into_inner();
     let first = watch.message().await?.context("no first status")?;
     assert_eq!(first.status, ServingStatus::ServiceUnknown as i32);
     // Still open: nothing more arrives until something ends it.
@@ -148,6 +147,55 @@ mod reflection {
         assert!(names.iter().any(|n| n == "grpc.reflection.v1.ServerReflection"), "{names:?}");
         assert!(names.iter().any(|n| n == "grpc.reflection.v1alpha.ServerReflection"), "{names:?}");
         drop(responses);
+        app.stop().await
+    }
+}
+
+/// Reflection's bidi streams (grpcui and Evans keep one open) end like
+/// every stream: at the deadline, and with UNAVAILABLE when draining begins,
+/// instead of holding shutdown until its bound.
+mod reflection_streams {
+    use super::*;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::{ServerReflectionRequest, ServerReflectionResponse};
+
+    /// Opens a reflection stream and reads one answer; the request side
+    /// stays open, as interactive clients keep it.
+    async fn open(
+        app: &support::TestApp,
+    ) -> Result<(tokio::sync::mpsc::Sender<ServerReflectionRequest>, tonic::Streaming<ServerReflectionResponse>)> {
+        let (requests, rx) = tokio::sync::mpsc::channel(4);
+        let list = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        requests.send(list).await?;
+        let mut client = ServerReflectionClient::new(app.channel()?);
+        let mut responses =
+            client.server_reflection_info(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+        responses.message().await?.context("no answer")?;
+        Ok((requests, responses))
+    }
+
+    #[tokio::test]
+    async fn an_open_reflection_stream_ends_unavailable_at_shutdown() -> Result<()> {
+        let app = spawn_app_with(|s| s.shutdown.timeout = Duration::from_secs(30)).await?;
+        let (_requests, mut responses) = open(&app).await?;
+        let stopping = tokio::spawn(app.stop());
+        let ended = tokio::time::timeout(READY_BOUND, responses.message()).await?;
+        assert_eq!(ended.err().map(|s| s.code()), Some(Code::Unavailable));
+        // The stream no longer holds the shutdown to its 30s bound.
+        tokio::time::timeout(READY_BOUND, stopping).await.context("shutdown waited for the stream")???;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_reflection_stream_ends_at_its_deadline() -> Result<()> {
+        let app = spawn_app_with(|s| s.grpc.max_timeout = Duration::from_millis(300)).await?;
+        let (_requests, mut responses) = open(&app).await?;
+        let ended = tokio::time::timeout(READY_BOUND, responses.message()).await?;
+        assert_eq!(ended.err().map(|s| s.code()), Some(Code::DeadlineExceeded));
         app.stop().await
     }
 }

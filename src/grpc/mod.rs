@@ -9,6 +9,7 @@
 //! framing, no pipe and no connection limit between them, while every layer
 //! still runs exactly once per call.
 
+pub mod bounded;
 pub mod incoming;
 pub mod middleware;
 pub mod stream;
@@ -62,6 +63,7 @@ pub fn register_infrastructure(
     registry: &mut ServiceRegistry,
     health: &Health,
     streams: &StreamSpawner,
+    shutdown: &Shutdown,
 ) -> Result<(), GrpcError> {
     registry.add_with_policy(health.service(streams.clone()), ServicePolicy::INFRASTRUCTURE).shed_exempt();
     let mut names = registry.names();
@@ -75,8 +77,9 @@ pub fn register_infrastructure(
     };
     let v1 = reflection().build_v1()?;
     let v1alpha = reflection().build_v1alpha()?;
-    registry.add_with_policy(v1, ServicePolicy::INFRASTRUCTURE);
-    registry.add_with_policy(v1alpha, ServicePolicy::INFRASTRUCTURE);
+    // Reflection's bidi streams end at their deadline and at drain too.
+    registry.add_with_policy(bounded::Bounded::new(v1, shutdown.clone()), ServicePolicy::INFRASTRUCTURE);
+    registry.add_with_policy(bounded::Bounded::new(v1alpha, shutdown.clone()), ServicePolicy::INFRASTRUCTURE);
     Ok(())
 }
 
