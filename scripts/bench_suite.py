@@ -510,7 +510,7 @@ def median(values):
 
 def table(rounds):
     lines = [
-        "| scenario | unit | bare (median) | keel (median) | keel / bare (median of paired ratios) | target |",
+        "| scenario | unit | bare (median) | keel (median) | keel / bare: median of paired ratios (each round) | target |",
         "|---|---|---|---|---|---|",
     ]
     for key, scenario, unit, _, goal in ROWS:
@@ -518,7 +518,10 @@ def table(rounds):
         keel = [r["keel"].get(key) for r in rounds]
         ratios = [k / b for k, b in zip(keel, bare) if k is not None and b not in (None, 0) and k == k and b == b]
         ratio = median(ratios)
-        ratio_text = "—" if ratio is None or key.endswith("errors") else f"{ratio:.2f}×"
+        if ratio is None or key.endswith("errors"):
+            ratio_text = "—"
+        else:
+            ratio_text = f"**{ratio:.2f}×** ({' / '.join(f'{x:.2f}' for x in ratios)})"
         lines.append(f"| {scenario} | {unit} | {fmt(median(bare))} | {fmt(median(keel))} | {ratio_text} | {goal} |")
     return "\n".join(lines)
 
@@ -543,9 +546,16 @@ def machine():
 # ---------------------------------------------------------------- main
 
 
+def rerender(path):
+    """Prints the table of an earlier run's results.json again."""
+    results = json.loads(path.read_text())
+    print(table(results["rounds"]))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bins", required=True, type=Path, help="directory with keel, bare-grpc, bare-rest, bench-client")
+    parser.add_argument("--bins", type=Path, help="directory with keel, bare-grpc, bare-rest, bench-client")
+    parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's results.json and exit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--grpc-rate", type=int, default=20000, help="total req/s of the fixed-rate gRPC run")
@@ -555,6 +565,11 @@ def main():
     parser.add_argument("--watch-rate", type=float, default=100.0, help="updates/s in the fan-out")
     parser.add_argument("--out", type=Path, help="directory for logs and results (default: a temp dir)")
     args = parser.parse_args()
+    if args.table_from:
+        rerender(args.table_from)
+        return
+    if not args.bins:
+        parser.error("--bins is required")
 
     # 1,000 connections on each side need more than a default 1,024 fds.
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
