@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import resource
+import selectors
 import signal
 import socket
 import statistics
@@ -396,7 +397,67 @@ def load_scenarios(target, args, bins, work):
     r["list_msgs_per_s"] = listed["messages"] / listed["seconds"]
     r["list_cpu_us"] = cpu / max(1, listed["messages"]) * 1e6
     r["list_errors"] = listed["errors"] + (errors_between(before, after) if target.keel else 0)
+
+    # 6. A REST GET while 1,100 REST watch streams are open (the bare hop
+    # has no watch route: keel only).
+    if target.keel:
+        started, took = rest_get_under_watch(target, args.watch_streams)
+        r["watch_streams_started"] = started
+        r["get_under_watch_ms"] = took * 1000 if took is not None else float("inf")
     return r
+
+
+def log_volume(path, keep):
+    """How much keel wrote to stdout in the load scenarios (one access line
+    per call, plus the lifecycle lines). The file is large (about 300 MB
+    per round), so it is removed unless --keep-logs."""
+    lines = size = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+    if not keep:
+        path.unlink()
+    return {"log_lines": lines, "log_bytes_per_line": size / max(1, lines), "log_mb": size / 2**20}
+
+
+def rest_get_under_watch(target, streams, timeout=5.0):
+    """Scenario 6 (keel only): opens `streams` REST `/v1/users:watch`
+    streams, each on its own HTTP/1.1 connection, and times one REST GET
+    while they stay open. Returns (streams whose headers came back, the
+    GET's seconds or None when it did not answer within `timeout`)."""
+    request = (f"GET /v1/users:watch HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n").encode()
+    selector = selectors.DefaultSelector()
+    sockets = []
+    try:
+        for _ in range(streams):
+            sock = socket.create_connection(("127.0.0.1", target.rest_port), timeout=5)
+            sock.sendall(request)
+            sock.setblocking(False)
+            sockets.append(sock)
+            selector.register(sock, selectors.EVENT_READ, bytearray())
+        # Headers of every stream that the gateway started, within a bound:
+        # a stream stuck behind a connection limit never sends them.
+        started = 0
+        deadline = time.monotonic() + timeout
+        while started < streams and time.monotonic() < deadline:
+            for key, _ in selector.select(timeout=0.1):
+                data = key.fileobj.recv(65536)
+                key.data.extend(data)
+                if not data or b"\r\n\r\n" in key.data:
+                    started += 1
+                    selector.unregister(key.fileobj)
+        begin = time.monotonic()
+        try:
+            status, _ = http_get(target.rest_port, f"/v1/users/{USER_ID}", {"Authorization": f"Bearer {TOKEN}"}, timeout)
+            took = time.monotonic() - begin if status == 200 else None
+        except OSError:
+            took = None
+        return started, took
+    finally:
+        selector.close()
+        for sock in sockets:
+            sock.close()
 
 
 def wait_fds(pid, baseline):
@@ -480,6 +541,10 @@ ROWS = [
     ("watch_delivered_ratio", "3 WatchUsers delivered / expected", "ratio", "higher", "1.00"),
     ("watch_cpu_us", "3 WatchUsers", "CPU-µs/event", "lower", ""),
     ("watch_rss_mb", "3 WatchUsers peak RSS", "MB", "lower", ""),
+    ("log_bytes_per_line", "1–3 keel stdout (access log), per line", "bytes", "lower", ""),
+    ("log_mb", "1–3 keel stdout written in the load scenarios", "MB", "lower", ""),
+    ("watch_streams_started", "6 REST /v1/users:watch streams opened (of 1,100)", "streams", "higher", "1,100"),
+    ("get_under_watch_ms", "6 REST GET while they are open", "ms", "lower", "< 1,000 ms"),
     ("rss_idle_mb", "4 idle RSS (bare: gRPC process)", "MB", "lower", "≤ 10 MB"),
     ("rss_conns_mb", "4 RSS, 1,000 idle connections", "MB", "lower", ""),
     ("rss_conns_after_mb", "4 RSS after they close", "MB", "lower", ""),
@@ -494,6 +559,8 @@ ROWS = [
 def fmt(value):
     if value is None or value != value:
         return "—"
+    if value == float("inf"):
+        return "no answer"
     if abs(value) >= 1000:
         return f"{value:,.0f}"
     if abs(value) >= 100:
@@ -561,8 +628,10 @@ def main():
     parser.add_argument("--grpc-rate", type=int, default=20000, help="total req/s of the fixed-rate gRPC run")
     parser.add_argument("--rest-rate", type=int, default=5000, help="total req/s of the fixed-rate REST run")
     parser.add_argument("--users", type=int, default=10000, help="users seeded for ListUsers")
+    parser.add_argument("--watch-streams", type=int, default=1100, help="REST watch streams in scenario 6")
     parser.add_argument("--watch-updates", type=int, default=500)
     parser.add_argument("--watch-rate", type=float, default=100.0, help="updates/s in the fan-out")
+    parser.add_argument("--keep-logs", action="store_true", help="keep keel's stdout of the load scenarios")
     parser.add_argument("--out", type=Path, help="directory for logs and results (default: a temp dir)")
     args = parser.parse_args()
     if args.table_from:
@@ -595,6 +664,8 @@ def main():
                     raise RuntimeError(f"seeding failed for {seeded['errors']} users")
                 r = load_scenarios(target, args, args.bins, work)
                 target.stop()
+                if target.keel:
+                    r.update(log_volume(work / "keel-stdout-load.log", args.keep_logs))
                 log(f"round {n + 1}/{args.rounds}: {name}: memory and lifecycle")
                 target.start("memory", rest=False)
                 r.update(memory_scenarios(target, args, args.bins))
