@@ -1,0 +1,135 @@
+//! The per-call access log: one `rpc finished` line in the call's span,
+//! formatted by the production subscriber (`telemetry::install` with
+//! `log.format: json` at `info`) into a writer that discards the bytes, so
+//! only the formatting is timed, not the terminal or the disk.
+//!
+//! - `logging_layer` drives keel's real `LoggingLayer` around a service that
+//!   answers at once (trailers-only `grpc-status: 0`), so it times whatever
+//!   the layer does today, however its line gets written.
+//! - `no_logging_layer` is the same call without the layer: the difference
+//!   is the access log's cost per call.
+//! - `event_in_span` emits the line's event directly, as the layer does
+//!   today through tracing-subscriber's JSON formatter.
+//!
+//! The average bytes per line are printed at the end.
+
+use std::convert::Infallible;
+use std::hint::black_box;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll, Waker};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use keel::config::{LogSettings, TracingSettings};
+use keel::grpc::middleware::logging::LoggingLayer;
+use keel::grpc::middleware::method::{GrpcType, MethodInfo};
+use keel::grpc::middleware::request_id::{CallSpan, RequestId};
+use keel::metrics::Metrics;
+use tower::{Layer, Service, ServiceExt};
+
+static BYTES: AtomicU64 = AtomicU64::new(0);
+static LINES: AtomicU64 = AtomicU64::new(0);
+
+/// Counts what the subscriber writes and drops it.
+struct Counting;
+
+impl std::io::Write for Counting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        BYTES.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        LINES.fetch_add(buf.iter().filter(|b| **b == b'\n').count() as u64, Ordering::Relaxed);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A call as it reaches the logging layer: the method resolved, a request
+/// id and its span in the extensions (the request-id layer puts them there).
+fn request(method: &Arc<MethodInfo>) -> Request<()> {
+    let id = RequestId::generate();
+    let span = tracing::info_span!(
+        "rpc",
+        request_id = %id.as_str(),
+        grpc.method = %method.path,
+        trace_id = tracing::field::Empty,
+    );
+    let mut request = Request::builder()
+        .uri("/user.v1.UserService/GetUser")
+        .header("x-forwarded-for", "203.0.113.7")
+        .body(())
+        .unwrap_or_default();
+    request.extensions_mut().insert(method.clone());
+    request.extensions_mut().insert(id);
+    request.extensions_mut().insert(CallSpan(span));
+    request
+}
+
+/// Runs one call to completion; every future here is ready at once.
+fn call<S, B>(service: &mut S, request: Request<()>) -> bool
+where
+    S: Service<Request<()>, Response = Response<B>, Error = Infallible>,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    let ready = matches!(service.poll_ready(&mut cx), Poll::Ready(Ok(())));
+    let future = pin!(service.call(request));
+    ready && matches!(future.poll(&mut cx), Poll::Ready(Ok(_)))
+}
+
+fn answer(_: Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>> {
+    let mut response = Response::new(());
+    response.headers_mut().insert("grpc-status", http::HeaderValue::from_static("0"));
+    std::future::ready(Ok(response))
+}
+
+fn bench(c: &mut Criterion) {
+    let installed = keel::telemetry::install(&LogSettings::default(), &TracingSettings::default(), None, || Counting);
+    let metrics = Metrics::new();
+    let (Ok(_guard), Ok(metrics)) = (installed, metrics) else {
+        eprintln!("cannot install the subscriber or build the metrics");
+        return;
+    };
+    let method = Arc::new(MethodInfo {
+        path: "/user.v1.UserService/GetUser".to_owned(),
+        grpc_type: GrpcType::Unary,
+        metrics: Some(metrics.grpc_server.method("unary", "user.v1.UserService", "GetUser")),
+        auth_exempt: false,
+        shed_exempt: false,
+    });
+
+    let mut group = c.benchmark_group("access_log");
+    let mut logged = LoggingLayer.layer(tower::service_fn(answer));
+    group.bench_function("logging_layer", |b| b.iter(|| black_box(call(&mut logged, request(&method)))));
+    let mut bare = tower::service_fn(answer).boxed();
+    group.bench_function("no_logging_layer", |b| b.iter(|| black_box(call(&mut bare, request(&method)))));
+    let span = tracing::info_span!(
+        "rpc",
+        request_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d",
+        grpc.method = "/user.v1.UserService/GetUser",
+        trace_id = tracing::field::Empty
+    );
+    group.bench_function("event_in_span", |b| {
+        b.iter(|| {
+            let _entered = span.enter();
+            tracing::info!(
+                grpc.method = "/user.v1.UserService/GetUser",
+                grpc.code = "OK",
+                duration_ms = black_box(0.123_f64),
+                peer = %"203.0.113.7:51234",
+                request_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d",
+                "rpc finished"
+            );
+        })
+    });
+    group.finish();
+    let (bytes, lines) = (BYTES.load(Ordering::Relaxed), LINES.load(Ordering::Relaxed));
+    if let Some(average) = bytes.checked_div(lines) {
+        println!("access_log: {lines} lines, {average} bytes per line on average");
+    }
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
