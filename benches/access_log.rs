@@ -86,7 +86,7 @@ fn answer(_: Request<()>) -> std::future::Ready<Result<Response<()>, Infallible>
 }
 
 fn bench(c: &mut Criterion) {
-    let installed = keel::telemetry::install(&LogSettings::default(), &TracingSettings::default(), None, || Counting);
+    let installed = keel::telemetry::install(&LogSettings::default(), &TracingSettings::default(), None, Counting);
     let metrics = Metrics::new();
     let (Ok(_guard), Ok(metrics)) = (installed, metrics) else {
         eprintln!("cannot install the subscriber or build the metrics");
