@@ -471,3 +471,60 @@ async fn a_unary_call_with_two_request_messages_is_rejected() -> Result<()> {
     assert_eq!(status.as_ref().map(|v| v.as_bytes()), Some(&b"13"[..]), "{status:?}");
     app.stop().await
 }
+
+/// A stream whose client never reads (a window of 1, never a
+/// WINDOW_UPDATE) cannot keep its load-shedding slot past its deadline:
+/// hyper never finishes such a body, so a timer gives the slot back.
+#[tokio::test]
+async fn unread_streams_past_their_deadline_release_their_shedding_slots() -> Result<()> {
+    use prost::Message as _;
+
+    let app = spawn_app_with(|s| {
+        s.grpc.max_concurrent_requests = 2;
+        s.grpc.max_timeout = Duration::from_millis(500);
+    })
+    .await?;
+    let mut users = app.users()?;
+    for n in 0..20 {
+        let user = User {
+            user_id: format!("u{n:02}"),
+            display_name: "x".repeat(200),
+            email: format!("u{n}@example.com"),
+            ..Default::default()
+        };
+        users.create_user(CreateUserRequest { user: Some(user) }).await?;
+    }
+    // Two ListUsers streams on a raw connection that never reads.
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let (client, connection) = h2::client::Builder::new().initial_window_size(1).handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut client = client.ready().await?;
+    let message = ListUsersRequest {}.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    frame.extend_from_slice(&message);
+    let mut pending = Vec::new();
+    for _ in 0..2 {
+        let request = http::Request::post(format!("http://{}/user.v1.UserService/ListUsers", app.grpc_addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut send) = client.send_request(request, false)?;
+        send.send_data(Bytes::from(frame.clone()), true)?;
+        pending.push(response);
+        client = client.ready().await?;
+    }
+    // Until the deadline passes, the two streams hold both slots; shortly
+    // after, calls are admitted again although the streams never finished.
+    eventually(READY_BOUND, || {
+        let mut users = users.clone();
+        async move {
+            let status = users.get_user(GetUserRequest { user_id: "nobody".into() }).await.err().map(|s| s.code());
+            status == Some(Code::NotFound)
+        }
+    })
+    .await
+    .context("calls were still shed after the unread streams' deadline")?;
+    drop(pending);
+    app.stop().await
+}

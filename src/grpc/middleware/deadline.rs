@@ -14,6 +14,7 @@ use tonic::Status;
 use tower::{Layer, Service};
 
 use super::method::method_of;
+use super::shed::ShedSlot;
 
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlineLayer {
@@ -64,7 +65,15 @@ where
         let at = Instant::now() + asked.unwrap_or(fallback).min(self.limits.max);
         request.extensions_mut().insert(Deadline(at));
         // A stream's response future ends with its headers; the stream
-        // itself watches the deadline from the extensions.
+        // itself watches the deadline from the extensions. Its shedding slot
+        // comes back shortly after the deadline even if its final status
+        // never goes out (a client that does not read).
+        if streams_out && let Some(slot) = request.extensions().get::<ShedSlot>().cloned() {
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at + STREAM_GRACE).await;
+                slot.release();
+            });
+        }
         let sleep = (!streams_out).then(|| tokio::time::sleep_until(at));
         DeadlineFuture { inner: self.inner.call(request), sleep }
     }
@@ -97,6 +106,10 @@ where
         }
     }
 }
+
+/// How long after its deadline a stream may still hold its shedding slot
+/// while its final status waits to be sent.
+pub const STREAM_GRACE: Duration = Duration::from_millis(500);
 
 /// The deadline of a call, stored in the request extensions by the deadline
 /// layer so handlers need not parse headers.

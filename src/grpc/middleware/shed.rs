@@ -1,11 +1,15 @@
 //! Load shedding: past `grpc.max_concurrent_requests` calls in flight, a
 //! new call is answered RESOURCE_EXHAUSTED at once rather than queued
 //! without bound. A call is in flight until its response body (for a
-//! stream, its last message) is done. Health checks are never shed.
+//! stream, its last message) is done, or, for a stream, until a short
+//! grace after its deadline: the deadline layer arms that timer through the
+//! [`ShedSlot`] left in the request extensions. A client that never reads
+//! keeps hyper from ever finishing (or dropping) the body, so only a timer
+//! can take the slot back. Health checks are never shed.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
@@ -44,12 +48,36 @@ pub struct LoadShed<S> {
 }
 
 /// One unit of the concurrency budget, returned when dropped.
-pub struct Permit(Option<Arc<AtomicUsize>>);
+pub struct Permit(Option<ShedSlot>);
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(counter) = self.0.take() {
-            counter.fetch_sub(1, Ordering::AcqRel);
+        if let Some(slot) = self.0.take() {
+            slot.release();
+        }
+    }
+}
+
+/// A call's slot in the budget, returned once: by the permit when the body
+/// ends, or earlier by a timer. In the request extensions of shed calls.
+#[derive(Clone, Debug)]
+pub struct ShedSlot(Arc<SlotState>);
+
+#[derive(Debug)]
+struct SlotState {
+    in_flight: Arc<AtomicUsize>,
+    released: AtomicBool,
+}
+
+impl ShedSlot {
+    fn new(in_flight: Arc<AtomicUsize>) -> Self {
+        Self(Arc::new(SlotState { in_flight, released: AtomicBool::new(false) }))
+    }
+
+    /// Returns the slot; later calls do nothing.
+    pub fn release(&self) {
+        if !self.0.released.swap(true, Ordering::AcqRel) {
+            self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
         }
     }
 }
@@ -71,7 +99,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         if method_of(&request).is_some_and(|m| m.shed_exempt) {
             return LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(None)) };
         }
@@ -79,8 +107,9 @@ where
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
             return LoadShedFuture { inner: None, permit: None };
         }
-        let permit = Permit(Some(self.in_flight.clone()));
-        LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(permit) }
+        let slot = ShedSlot::new(self.in_flight.clone());
+        request.extensions_mut().insert(slot.clone());
+        LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(Some(slot))) }
     }
 }
 
