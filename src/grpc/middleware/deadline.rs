@@ -51,7 +51,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = DeadlineFuture<S::Future>;
+    type Future = DeadlineFuture<tokio::task::futures::TaskLocalFuture<Instant, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -66,7 +66,7 @@ where
         // A stream's response future ends with its headers; the stream
         // itself watches the deadline from the extensions.
         let sleep = (!streams_out).then(|| tokio::time::sleep_until(at));
-        DeadlineFuture { inner: self.inner.call(request), sleep }
+        DeadlineFuture { inner: CALL_DEADLINE.scope(at, self.inner.call(request)), sleep }
     }
 }
 
@@ -96,6 +96,19 @@ where
             _ => Poll::Pending,
         }
     }
+}
+
+tokio::task_local! {
+    /// The deadline of the call being handled on this task, for code far
+    /// from the request (a store bounding its queries by it).
+    static CALL_DEADLINE: Instant;
+}
+
+/// The deadline of the call this code runs for, when it runs inside a
+/// unary handler (stream producers run on their own tasks and race their
+/// deadline themselves).
+pub fn current_deadline() -> Option<Instant> {
+    CALL_DEADLINE.try_with(|at| *at).ok()
 }
 
 /// The deadline of a call, stored in the request extensions by the deadline
