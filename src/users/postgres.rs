@@ -96,6 +96,12 @@ impl PgStore {
         Self { database: database.clone(), statement_timeout: settings.statement_timeout, feed }
     }
 
+    /// True while the change feed is connected, so subscribers get events
+    /// (tests wait for it before they watch).
+    pub fn feed_connected(&self) -> bool {
+        self.feed.sender.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+
     fn metrics(&self) -> &PoolMetrics {
         self.database.metrics()
     }
