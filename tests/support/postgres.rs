@@ -20,7 +20,10 @@ pub fn server_url(test: &str) -> Option<String> {
         _ => {
             let ci = std::env::var("CI").is_ok_and(|v| v == "true" || v == "1");
             assert!(!ci, "{test}: CI=true but {URL_VAR} is not set: run `eval \"$(scripts/postgres.sh start)\"` first");
-            eprintln!(
+            // Past the test harness's capture, so the skip is always seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
                 "SKIPPED {test}: {URL_VAR} is not set (`eval \"$(scripts/postgres.sh start)\"` starts a throwaway PostgreSQL)"
             );
             None
