@@ -5,20 +5,23 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::AdminServer;
 use crate::config::{ABORT_GRACE, Settings};
+use crate::database::{Database, DatabaseError};
 use crate::gateway::{GatewayServer, GatewayStartError};
 use crate::grpc::stream::{LiveStreams, StreamSpawner};
 use crate::grpc::{self, GrpcError, GrpcServer};
-use crate::health::{Health, Readiness};
+use crate::health::{Health, Readiness, follow_dependencies};
 use crate::metrics::{Metrics, MetricsError};
 use crate::net::BindError;
-use crate::registry::{RegistryError, ServiceContext, ServiceRegistry, SetupError};
+use crate::registry::{Dependencies, RegistryError, ServiceContext, ServiceRegistry, SetupError};
 use crate::shutdown::Shutdown;
 
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +36,8 @@ pub enum AppError {
     Gateway(#[from] GatewayStartError),
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error(transparent)]
+    Database(#[from] DatabaseError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
     #[error("the HTTP gateway failed")]
@@ -66,6 +71,10 @@ pub struct App {
     health: Health,
     /// Marked started once every server runs.
     readiness: Readiness,
+    /// Which services' gRPC health follows which readiness checks.
+    dependencies: Dependencies,
+    /// The PostgreSQL pool, closed after the servers have drained.
+    database: Option<Database>,
     /// The handle every server, stream and task obeys.
     shutdown: Shutdown,
     /// Stream producers still running, for tests and the drain.
@@ -96,8 +105,12 @@ impl App {
         let live_streams = LiveStreams::new(metrics.live_streams.clone());
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams.clone());
 
+        let database = Database::connect(&settings.database, &metrics).await?;
         let mut registry = ServiceRegistry::new()?;
-        let context = ServiceContext { settings: &settings, streams: streams.clone() };
+        if let Some(database) = &database {
+            registry.require_ready("database", Arc::new(database.clone()));
+        }
+        let context = ServiceContext { settings: &settings, streams: streams.clone(), database: database.as_ref() };
         register(&mut registry, &context).map_err(AppError::Setup)?;
         let health = Health::new(registry.health_names()).await;
         grpc::register_infrastructure(&mut registry, &health, &streams, &shutdown)?;
@@ -106,8 +119,9 @@ impl App {
         let grpc = GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;
         let gateway = GatewayServer::bind(&settings.http, &services, grpc.in_process(), &metrics).await?;
         let readiness = Readiness::new(health.clone(), shutdown.clone(), services.take_readiness());
+        let dependencies = std::mem::take(&mut services.dependencies);
         let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
-        Ok(Self { settings, grpc, gateway, admin, health, readiness, shutdown, live_streams })
+        Ok(Self { settings, grpc, gateway, admin, health, readiness, dependencies, database, shutdown, live_streams })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -136,7 +150,7 @@ impl App {
     /// finish, and at most `shutdown.timeout` of draining before the rest is
     /// cancelled.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), AppError> {
-        let App { settings, grpc, gateway, admin, health, readiness, shutdown, .. } = self;
+        let App { settings, grpc, gateway, admin, health, readiness, dependencies, database, shutdown, .. } = self;
         let (grpc_addr, http_addr, admin_addr) = (grpc.addr(), gateway.addr(), admin.addr());
 
         // Every server stops taking new work when draining begins: the gRPC
@@ -158,6 +172,9 @@ impl App {
 
         health.set_serving().await;
         readiness.mark_started();
+        let stop_following = CancellationToken::new();
+        let following =
+            tokio::spawn(follow_dependencies(health.clone(), readiness.clone(), dependencies, stop_following.clone()));
         info!(grpc.addr = %grpc_addr, http.addr = %http_addr, admin.addr = %admin_addr, "keel serving");
 
         // A server that fails still gets the shutdown sequence: the others
@@ -172,6 +189,8 @@ impl App {
 
         let begun = Instant::now();
         shutdown.request();
+        stop_following.cancel();
+        let _ = following.await;
         health.set_not_serving().await;
         info!("shutdown 1/4: reporting NOT_SERVING");
 
@@ -214,6 +233,14 @@ impl App {
         };
         // Whatever still runs after the bound is abandoned.
         aborts.iter().for_each(tokio::task::AbortHandle::abort);
+        if let Some(database) = database {
+            // Inside the bound: what is left of it, at least the abort grace.
+            let left = settings.shutdown.timeout.saturating_sub(begun.elapsed().saturating_sub(delay)).max(ABORT_GRACE);
+            match tokio::time::timeout(left, database.close()).await {
+                Ok(()) => info!(elapsed_ms = elapsed_ms(begun), "shutdown: database pool closed"),
+                Err(_) => warn!(elapsed_ms = elapsed_ms(begun), "shutdown: database pool did not close in time"),
+            }
+        }
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
         match failure.or_else(|| errors.into_iter().next()) {
             Some(error) => Err(error),

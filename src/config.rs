@@ -57,6 +57,8 @@ pub struct Settings {
     pub streams: StreamSettings,
     /// OTLP span export.
     pub tracing: TracingSettings,
+    /// The PostgreSQL store; empty `url` keeps the in-memory one.
+    pub database: DatabaseSettings,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -435,6 +437,111 @@ impl Default for TracingSettings {
     }
 }
 
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// `postgres://user:password@host:5432/db?sslmode=require`. Empty (and
+    /// no `url_file`): the in-memory store. A secret: its password is
+    /// redacted by `keel config` and never logged.
+    #[serde(serialize_with = "redact_url")]
+    pub url: String,
+    /// A file holding the URL (a mounted Kubernetes Secret), read at
+    /// startup; exclusive with `url`. Surrounding whitespace is ignored.
+    pub url_file: String,
+    /// The pool's upper bound on connections.
+    pub max_connections: u32,
+    /// Connections the pool keeps open even when idle.
+    pub min_connections: u32,
+    /// How long a query may wait for a free connection before the call
+    /// fails with UNAVAILABLE.
+    #[serde(with = "human_duration")]
+    pub acquire_timeout: Duration,
+    /// The longest any statement may run; a call's remaining deadline
+    /// shortens it (`SET LOCAL statement_timeout`).
+    #[serde(with = "human_duration")]
+    pub statement_timeout: Duration,
+    /// Runs the embedded migrations before serving (otherwise run
+    /// `keel migrate`, as the chart's hook Job does).
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            url_file: String::new(),
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(3),
+            statement_timeout: Duration::from_secs(10),
+            migrate_on_start: false,
+        }
+    }
+}
+
+impl DatabaseSettings {
+    /// True when a database is configured (after `url_file` was read).
+    pub fn enabled(&self) -> bool {
+        !self.url.is_empty()
+    }
+}
+
+impl fmt::Debug for DatabaseSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseSettings")
+            .field("url", &redacted_url(&self.url))
+            .field("url_file", &self.url_file)
+            .field("max_connections", &self.max_connections)
+            .field("min_connections", &self.min_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+/// A database URL with its password (in the user info or a `password=`
+/// parameter) replaced by `<redacted>`; what cannot be parsed is redacted
+/// whole.
+pub fn redacted_url(url: &str) -> String {
+    if url.is_empty() {
+        return String::new();
+    }
+    let Some((scheme, rest)) = url.split_once("://") else { return "<redacted>".to_owned() };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (rest, None),
+    };
+    let (authority, path) = match before_query.find('/') {
+        Some(i) => before_query.split_at(i),
+        None => (before_query, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{user}:<redacted>@{host}"),
+            None => format!("{userinfo}@{host}"),
+        },
+        None => authority.to_owned(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=<redacted>"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+fn redact_url<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&redacted_url(url))
+}
+
 /// A size in bytes, written as an integer or with a unit (`4MiB`, `512KiB`,
 /// `4MB`). Units are matched case-insensitively (`4mb`, `4mib`), because
 /// nothing else could be meant and rejecting `4mb` only frustrates.
@@ -684,7 +791,8 @@ impl Settings {
         let tree = merged.collect().map_err(merge_error)?;
         check_known_keys(&tree, &known, "")?;
 
-        let settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
+        let mut settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
+        settings.read_database_url(&tree)?;
         settings.validate(&tree)?;
         if !sources.probe && sources.is_production() && settings.auth.tokens.is_empty() && !settings.auth.disabled {
             return Err(ConfigError::Invalid {
@@ -788,6 +896,63 @@ impl Settings {
         }
         if self.auth.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(fail("auth.tokens", "tokens must not be empty".to_owned()));
+        }
+        self.validate_database(&fail)
+    }
+
+    /// The database section: the URL's form (never its text: it holds the
+    /// password) and the pool's bounds.
+    fn validate_database(&self, fail: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        let db = &self.database;
+        if db.max_connections == 0 {
+            return Err(fail("database.max_connections", "must be greater than zero".to_owned()));
+        }
+        if db.min_connections > db.max_connections {
+            return Err(fail(
+                "database.min_connections",
+                format!("{} is more than database.max_connections ({})", db.min_connections, db.max_connections),
+            ));
+        }
+        for (key, value) in
+            [("database.acquire_timeout", db.acquire_timeout), ("database.statement_timeout", db.statement_timeout)]
+        {
+            if value.is_zero() {
+                return Err(fail(key, "must be greater than zero".to_owned()));
+            }
+        }
+        if !db.url.is_empty() {
+            let key = if db.url_file.is_empty() { "database.url" } else { "database.url_file" };
+            if !(db.url.starts_with("postgres://") || db.url.starts_with("postgresql://")) {
+                return Err(fail(key, "expected a URL such as postgres://user:password@host:5432/db".to_owned()));
+            }
+            if let Err(error) = db.url.parse::<sqlx::postgres::PgConnectOptions>() {
+                // The driver's message names the part that is wrong, never
+                // the URL itself.
+                return Err(fail(key, format!("not a valid PostgreSQL URL: {error}")));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads `database.url_file` into `database.url`.
+    fn read_database_url(&mut self, tree: &Map<String, Value>) -> Result<(), ConfigError> {
+        let db = &mut self.database;
+        if db.url_file.is_empty() {
+            return Ok(());
+        }
+        let fail = |reason: String| ConfigError::Invalid {
+            key: "database.url_file".to_owned(),
+            origin: origin_of(tree, "database.url_file"),
+            reason,
+        };
+        if !db.url.is_empty() {
+            return Err(fail("set together with database.url: use one of them".to_owned()));
+        }
+        let text =
+            std::fs::read_to_string(&db.url_file).map_err(|e| fail(format!("cannot read {}: {e}", db.url_file)))?;
+        db.url = text.trim().to_owned();
+        if db.url.is_empty() {
+            return Err(fail(format!("{} is empty", db.url_file)));
         }
         Ok(())
     }
@@ -975,6 +1140,18 @@ mod tests {
         assert!(ByteSize::parse("4 parsecs").is_err());
         assert!(ByteSize::parse("4mbit").is_err());
         assert!(ByteSize::parse("MiB").is_err());
+    }
+
+    #[test]
+    fn database_urls_are_redacted() {
+        assert_eq!(redacted_url("postgres://keel:s3cret@db:5432/keel"), "postgres://keel:<redacted>@db:5432/keel");
+        assert_eq!(redacted_url("postgres://keel@db/keel?sslmode=require"), "postgres://keel@db/keel?sslmode=require");
+        assert_eq!(
+            redacted_url("postgresql://db/keel?user=k&password=s3cret&sslmode=require"),
+            "postgresql://db/keel?user=k&password=<redacted>&sslmode=require"
+        );
+        assert_eq!(redacted_url("p@ss"), "<redacted>");
+        assert_eq!(redacted_url(""), "");
     }
 
     #[test]

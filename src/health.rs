@@ -55,14 +55,9 @@ impl Readiness {
         self.started.store(true, Ordering::Release);
     }
 
-    /// Each check with its outcome: `Err` carries the reason.
-    pub async fn checks(&self) -> Vec<(String, Result<(), String>)> {
-        let fixed = |ok: bool, reason: &str| if ok { Ok(()) } else { Err(reason.to_owned()) };
-        let mut out = vec![
-            ("startup".to_owned(), fixed(self.started.load(Ordering::Acquire), "startup not complete")),
-            ("grpc-health".to_owned(), fixed(self.health.is_serving(), "gRPC health is NOT_SERVING")),
-            ("shutdown".to_owned(), fixed(!self.shutdown.is_requested(), "shutting down")),
-        ];
+    /// The registered dependency checks alone, each bounded.
+    pub async fn dependency_checks(&self) -> Vec<(String, Result<(), String>)> {
+        let mut out = Vec::with_capacity(self.dependencies.len());
         for (name, check) in self.dependencies.iter() {
             let outcome = match tokio::time::timeout(CHECK_TIMEOUT, check.check()).await {
                 Ok(outcome) => outcome,
@@ -71,6 +66,74 @@ impl Readiness {
             out.push((name.clone(), outcome));
         }
         out
+    }
+
+    /// Each check with its outcome: `Err` carries the reason.
+    pub async fn checks(&self) -> Vec<(String, Result<(), String>)> {
+        let fixed = |ok: bool, reason: &str| if ok { Ok(()) } else { Err(reason.to_owned()) };
+        let mut out = vec![
+            ("startup".to_owned(), fixed(self.started.load(Ordering::Acquire), "startup not complete")),
+            ("grpc-health".to_owned(), fixed(self.health.is_serving(), "gRPC health is NOT_SERVING")),
+            ("shutdown".to_owned(), fixed(!self.shutdown.is_requested(), "shutting down")),
+        ];
+        out.extend(self.dependency_checks().await);
+        out
+    }
+}
+
+/// How often gRPC health re-reads the dependency checks.
+const FOLLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// Makes gRPC health follow the dependency checks while serving: a service
+/// is NOT_SERVING while a check it depends on fails, and so is the server
+/// (`""`, what Kubernetes' gRPC probe asks) while any of them fails; both
+/// recover on their own. Returns when `stop` is cancelled, which the app
+/// does before it reports NOT_SERVING for shutdown, so the two never race.
+pub async fn follow_dependencies(
+    health: Health,
+    readiness: Readiness,
+    dependencies: crate::registry::Dependencies,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    if dependencies.is_empty() {
+        return;
+    }
+    let mut last: std::collections::HashMap<String, ServingStatus> = std::collections::HashMap::new();
+    loop {
+        let failed: Vec<(String, String)> = readiness
+            .dependency_checks()
+            .await
+            .into_iter()
+            .filter_map(|(name, outcome)| outcome.err().map(|reason| (name, reason)))
+            .collect();
+        if stop.is_cancelled() {
+            return;
+        }
+        let mut server = ServingStatus::Serving;
+        for (service, checks) in &dependencies {
+            let down = failed.iter().find(|(name, _)| checks.contains(name));
+            let status = if down.is_some() { ServingStatus::NotServing } else { ServingStatus::Serving };
+            if down.is_some() {
+                server = ServingStatus::NotServing;
+            }
+            if last.get(service) != Some(&status) {
+                match down {
+                    Some((check, reason)) => tracing::warn!(service, check, reason, "dependency down: NOT_SERVING"),
+                    None if last.contains_key(service) => tracing::info!(service, "dependencies back: SERVING"),
+                    None => {}
+                }
+                health.reporter.set_service_status(service, status).await;
+                last.insert(service.clone(), status);
+            }
+        }
+        if last.get("") != Some(&server) {
+            health.reporter.set_service_status("", server).await;
+            last.insert(String::new(), server);
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(FOLLOW_EVERY) => {}
+        }
     }
 }
 

@@ -30,6 +30,7 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+pub mod database;
 pub mod gateway;
 pub mod grpc;
 pub mod health;

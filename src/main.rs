@@ -31,6 +31,9 @@ enum Command {
     Serve,
     /// Print the effective configuration, secrets redacted.
     Config,
+    /// Apply the embedded database migrations to database.url and exit;
+    /// idempotent. Exit 78 without a database configured, 1 on failure.
+    Migrate,
     /// Check the gRPC health of a running server: exit 0 when SERVING, 1
     /// otherwise. Serves as Docker HEALTHCHECK and Kubernetes exec probe.
     Healthcheck(HealthcheckArgs),
@@ -73,7 +76,32 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Migrate => migrate(&settings),
         Command::Serve => serve(settings),
+    }
+}
+
+fn migrate(settings: &Settings) -> ExitCode {
+    if !settings.database.enabled() {
+        report(format_args!("keel migrate: no database configured: set database.url or database.url_file"));
+        return ExitCode::from(EXIT_CONFIG as u8);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            report(format_args!("keel: cannot start the async runtime: {error}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(keel::database::migrate_url(&settings.database)) {
+        Ok(()) => {
+            report(format_args!("keel migrate: database schema is up to date"));
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            report(format_args!("keel migrate: {}", chain(&error)));
+            ExitCode::FAILURE
+        }
     }
 }
 

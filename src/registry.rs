@@ -30,6 +30,10 @@ pub struct ServiceContext<'a> {
     /// Runs server streams: bounded, and ended by the client, the deadline
     /// or shutdown. Clone it into handlers.
     pub streams: StreamSpawner,
+    /// The PostgreSQL pool when `database.url` is set. The app owns it:
+    /// its readiness check is `database`, and it is closed after the
+    /// servers have drained.
+    pub database: Option<&'a crate::database::Database>,
 }
 
 /// Why the registry cannot be completed. Each is a defect in the code or
@@ -91,6 +95,9 @@ pub struct ServicePolicy {
     pub health: bool,
 }
 
+/// A registered service with the readiness checks its health follows.
+pub type Dependencies = Vec<(String, Vec<String>)>;
+
 impl ServicePolicy {
     /// An application service: authenticated, sheddable, on REST, in health.
     pub const APPLICATION: Self = Self { auth_exempt: false, shed_exempt: false, rest: true, health: true };
@@ -123,6 +130,8 @@ pub struct ServiceRegistry {
     services: Vec<RegisteredService>,
     /// Dependencies readiness waits on, by name.
     readiness: Vec<(String, Arc<dyn ReadinessCheck>)>,
+    /// The checks each service's health follows, parallel to `services`.
+    depends_on: Vec<Vec<String>>,
     /// Deferred registration problems.
     errors: Vec<RegistryError>,
 }
@@ -130,6 +139,7 @@ pub struct ServiceRegistry {
 /// Adjusts the policy of the service just registered.
 pub struct ServiceOptions<'a> {
     policy: &'a mut ServicePolicy,
+    depends_on: &'a mut Vec<String>,
 }
 
 impl ServiceOptions<'_> {
@@ -148,6 +158,15 @@ impl ServiceOptions<'_> {
     /// No REST routes or OpenAPI paths: gRPC only.
     pub fn without_rest(self) -> Self {
         self.policy.rest = false;
+        self
+    }
+
+    /// Its gRPC health (and the server's, `""`) is NOT_SERVING while the
+    /// readiness check `check` (registered with
+    /// [`ServiceRegistry::require_ready`], or `database` by the app) fails,
+    /// so the gRPC probe and `/readyz` agree.
+    pub fn depends_on(self, check: impl Into<String>) -> Self {
+        self.depends_on.push(check.into());
         self
     }
 }
@@ -171,6 +190,7 @@ impl ServiceRegistry {
             routes: tonic::service::Routes::default(),
             services: Vec::new(),
             readiness: Vec::new(),
+            depends_on: Vec::new(),
             errors: Vec::new(),
         })
     }
@@ -195,8 +215,9 @@ impl ServiceRegistry {
         let routes = std::mem::take(&mut self.routes);
         self.routes = routes.add_service(service);
         self.services.push(RegisteredService { name: S::NAME.to_owned(), descriptor: None, policy });
+        self.depends_on.push(Vec::new());
         let last = self.services.len() - 1;
-        ServiceOptions { policy: &mut self.services[last].policy }
+        ServiceOptions { policy: &mut self.services[last].policy, depends_on: &mut self.depends_on[last] }
     }
 
     /// Makes `/readyz` fail while `check` does: the service cannot work
@@ -261,12 +282,19 @@ impl ServiceRegistry {
                 .ok_or_else(|| RegistryError::NoDescriptor(service.name.clone()))?;
             service.descriptor = Some(descriptor);
         }
+        let dependencies: Dependencies = self
+            .services
+            .iter()
+            .zip(&self.depends_on)
+            .filter(|(_, checks)| !checks.is_empty())
+            .map(|(service, checks)| (service.name.clone(), checks.clone()))
+            .collect();
         let services = self
             .services
             .into_iter()
             .filter_map(|s| Some(Service { descriptor: s.descriptor?, name: s.name, policy: s.policy }))
             .collect();
-        Ok(Services { pool: self.pool, routes: self.routes, services, readiness: self.readiness })
+        Ok(Services { pool: self.pool, routes: self.routes, services, readiness: self.readiness, dependencies })
     }
 }
 
@@ -289,6 +317,8 @@ pub struct Services {
     routes: tonic::service::Routes,
     services: Vec<Service>,
     readiness: Vec<(String, Arc<dyn ReadinessCheck>)>,
+    /// The checks each service's health follows, for those with any.
+    pub dependencies: Dependencies,
 }
 
 impl Services {

@@ -123,6 +123,12 @@ impl Metrics {
         Ok(())
     }
 
+    /// Registers a component's own collector (the database pool's).
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) -> Result<(), MetricsError> {
+        self.registry.register(collector)?;
+        Ok(())
+    }
+
     /// The exposition in the Prometheus text format.
     pub fn render(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -3,6 +3,7 @@
 //! Handlers translate between the wire and the domain ([`validation`]) and
 //! the persistence ([`store`]); streams run on the shared stream plumbing.
 
+pub mod postgres;
 pub mod store;
 pub mod validation;
 
@@ -21,24 +22,43 @@ use crate::proto::user::v1::{
     CreateUserRequest, DeleteUserRequest, GetUserRequest, ListUsersRequest, UpdateUserRequest, User, UserEvent,
     WatchUsersRequest,
 };
-use crate::registry::{ServiceContext, ServiceRegistry, SetupError};
+use crate::registry::{ServiceContext, ServiceOptions, ServiceRegistry, SetupError};
+use postgres::PgStore;
 use store::{MemoryStore, Store, StoreError};
 use validation::FieldViolation;
 
 /// How many users ListUsers reads from the store at a time.
 const LIST_PAGE: usize = 100;
 
-/// Serves `user.v1.UserService` over the in-memory store, with readiness
-/// following the store.
+/// Serves `user.v1.UserService` over PostgreSQL when `database.url` is
+/// set, else over the in-memory store, with readiness following the store.
 pub fn register(services: &mut ServiceRegistry, ctx: &ServiceContext<'_>) -> Result<(), SetupError> {
-    let store = Arc::new(MemoryStore::new(ctx.settings.streams.watch_buffer));
-    services.require_ready("user-store", Arc::new(StoreReadiness(store.clone())));
+    let watch_buffer = ctx.settings.streams.watch_buffer;
+    match ctx.database {
+        // The app registers the pool's readiness check, `database`.
+        Some(database) => {
+            let store = Arc::new(PgStore::start(database, &ctx.settings.database, watch_buffer));
+            serve(services, store, ctx).depends_on("database");
+        }
+        None => {
+            let store = Arc::new(MemoryStore::new(watch_buffer));
+            services.require_ready("user-store", Arc::new(StoreReadiness(store.clone())));
+            serve(services, store, ctx);
+        }
+    }
+    Ok(())
+}
+
+fn serve<'r, S: Store>(
+    services: &'r mut ServiceRegistry,
+    store: Arc<S>,
+    ctx: &ServiceContext<'_>,
+) -> ServiceOptions<'r> {
     let users = Users::new(store, ctx.streams.clone(), ctx.settings.streams.watch_buffer);
     // The layer stack enforces grpc.max_*_message_size for every service;
     // lift tonic's own 4 MiB default so it never cuts in first.
     services
-        .add(UserServiceServer::new(users).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX));
-    Ok(())
+        .add(UserServiceServer::new(users).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX))
 }
 
 /// Readiness follows the store: a database that cannot be reached makes
@@ -72,6 +92,8 @@ impl From<StoreError> for Status {
             StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
             StoreError::Invalid(violation) => violation.into(),
             StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+            StoreError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
+            StoreError::Internal => Status::internal(error.to_string()),
         }
     }
 }
@@ -187,7 +209,9 @@ async fn watch(
                     }
                 }
                 Err(RecvError::Lagged(_)) => return Err(too_slow()),
-                Err(RecvError::Closed) => return Err(Status::unavailable("change feed closed")),
+                Err(RecvError::Closed) => return Err(Status::unavailable(
+                    "change feed lost: events may have been missed; list again and watch again",
+                )),
             },
         }
     }

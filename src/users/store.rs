@@ -22,9 +22,16 @@ pub enum StoreError {
     AlreadyExists(String),
     #[error(transparent)]
     Invalid(#[from] FieldViolation),
-    /// The backend cannot be reached or failed; retrying may help.
+    /// The backend cannot be reached or is overloaded; retrying may help.
+    /// The text says what failed, never the driver's own message.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The call's deadline (or the statement bound) ran out in the backend.
+    #[error("the store did not answer within the deadline")]
+    DeadlineExceeded,
+    /// Anything else; the cause was logged where it happened.
+    #[error("internal store error")]
+    Internal,
 }
 
 /// The operations the user service needs. Implement it for a database to

@@ -7,6 +7,7 @@ pub mod echo;
 pub mod echo_gateway;
 pub mod exposition;
 pub mod http;
+pub mod postgres;
 pub mod process;
 
 use std::future::Future;

@@ -52,7 +52,7 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = DeadlineFuture<S::Future>;
+    type Future = DeadlineFuture<tokio::task::futures::TaskLocalFuture<Instant, S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -75,7 +75,7 @@ where
             });
         }
         let sleep = (!streams_out).then(|| tokio::time::sleep_until(at));
-        DeadlineFuture { inner: self.inner.call(request), sleep }
+        DeadlineFuture { inner: CALL_DEADLINE.scope(at, self.inner.call(request)), sleep }
     }
 }
 
@@ -110,6 +110,19 @@ where
 /// How long after its deadline a stream may still hold its shedding slot
 /// while its final status waits to be sent.
 pub const STREAM_GRACE: Duration = Duration::from_millis(500);
+
+tokio::task_local! {
+    /// The deadline of the call being handled on this task, for code far
+    /// from the request (a store bounding its queries by it).
+    static CALL_DEADLINE: Instant;
+}
+
+/// The deadline of the call this code runs for, when it runs inside a
+/// unary handler (stream producers run on their own tasks and race their
+/// deadline themselves).
+pub fn current_deadline() -> Option<Instant> {
+    CALL_DEADLINE.try_with(|at| *at).ok()
+}
 
 /// The deadline of a call, stored in the request extensions by the deadline
 /// layer so handlers need not parse headers.
