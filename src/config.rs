@@ -399,11 +399,14 @@ pub struct StreamSettings {
     /// Events a WatchUsers subscriber may fall behind before it is ended
     /// with RESOURCE_EXHAUSTED.
     pub watch_buffer: usize,
+    /// The same bound in bytes (encoded size of the queued events), so a few
+    /// large events cannot hold more memory than this per subscriber.
+    pub watch_buffer_bytes: ByteSize,
 }
 
 impl Default for StreamSettings {
     fn default() -> Self {
-        Self { buffer: 16, watch_buffer: 256 }
+        Self { buffer: 16, watch_buffer: 256, watch_buffer_bytes: ByteSize(1024 * 1024) }
     }
 }
 
@@ -819,6 +822,7 @@ impl Settings {
         let positive = [
             ("streams.buffer", self.streams.buffer),
             ("streams.watch_buffer", self.streams.watch_buffer),
+            ("streams.watch_buffer_bytes", self.streams.watch_buffer_bytes.0),
             ("grpc.max_decoding_message_size", self.grpc.max_decoding_message_size.0),
             ("grpc.max_encoding_message_size", self.grpc.max_encoding_message_size.0),
             ("grpc.max_concurrent_streams", self.grpc.max_concurrent_streams as usize),

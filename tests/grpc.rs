@@ -493,6 +493,55 @@ mod streams {
         app.stop().await
     }
 
+    /// The watch queue is bounded in bytes too: a few large events fill it
+    /// long before the event count does.
+    #[tokio::test]
+    async fn a_subscriber_is_bounded_in_bytes_as_well_as_events() -> Result<()> {
+        let app = spawn_app_with(|s| {
+            s.streams.buffer = 1;
+            s.streams.watch_buffer = 10_000;
+            s.streams.watch_buffer_bytes = keel::config::ByteSize(8 * 1024);
+        })
+        .await?;
+        let watcher_channel = app
+            .endpoint()?
+            .initial_stream_window_size(Some(16 * 1024))
+            .initial_connection_window_size(Some(16 * 1024))
+            .connect()
+            .await?;
+        let mut watcher = keel::proto::user::v1::user_service_client::UserServiceClient::new(watcher_channel);
+        let mut events = watcher.watch_users(WatchUsersRequest {}).await?.into_inner();
+        let mut writer = app.users()?;
+        let name = "n".repeat(250);
+        for i in 0..400 {
+            writer.create_user(create(user(&format!("b{i:04}"), &name, "b@example.com"))).await?;
+        }
+        let status = loop {
+            match tokio::time::timeout(READY_BOUND, events.message()).await? {
+                Ok(Some(_)) => {}
+                Ok(None) => return Err(anyhow!("stream ended cleanly")),
+                Err(status) => break status,
+            }
+        };
+        assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("watch_buffer_bytes"), "{}", status.message());
+        app.stop().await
+    }
+
+    /// Every list entry has a length limit, enforced by validation whatever
+    /// the message size limits allow.
+    #[tokio::test]
+    async fn a_role_longer_than_its_limit_is_invalid_argument_naming_roles() -> Result<()> {
+        let app =
+            spawn_app_with(|s| s.grpc.max_decoding_message_size = keel::config::ByteSize(64 * 1024 * 1024)).await?;
+        let mut long = user("long-role", "Long", "l@example.com");
+        long.roles = vec!["r".repeat(65)];
+        let status = app.users()?.create_user(create(long)).await.err().context("accepted")?;
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("user.roles"), "{}", status.message());
+        app.stop().await
+    }
+
     #[tokio::test]
     async fn a_deadline_ends_watch_users_with_deadline_exceeded() -> Result<()> {
         let app = spawn_app().await?;

@@ -54,7 +54,8 @@ fn serve<'r, S: Store>(
     store: Arc<S>,
     ctx: &ServiceContext<'_>,
 ) -> ServiceOptions<'r> {
-    let users = Users::new(store, ctx.streams.clone(), ctx.settings.streams.watch_buffer);
+    let users = Users::new(store, ctx.streams.clone(), ctx.settings.streams.watch_buffer)
+        .with_watch_buffer_bytes(ctx.settings.streams.watch_buffer_bytes.0);
     // The layer stack enforces grpc.max_*_message_size for every service;
     // lift tonic's own 4 MiB default so it never cuts in first.
     services
@@ -77,11 +78,19 @@ pub struct Users<S> {
     streams: StreamSpawner,
     /// How many events a watcher may fall behind before it is dropped.
     watch_buffer: usize,
+    /// The same bound in encoded bytes.
+    watch_buffer_bytes: usize,
 }
 
 impl<S: Store> Users<S> {
     pub fn new(store: Arc<S>, streams: StreamSpawner, watch_buffer: usize) -> Self {
-        Self { store, streams, watch_buffer: watch_buffer.max(1) }
+        Self { store, streams, watch_buffer: watch_buffer.max(1), watch_buffer_bytes: usize::MAX }
+    }
+
+    /// Bounds each watcher's queue in bytes too.
+    pub fn with_watch_buffer_bytes(mut self, bytes: usize) -> Self {
+        self.watch_buffer_bytes = bytes.max(1);
+        self
     }
 }
 
@@ -157,7 +166,7 @@ impl<S: Store> UserService for Users<S> {
         // Subscribe before answering, so every change after the call starts
         // is seen.
         let events = self.store.subscribe();
-        let limit = self.watch_buffer;
+        let limit = WatchLimit { events: self.watch_buffer, bytes: self.watch_buffer_bytes };
         let stream = self.streams.spawn(StreamKind::Endless, deadline, move |sink| watch(events, limit, sink));
         Ok(Response::new(stream))
     }
@@ -179,18 +188,29 @@ async fn list_all<S: Store>(store: Arc<S>, sink: StreamSink<User>) -> Result<(),
     }
 }
 
+/// How far a watcher may fall behind: in events and in encoded bytes.
+#[derive(Clone, Copy, Debug)]
+struct WatchLimit {
+    events: usize,
+    bytes: usize,
+}
+
 /// Forwards change events until the client, the deadline or shutdown ends
 /// the stream. Events wait in a queue of at most `limit` while the client is
 /// slow; a client that falls further behind is cut off rather than buffered
 /// for without bound.
 async fn watch(
     mut events: tokio::sync::broadcast::Receiver<UserEvent>,
-    limit: usize,
+    limit: WatchLimit,
     sink: StreamSink<UserEvent>,
 ) -> Result<(), Status> {
     let too_slow =
         || Status::resource_exhausted("subscriber too slow: fell more than streams.watch_buffer events behind");
+    let too_large = || {
+        Status::resource_exhausted("subscriber too slow: fell more than streams.watch_buffer_bytes of events behind")
+    };
     let mut pending: VecDeque<UserEvent> = VecDeque::new();
+    let mut pending_bytes = 0usize;
     loop {
         tokio::select! {
             biased;
@@ -198,14 +218,19 @@ async fn watch(
             slot = sink.reserve(), if !pending.is_empty() => {
                 let slot = slot?;
                 if let Some(event) = pending.pop_front() {
+                    pending_bytes = pending_bytes.saturating_sub(prost::Message::encoded_len(&event));
                     slot.send(Ok(event));
                 }
             }
             received = events.recv() => match received {
                 Ok(event) => {
+                    pending_bytes += prost::Message::encoded_len(&event);
                     pending.push_back(event);
-                    if pending.len() > limit {
+                    if pending.len() > limit.events {
                         return Err(too_slow());
+                    }
+                    if pending_bytes > limit.bytes {
+                        return Err(too_large());
                     }
                 }
                 Err(RecvError::Lagged(_)) => return Err(too_slow()),

@@ -11,6 +11,10 @@ const MAX_ID_LEN: usize = 128;
 const MAX_NAME_LEN: usize = 256;
 const MAX_EMAIL_LEN: usize = 320;
 const MAX_ROLES: usize = 64;
+/// Every string and list field is bounded, so a user stays small whatever
+/// the message size limits are: a watcher's buffer of them is bounded in
+/// bytes too.
+const MAX_ROLE_LEN: usize = 64;
 
 /// One violated rule, naming the request field it is about.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -126,6 +130,9 @@ fn check_mutable_fields(user: &User) -> Result<(), FieldViolation> {
     }
     if user.roles.iter().any(|r| r.trim().is_empty()) {
         return Err(FieldViolation::new("user.roles", "entries must not be empty"));
+    }
+    if user.roles.iter().any(|r| r.len() > MAX_ROLE_LEN) {
+        return Err(FieldViolation::new("user.roles", format!("entries must be at most {MAX_ROLE_LEN} bytes")));
     }
     Ok(())
 }
