@@ -387,3 +387,38 @@ async fn every_completed_call_is_in_the_access_log_after_sigterm() -> Result<()>
     assert_eq!(logged.len(), calls, "access lines missing after exit");
     Ok(())
 }
+
+/// GOAWAY no longer waits for the gateway: with a gateway stream that is
+/// still draining (a long listing its client does not read), an existing
+/// gRPC connection stops taking new calls as soon as draining begins,
+/// while the process is still running because of that stream.
+#[tokio::test]
+async fn goaway_does_not_wait_for_a_draining_gateway_stream() -> Result<()> {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let mut keel = KeelProcess::start(&[("KEEL__SHUTDOWN__DRAIN_DELAY", "0s"), ("KEEL__SHUTDOWN__TIMEOUT", "10s")])?;
+    let grpc = channel(&keel).await?;
+    create_users(&grpc, "w", 3000).await?;
+    let gateway = HttpClient::new(keel.http);
+    let mut listing = gateway.open(Method::GET, "/v1/users", &[]).await?;
+    listing.line().await?.context("no first line")?;
+    let mut users = UserServiceClient::new(grpc.clone());
+    users.get_user(GetUserRequest { user_id: "w00000".into() }).await?;
+
+    keel.signal("TERM")?;
+    let refused = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match users.get_user(GetUserRequest { user_id: "w00000".into() }).await {
+                Ok(_) => tokio::task::yield_now().await,
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .context("the existing gRPC connection kept taking new calls")?;
+    assert!(matches!(refused.code(), Code::Unavailable | Code::Unknown | Code::Internal), "{refused:?}");
+    assert!(keel.is_running(), "the unread gateway listing should still hold the drain");
+    drop(listing);
+    let exit = tokio::task::spawn_blocking(move || keel.wait_exit(Duration::from_secs(15))).await??;
+    assert_eq!(exit.code(), Some(0));
+    Ok(())
+}

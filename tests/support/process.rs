@@ -118,6 +118,11 @@ impl KeelProcess {
         }
     }
 
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// Every line the process wrote, once it has exited and closed stdout.
     pub fn all_logs(&mut self) -> Result<Vec<String>> {
         if let Some(reader) = self.reader.take() {
