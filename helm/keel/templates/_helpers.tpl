@@ -195,6 +195,20 @@ that they cannot be set in two places.
 {{- $_ := set $values "addr" (printf "%s:%d" $.Values.listenHost (int (get $.Values.ports $section))) -}}
 {{- $_ := set $config $section $values -}}
 {{- end -}}
+{{- $database := $config.database | default dict -}}
+{{- if hasKey $database "url" -}}
+{{- fail "config.database.url must not be set: the URL is secret and never goes into the ConfigMap. Put it in a Secret and set database.existingSecret (and database.existingSecretKey)." -}}
+{{- end -}}
+{{- if include "keel.databaseEnabled" . -}}
+{{- $file := include "keel.databaseUrlFile" . -}}
+{{- if and $database.url_file (ne $database.url_file $file) -}}
+{{- fail (printf "config.database.url_file=%s conflicts with database.existingSecret: the chart mounts that Secret at %s and sets url_file itself. Unset config.database.url_file." $database.url_file $file) -}}
+{{- end -}}
+{{- $_ := set $database "url_file" $file -}}
+{{- $_ := set $config "database" $database -}}
+{{- else if $database.url_file -}}
+{{- fail "config.database.url_file is set but database.existingSecret is not: set database.existingSecret (and database.existingSecretKey) to the Secret holding the URL, and unset config.database.url_file; the chart mounts it and sets url_file." -}}
+{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
 
@@ -255,4 +269,77 @@ periodSeconds: {{ $settings.periodSeconds }}
 timeoutSeconds: {{ $settings.timeoutSeconds }}
 failureThreshold: {{ $settings.failureThreshold }}
 successThreshold: {{ $settings.successThreshold | default 1 }}
+{{- end -}}
+
+{{/*
+Database and store
+
+database.existingSecret names a Secret holding the PostgreSQL URL. Its key
+is mounted read-only as a file (a secret volume, no subPath, so that a
+rotated Secret reaches the file) and keel reads it through
+config.database.url_file, which the chart sets.
+*/}}
+{{- define "keel.databaseDir" -}}/var/run/secrets/keel/database{{- end -}}
+{{- define "keel.databaseUrlFile" -}}{{ include "keel.databaseDir" . }}/url{{- end -}}
+
+{{/* "true" when a database is configured. */}}
+{{- define "keel.databaseEnabled" -}}
+{{- if (.Values.database | default dict).existingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* The secret volume of the database URL (a list item, indent it). */}}
+{{- define "keel.databaseVolume" -}}
+- name: database
+  secret:
+    secretName: {{ .Values.database.existingSecret }}
+    items:
+      - key: {{ .Values.database.existingSecretKey | default "url" }}
+        path: url
+    # Owner and the pod's fsGroup may read it; nobody may write.
+    defaultMode: 288
+{{- end -}}
+
+{{- define "keel.databaseVolumeMount" -}}
+- name: database
+  mountPath: {{ include "keel.databaseDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/*
+The store: .Values.store, or computed (postgres with a database, memory
+without). Fails on the combinations keel cannot run.
+*/}}
+{{- define "keel.store" -}}
+{{- $database := include "keel.databaseEnabled" . -}}
+{{- $store := .Values.store | default (ternary "postgres" "memory" (eq $database "true")) -}}
+{{- if and (eq $store "postgres") (not $database) -}}
+{{- fail "store=postgres needs a database: set database.existingSecret (a Secret holding the PostgreSQL URL under database.existingSecretKey)." -}}
+{{- end -}}
+{{- if and (ne $store "postgres") $database -}}
+{{- fail (printf "store=%s with database.existingSecret=%s: keel uses PostgreSQL whenever a database is configured. Unset store (or set store=postgres), or unset database.existingSecret." $store .Values.database.existingSecret) -}}
+{{- end -}}
+{{- $store -}}
+{{- end -}}
+
+{{/*
+The replica count: replicaCount, or 1 with the memory store and 2 otherwise.
+Fails when the memory store would be split over several pods.
+*/}}
+{{- define "keel.replicaCount" -}}
+{{- $store := include "keel.store" . -}}
+{{- $replicas := 0 -}}
+{{- if kindIs "invalid" .Values.replicaCount -}}
+{{- $replicas = ternary 1 2 (eq $store "memory") -}}
+{{- else -}}
+{{- $replicas = int .Values.replicaCount -}}
+{{- end -}}
+{{- if eq $store "memory" -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- fail "autoscaling.enabled=true with the memory store: each pod would keep its own data, which cannot be shared. Set database.existingSecret (store postgres), or store=none for a stateless service, or autoscaling.enabled=false." -}}
+{{- end -}}
+{{- if gt $replicas 1 -}}
+{{- fail (printf "replicaCount=%d with the memory store: each pod would keep its own data, which cannot be shared. Set database.existingSecret (store postgres), or store=none for a stateless service, or replicaCount=1." $replicas) -}}
+{{- end -}}
+{{- end -}}
+{{- $replicas -}}
 {{- end -}}
