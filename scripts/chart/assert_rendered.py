@@ -379,7 +379,13 @@ def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None
     deployment = named(docs, "Deployment", FULLNAME)
     container = main_container(deployment)
     spec = deployment["spec"]["template"]["spec"]
-    checks.check(f"{label}: replicas: 2", deployment["spec"].get("replicas") == 2, deployment["spec"].get("replicas"))
+    checks.check(
+        f"{label}: replicas: 1 (the memory store cannot be shared)",
+        deployment["spec"].get("replicas") == 1,
+        deployment["spec"].get("replicas"),
+    )
+    checks.check(f"{label}: no migration Job without a database", not objects(docs, "Job"))
+    checks.check(f"{label}: no database in config.yaml", "database" not in rendered_config(docs))
     checks.check(
         f"{label}: image is repository:appVersion",
         container["image"] == f"ghcr.io/example/keel:{app_version}",
@@ -821,6 +827,152 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
         checks.check("tests.enabled=false: no helm test Pod", not objects(docs, "Pod"))
 
 
+DATABASE_DIR = "/var/run/secrets/keel/database"
+DATABASE_URL_FILE = f"{DATABASE_DIR}/url"
+
+
+def check_database(checks: Checks, tools: Tools, app_version: str) -> None:
+    """database.existingSecret, the migration hook Job and the store value."""
+    label = "database"
+    checks.section("helm template with database.existingSecret=db")
+    docs = render(checks, tools, label, ["--set", "database.existingSecret=db"])
+    if docs is not None:
+        validate(checks, tools, label, docs)
+        check_common(checks, label, docs, app_version)
+        deployment = named(docs, "Deployment", FULLNAME)
+        spec = deployment["spec"]["template"]["spec"]
+        container = main_container(deployment)
+        checks.check(
+            f"{label}: replicas default to 2 with the postgres store",
+            deployment["spec"].get("replicas") == 2,
+            deployment["spec"].get("replicas"),
+        )
+        volumes = {v["name"]: v for v in spec.get("volumes", [])}
+        mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == DATABASE_DIR]
+        mount = mounts[0] if mounts else {}
+        secret_volume = volumes.get(mount.get("name", ""), {}).get("secret", {})
+        checks.check(
+            f"{label}: the Deployment mounts Secret db key url read-only at {DATABASE_URL_FILE}, without subPath",
+            len(mounts) == 1
+            and mount.get("readOnly") is True
+            and "subPath" not in mount
+            and secret_volume.get("secretName") == "db"
+            and secret_volume.get("items") == [{"key": "url", "path": "url"}],
+            (mount, secret_volume),
+        )
+        config = rendered_config(docs)
+        configmap_text = named(docs, "ConfigMap", FULLNAME)["data"]["config.yaml"]
+        checks.check(
+            f"{label}: config.yaml has database.url_file {DATABASE_URL_FILE} and never a url",
+            config.get("database") == {"url_file": DATABASE_URL_FILE} and "url:" not in configmap_text.replace("url_file:", ""),
+            config.get("database"),
+        )
+        env = env_map(container)
+        checks.check(
+            f"{label}: the Deployment passes no database env (the URL only as a file)",
+            not any(name.startswith("KEEL__DATABASE__") for name in env),
+            sorted(env),
+        )
+        jobs = objects(docs, "Job")
+        if checks.check(f"{label}: one migration Job", len(jobs) == 1, [j["metadata"]["name"] for j in jobs]):
+            job = jobs[0]
+            annotations = job["metadata"].get("annotations", {})
+            checks.check(
+                f"{label}: Job is a pre-install,pre-upgrade hook deleted before re-creation and on success",
+                annotations.get("helm.sh/hook") == "pre-install,pre-upgrade"
+                and annotations.get("helm.sh/hook-delete-policy") == "before-hook-creation,hook-succeeded",
+                annotations,
+            )
+            pod = job["spec"]["template"]["spec"]
+            job_container = pod["containers"][0]
+            checks.check(
+                f"{label}: Job runs `keel migrate` from the same image",
+                job_container.get("args") == ["migrate"] and job_container["image"] == container["image"],
+                (job_container.get("args"), job_container["image"]),
+            )
+            checks.check(
+                f"{label}: Job has backoffLimit, activeDeadlineSeconds, restartPolicy Never, no token",
+                isinstance(job["spec"].get("backoffLimit"), int)
+                and isinstance(job["spec"].get("activeDeadlineSeconds"), int)
+                and pod.get("restartPolicy") == "Never"
+                and pod.get("automountServiceAccountToken") is False,
+                job["spec"],
+            )
+            checks.check(
+                f"{label}: Job has the Deployment's restricted security contexts",
+                pod.get("securityContext") == spec.get("securityContext")
+                and job_container.get("securityContext") == container.get("securityContext")
+                and pod["securityContext"].get("seccompProfile", {}).get("type") == "RuntimeDefault"
+                and job_container["securityContext"].get("readOnlyRootFilesystem") is True
+                and job_container["securityContext"].get("capabilities", {}).get("drop") == ["ALL"],
+                (pod.get("securityContext"), job_container.get("securityContext")),
+            )
+            job_env = env_map(job_container)
+            own_objects = {FULLNAME, f"{FULLNAME}-auth"}
+            refs = json.dumps(pod)
+            checks.check(
+                f"{label}: Job is configured from env and Secret db alone (no ConfigMap, chart Secret or ServiceAccount)",
+                job_env.get("KEEL__DATABASE__URL_FILE", {}).get("value") == DATABASE_URL_FILE
+                and job_env.get("KEEL_ENV", {}).get("value") == "production"
+                and job_env.get("KEEL__AUTH__DISABLED", {}).get("value") == "true"
+                and "serviceAccountName" not in pod
+                and not any(v.get("configMap") for v in pod.get("volumes", []))
+                and [v.get("secret", {}).get("secretName") for v in pod.get("volumes", [])] == ["db"]
+                and not any(f'"{name}"' in refs for name in own_objects),
+                (sorted(job_env), pod.get("volumes")),
+            )
+            checks.check(
+                f"{label}: Job pod is not selected by the Deployment or any Service",
+                not selects(deployment["spec"]["selector"]["matchLabels"], job["spec"]["template"]["metadata"]["labels"])
+                and not any(
+                    selects(s["spec"].get("selector"), job["spec"]["template"]["metadata"]["labels"])
+                    for s in objects(docs, "Service")
+                ),
+            )
+
+    docs = render(
+        checks,
+        tools,
+        "database, migrate disabled",
+        ["--set", "database.existingSecret=db", "--set", "database.migrate.enabled=false"],
+    )
+    if docs is not None:
+        checks.check("database.migrate.enabled=false: no Job", not objects(docs, "Job"))
+
+    docs = render(
+        checks,
+        tools,
+        "database, existingSecretKey",
+        ["--set", "database.existingSecret=db", "--set", "database.existingSecretKey=dsn", "--set", "replicaCount=4"],
+    )
+    if docs is not None:
+        deployment = named(docs, "Deployment", FULLNAME)
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "database")
+        checks.check(
+            "database.existingSecretKey=dsn: mounted as url; replicaCount=4 kept",
+            volume["secret"]["items"] == [{"key": "dsn", "path": "url"}] and deployment["spec"]["replicas"] == 4,
+            volume,
+        )
+
+    for label, args, replicas in (
+        ("store=none", ["--set", "store=none"], 2),
+        ("store=none, replicaCount=2", ["--set", "store=none", "--set", "replicaCount=2"], 2),
+        ("memory, replicaCount=1", ["--set", "store=memory", "--set", "replicaCount=1"], 1),
+    ):
+        docs = render(checks, tools, label, args)
+        if docs is not None:
+            validate(checks, tools, label, docs)
+            deployment = named(docs, "Deployment", FULLNAME)
+            checks.check(
+                f"{label}: replicas {replicas}, no Job",
+                deployment["spec"].get("replicas") == replicas and not objects(docs, "Job"),
+                deployment["spec"].get("replicas"),
+            )
+    docs = render(checks, tools, "store=none, autoscaling", ["--set", "store=none", "--set", "autoscaling.enabled=true"])
+    if docs is not None:
+        checks.check("store=none allows autoscaling: one HPA", len(objects(docs, "HorizontalPodAutoscaler")) == 1)
+
+
 def check_negative(checks: Checks, tools: Tools) -> None:
     checks.section("values that must fail rendering")
     cases = [
@@ -881,6 +1033,8 @@ def check_negative(checks: Checks, tools: Tools) -> None:
             "autoscaling minReplicas > maxReplicas",
             [
                 "--set",
+                "store=none",
+                "--set",
                 "autoscaling.enabled=true",
                 "--set",
                 "autoscaling.minReplicas=5",
@@ -889,6 +1043,45 @@ def check_negative(checks: Checks, tools: Tools) -> None:
             ],
             "minReplicas",
         ),
+        (
+            "replicaCount=2 with the memory store",
+            ["--set", "replicaCount=2"],
+            "replicaCount=2 with the memory store: each pod would keep its own data, which cannot be shared. Set database.existingSecret",
+        ),
+        (
+            "autoscaling.enabled=true with the memory store",
+            ["--set", "autoscaling.enabled=true"],
+            "autoscaling.enabled=true with the memory store",
+        ),
+        (
+            "autoscaling with the memory store, HPA template alone",
+            ["--set", "autoscaling.enabled=true", "--show-only", "templates/hpa.yaml"],
+            "with the memory store",
+        ),
+        ("store=postgres without a database", ["--set", "store=postgres"], "set database.existingSecret"),
+        ("store=cache (schema)", ["--set", "store=cache"], "store"),
+        (
+            "store=memory with database.existingSecret",
+            ["--set", "store=memory", "--set", "database.existingSecret=db"],
+            "Unset store (or set store=postgres)",
+        ),
+        (
+            "config.database.url_file elsewhere with database.existingSecret",
+            ["--set", "database.existingSecret=db", "--set", "config.database.url_file=/etc/db/url"],
+            "Unset config.database.url_file",
+        ),
+        (
+            "config.database.url_file without database.existingSecret",
+            ["--set", "config.database.url_file=/etc/db/url"],
+            "set database.existingSecret",
+        ),
+        (
+            "config.database.url without the schema (template check)",
+            ["--skip-schema-validation", "--set", "config.database.url=postgres://u:p@h/d"],
+            "config.database.url must not be set",
+        ),
+        ("database.existingSecret=Bad_Name (schema)", ["--set", "database.existingSecret=Bad_Name"], "existingSecret"),
+        ("database.migrate.unknown (schema)", ["--set", "database.migrate.unknown=1"], "unknown"),
         ("image.pullPolicy=Sometimes", ["--set", "image.pullPolicy=Sometimes"], "pullPolicy"),
         ("resources.requests.cpu=lots", ["--set", "resources.requests.cpu=lots"], "cpu"),
         ("service.type=ExternalName", ["--set", "service.type=ExternalName"], "service.type"),
@@ -1147,6 +1340,7 @@ def main() -> int:
     guarded("all-on render", check_all_on, checks, tools, app_version)
     guarded("grpc-probes render", check_grpc_probes, checks, tools, app_version)
     guarded("value variations", check_variations, checks, tools, default_annotations)
+    guarded("database render", check_database, checks, tools, app_version)
     guarded("negative cases", check_negative, checks, tools)
     guarded("NOTES.txt", check_notes, checks, tools)
     guarded("Dockerfile", check_dockerfile, checks, tools)
