@@ -640,6 +640,33 @@ def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
         [e["name"] for e in container["env"]],
     )
 
+    config_db = rendered_config(docs).get("database")
+    job = named(docs, "Job", f"{FULLNAME}-migrate")
+    if checks.check(f"{label}: migration Job {FULLNAME}-migrate renders", job is not None):
+        job_pod = job["spec"]["template"]["spec"]
+        job_env = env_map(job_pod["containers"][0])
+        checks.check(
+            f"{label}: Job takes database.migrate (backoffLimit, deadline, resources), the pool timeouts and the Secret key",
+            job["spec"]["backoffLimit"] == 1
+            and job["spec"]["activeDeadlineSeconds"] == 300
+            and job_pod["containers"][0]["resources"] == values["database"]["migrate"]["resources"]
+            and job_env.get("KEEL__DATABASE__ACQUIRE_TIMEOUT", {}).get("value") == "5s"
+            and job_env.get("KEEL__DATABASE__STATEMENT_TIMEOUT", {}).get("value") == "15s"
+            and job_pod["volumes"][0]["secret"]["items"] == [{"key": "postgres-url", "path": "url"}]
+            and job_pod.get("imagePullSecrets") == [{"name": "registry-credentials"}],
+            job,
+        )
+    checks.check(
+        f"{label}: config.database keeps the pool settings and gets url_file",
+        config_db == {
+            "max_connections": 20,
+            "acquire_timeout": "5s",
+            "statement_timeout": "15s",
+            "url_file": "/var/run/secrets/keel/database/url",
+        },
+        config_db,
+    )
+
     grace = pod["spec"]["terminationGracePeriodSeconds"]
     checks.check(
         f"{label}: terminationGracePeriodSeconds = 10s + 30s + 1s + 5s = 46",
@@ -1216,6 +1243,13 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                 ["dns:///demo-keel-headless.apps.svc:9000", "ServiceMonitor demo-keel", "Secret demo-keel-auth"],
             ),
             ("auth disabled", ["--set", "config.auth.disabled=true"], ["WARNING: authentication is disabled"]),
+            ("default store", [], ["Store: in memory", "Replicas: 1."]),
+            (
+                "database",
+                ["--set", "database.existingSecret=db"],
+                ["Store: PostgreSQL, URL from Secret db", "Job demo-keel-migrate", "Replicas: 2."],
+            ),
+            ("store none", ["--set", "store=none"], ["Store: none", "Replicas: 2."]),
         ):
             result = helm_template(tools, ["--show-only", "templates/notes-check.yaml", *args], chart=chart)
             text = ""
