@@ -39,6 +39,8 @@ fn status(error: StoreError) -> Status {
         StoreError::AlreadyExists(_) => Status::already_exists(error.to_string()),
         StoreError::Invalid(_) => Status::invalid_argument(error.to_string()),
         StoreError::Unavailable(_) => Status::unavailable(error.to_string()),
+        StoreError::DeadlineExceeded => Status::deadline_exceeded(error.to_string()),
+        StoreError::Internal => Status::internal(error.to_string()),
     }
 }
 
