@@ -106,8 +106,10 @@ pub fn dropped_lines() -> u64 {
     DROPPED.get().map_or(0, |counter| u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX))
 }
 
-/// Log lines the queue holds before new ones are dropped.
-const QUEUE_LINES: usize = 64 * 1024;
+/// Log lines the queue holds before new ones are dropped. The channel
+/// allocates and touches its slots up front, so this is idle memory; the
+/// writer drains about a million lines a second, so 8k is ample.
+const QUEUE_LINES: usize = 8 * 1024;
 
 /// Installs the global subscriber, writing to stdout. `RUST_LOG`, when set,
 /// replaces `log.level`. Call from within the tokio runtime.
