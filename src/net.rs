@@ -23,3 +23,39 @@ pub async fn bind(key: &'static str, addr: SocketAddr) -> Result<(TcpListener, S
     let bound = listener.local_addr().map_err(fail)?;
     Ok((listener, bound))
 }
+
+/// The open-file limits after [`raise_open_file_limit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenFileLimit {
+    /// The soft limit in force now.
+    pub soft: u64,
+    /// The hard limit, the most the soft limit can be raised to.
+    pub hard: u64,
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit. Every connection is a
+/// descriptor, and the usual soft default (1024) is below what the
+/// connection caps allow (`http.max_connections` alone is 4096); the hard
+/// limit is what the operator or the container runtime actually granted.
+pub fn raise_open_file_limit() -> std::io::Result<OpenFileLimit> {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed
+    // by pointer, which lives for both calls. No safe wrapper is in the
+    // dependencies, and one syscall pair does not justify a crate.
+    #[allow(unsafe_code)]
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    if got != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        let set = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) };
+        if set != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        limit = raised;
+    }
+    Ok(OpenFileLimit { soft: limit.rlim_cur, hard: limit.rlim_max })
+}
