@@ -132,21 +132,39 @@ pub async fn serve(
 
     let mut stop = pin!(stop);
     let mut warned = RateLimit::default();
+    let mut stopping = false;
     loop {
-        let (stream, peer) = tokio::select! {
-            () = &mut stop => break,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of descriptors and the like: back off instead of
-                    // spinning on an error that will repeat.
-                    if warned.allow() {
-                        tracing::warn!(server = limits.server, %error, "accepting an HTTP connection failed");
-                    }
-                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+        let accepted = if stopping {
+            // Take what is already in the backlog before closing the
+            // socket, which would reset those connections; they are served
+            // with `Connection: close`.
+            tokio::select! {
+                biased;
+                accepted = listener.accept() => accepted,
+                () = std::future::ready(()) => break,
+            }
+        } else {
+            tokio::select! {
+                () = &mut stop => {
+                    stopping = true;
+                    draining.cancel();
                     continue;
                 }
-            },
+                accepted = listener.accept() => accepted,
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(_) if stopping => break,
+            Err(error) => {
+                // Out of descriptors and the like: back off instead of
+                // spinning on an error that will repeat.
+                if warned.allow() {
+                    tracing::warn!(server = limits.server, %error, "accepting an HTTP connection failed");
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
         };
         if open.count.load(Ordering::Acquire) >= limits.max_connections {
             // Closing at once (rather than leaving it in the backlog) tells
@@ -177,7 +195,15 @@ pub async fn serve(
             let watchdog = watchdog(&connection, limits.header_read_timeout, limits.idle_timeout);
             tokio::select! {
                 _ = conn.as_mut() => return,
-                () = closing.cancelled() => {}
+                () = closing.cancelled() => {
+                    // A request whose head has begun is let in (and answered
+                    // with `Connection: close`) rather than cut off.
+                    let quiet = connection.until(|c| !c.head_begun.load(Ordering::Acquire));
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = tokio::time::timeout(limits.header_read_timeout, quiet) => {}
+                    }
+                }
                 () = watchdog => {
                     tracing::debug!(server = limits.server, %peer, "closing a connection that sent no request in time");
                 }
@@ -196,7 +222,6 @@ pub async fn serve(
     // Draining: close the port, let busy connections get their last
     // response, then ask every connection to close and wait for them.
     drop(listener);
-    draining.cancel();
     tokio::select! {
         () = tokio::time::sleep(IDLE_LINGER) => {}
         () = open.none() => {}

@@ -32,6 +32,8 @@
 pub mod admin;
 pub mod app;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
