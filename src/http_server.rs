@@ -25,7 +25,7 @@ use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Body;
@@ -46,6 +46,7 @@ use tower_http::timeout::DeadlineBody;
 
 use crate::config::{AdminSettings, HttpSettings};
 use crate::metrics::Metrics;
+use crate::net::{ACCEPT_BACKOFF, AcceptError, RateLimit, classify_accept_error};
 
 /// How long keep-alive connections may stay open once draining began: long
 /// enough for a busy one to get its next response (marked `Connection:
@@ -55,13 +56,6 @@ const IDLE_LINGER: Duration = Duration::from_millis(250);
 /// How long a connection closed for a timeout may take to say goodbye
 /// (GOAWAY) before it is dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// How long to back off when accepting fails for lack of resources.
-pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
-
-/// At most one warning per this interval for rejected connections and
-/// failed accepts, so an attack or an fd shortage cannot flood the log.
-const WARN_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The bounds one HTTP server enforces on its clients.
 #[derive(Debug, Clone)]
@@ -156,11 +150,15 @@ pub async fn serve(
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(_) if stopping => break,
+            Err(error) if classify_accept_error(&error) == AcceptError::Skip => {
+                tracing::debug!(server = limits.server, %error, "accepting an HTTP connection failed");
+                continue;
+            }
             Err(error) => {
                 // Out of descriptors and the like: back off instead of
                 // spinning on an error that will repeat.
                 if warned.allow() {
-                    tracing::warn!(server = limits.server, %error, "accepting an HTTP connection failed");
+                    tracing::warn!(server = limits.server, %error, "accepting an HTTP connection failed; backing off");
                 }
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
@@ -363,23 +361,6 @@ impl http_body::Body for GuardedBody {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.body.size_hint()
-    }
-}
-
-/// At most one event per [`WARN_INTERVAL`].
-#[derive(Default)]
-pub(crate) struct RateLimit {
-    last: Option<Instant>,
-}
-
-impl RateLimit {
-    pub(crate) fn allow(&mut self) -> bool {
-        let now = Instant::now();
-        if self.last.is_some_and(|last| now.duration_since(last) < WARN_INTERVAL) {
-            return false;
-        }
-        self.last = Some(now);
-        true
     }
 }
 

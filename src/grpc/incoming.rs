@@ -18,8 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Sleep;
 use tokio_stream::Stream;
 
-pub use crate::http_server::ACCEPT_BACKOFF;
-use crate::http_server::RateLimit;
+use crate::net::{ACCEPT_BACKOFF, AcceptError, RateLimit, classify_accept_error};
 
 /// The server's stream of connections. Accepting stops when `close`
 /// resolves (and the waker the close future registered wakes us).
@@ -35,26 +34,6 @@ pub struct Incoming {
 impl Incoming {
     pub fn new(listener: TcpListener, close: impl Future<Output = ()> + Send + 'static) -> Self {
         Self { tcp: Some(listener), close: Box::pin(close), backoff: None, warned: RateLimit::default() }
-    }
-}
-
-/// What to do with a failed accept.
-#[derive(Debug, PartialEq, Eq)]
-pub enum AcceptError {
-    /// The process or system is out of something that frees up: wait.
-    BackOff,
-    /// About this one connection only (reset before accept, and the like):
-    /// hand it to the server, which skips it and accepts the next.
-    Skip,
-}
-
-/// Sorts an accept error: resource exhaustion repeats until something is
-/// released, so retrying at once only spins.
-pub fn classify_accept_error(error: &io::Error) -> AcceptError {
-    match error.raw_os_error() {
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) => AcceptError::BackOff,
-        _ if error.kind() == io::ErrorKind::OutOfMemory => AcceptError::BackOff,
-        _ => AcceptError::Skip,
     }
 }
 
@@ -101,21 +80,5 @@ impl Stream for Incoming {
                 },
             };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn resource_exhaustion_backs_off_and_the_rest_is_skipped() {
-        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
-            assert_eq!(classify_accept_error(&io::Error::from_raw_os_error(errno)), AcceptError::BackOff, "{errno}");
-        }
-        for errno in [libc::ECONNABORTED, libc::EPERM, libc::EPROTO] {
-            assert_eq!(classify_accept_error(&io::Error::from_raw_os_error(errno)), AcceptError::Skip, "{errno}");
-        }
-        assert_eq!(classify_accept_error(&io::ErrorKind::OutOfMemory.into()), AcceptError::BackOff);
     }
 }
