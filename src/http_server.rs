@@ -126,30 +126,44 @@ pub async fn serve(
 
     let mut stop = pin!(stop);
     let mut warned = RateLimit::default();
-    let mut stopping = false;
+    let mut listener = Some(listener);
+    // Once stopping: the same socket, accepted from with accept(2) directly.
+    let mut backlog: Option<std::net::TcpListener> = None;
     loop {
-        let accepted = if stopping {
-            // Take what is already in the backlog before closing the
-            // socket, which would reset those connections; they are served
-            // with `Connection: close`.
-            tokio::select! {
-                biased;
-                accepted = listener.accept() => accepted,
-                () = std::future::ready(()) => break,
+        let accepted = if let Some(backlog) = &backlog {
+            // Take what the kernel already holds before closing the socket,
+            // which would reset those connections; they are served with
+            // `Connection: close`. Not through tokio, whose accept answers
+            // from cached readiness and could miss connections that arrived
+            // since the last poll.
+            match backlog.accept() {
+                Ok((stream, peer)) => {
+                    stream.set_nonblocking(true).and_then(|()| TcpStream::from_std(stream)).map(|s| (s, peer))
+                }
+                // WouldBlock: the backlog is empty.
+                Err(_) => break,
             }
-        } else {
-            tokio::select! {
-                () = &mut stop => {
-                    stopping = true;
+        } else if let Some(tcp) = &listener {
+            let stopped = tokio::select! {
+                () = &mut stop => None,
+                accepted = tcp.accept() => Some(accepted),
+            };
+            match stopped {
+                Some(accepted) => accepted,
+                None => {
                     draining.cancel();
+                    match listener.take().map(TcpListener::into_std) {
+                        Some(Ok(std)) => backlog = Some(std),
+                        _ => break,
+                    }
                     continue;
                 }
-                accepted = listener.accept() => accepted,
             }
+        } else {
+            break;
         };
         let (stream, peer) = match accepted {
             Ok(accepted) => accepted,
-            Err(_) if stopping => break,
             Err(error) if classify_accept_error(&error) == AcceptError::Skip => {
                 tracing::debug!(server = limits.server, %error, "accepting an HTTP connection failed");
                 continue;
@@ -219,6 +233,7 @@ pub async fn serve(
 
     // Draining: close the port, let busy connections get their last
     // response, then ask every connection to close and wait for them.
+    drop(backlog);
     drop(listener);
     tokio::select! {
         () = tokio::time::sleep(IDLE_LINGER) => {}
