@@ -215,3 +215,33 @@ async fn connections_over_the_cap_are_closed_at_once_and_counted() -> Result<()>
     drop(held);
     app.stop().await
 }
+
+#[tokio::test]
+async fn an_http2_connection_without_requests_is_closed_too() -> Result<()> {
+    // hyper's own header timeout covers only HTTP/1.1; the watchdog covers
+    // HTTP/2 (prior knowledge) and the protocol sniffing before it.
+    let app = spawn_app_with(short_timeouts).await?;
+    let mut stream = TcpStream::connect(app.http_addr).await?;
+    let opened = Instant::now();
+    // The client preface and an empty SETTINGS frame, then nothing.
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00").await?;
+    let (received, closed) = read_until_closed(&mut stream).await?;
+    closed_after(opened, closed, HEADER_TIMEOUT)?;
+    // The server's SETTINGS, then a GOAWAY (frame type 7) before closing.
+    let mut frame_types = Vec::new();
+    let mut rest = received.as_slice();
+    while rest.len() >= 9 {
+        let length = usize::from(rest[0]) << 16 | usize::from(rest[1]) << 8 | usize::from(rest[2]);
+        frame_types.push(rest[3]);
+        rest = &rest[(9 + length).min(rest.len())..];
+    }
+    ensure!(frame_types.contains(&0x7), "no GOAWAY among the frames {frame_types:?}");
+
+    // Half a preface: still sniffing the protocol, and still bounded.
+    let mut stream = TcpStream::connect(app.http_addr).await?;
+    let opened = Instant::now();
+    stream.write_all(b"PRI * HT").await?;
+    let (_, closed) = read_until_closed(&mut stream).await?;
+    closed_after(opened, closed, HEADER_TIMEOUT)?;
+    app.stop().await
+}
