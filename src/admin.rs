@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 
 use crate::config::AdminSettings;
 use crate::health::Readiness;
+use crate::http_server::{self, HttpLimits};
 use crate::metrics::Metrics;
 use crate::net::{self, BindError};
 
@@ -28,13 +29,16 @@ pub struct AdminServer {
     /// The address actually bound; port 0 resolves here.
     addr: SocketAddr,
     router: Router,
+    /// Timeouts and the connection cap of `admin.*`.
+    limits: HttpLimits,
 }
 
 impl AdminServer {
     /// Binds `admin.addr`.
     pub async fn bind(settings: &AdminSettings, metrics: Metrics, readiness: Readiness) -> Result<Self, BindError> {
         let (listener, addr) = net::bind("admin.addr", settings.addr).await?;
-        Ok(Self { listener, addr, router: router(metrics, readiness) })
+        let limits = HttpLimits::admin(settings, &metrics);
+        Ok(Self { listener, addr, router: router(metrics, readiness), limits })
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -43,9 +47,7 @@ impl AdminServer {
 
     /// Serves until `stop` resolves.
     pub async fn serve(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        axum::serve(self.listener, self.router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(stop)
-            .await
+        http_server::serve(self.listener, self.router, self.limits, stop).await
     }
 }
 

@@ -145,6 +145,24 @@ pub struct HttpSettings {
     pub permanent_headers: Vec<String>,
     /// Cross-origin requests; off while `allowed_origins` is empty.
     pub cors: CorsSettings,
+    /// A new connection must send its first request's headers within this,
+    /// and a request begun on a kept-alive connection must finish its
+    /// headers within this of its first byte; otherwise the connection is
+    /// closed. Bounds slowloris clients.
+    #[serde(with = "human_duration")]
+    pub header_read_timeout: Duration,
+    /// A request body must arrive in full within this of its headers;
+    /// otherwise the request gets 408 and the connection is closed.
+    #[serde(with = "human_duration")]
+    pub body_read_timeout: Duration,
+    /// A connection with no request in flight is closed after this. Longer
+    /// than the usual load balancer idle timeout (60 s), so the balancer,
+    /// not keel, closes a pooled connection and never races a request.
+    #[serde(with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// Open connections beyond which new ones are closed at once (and
+    /// counted in `keel_http_connections_rejected_total`).
+    pub max_connections: usize,
 }
 
 /// `http.unknown_fields`: strict (as Envoy) or lenient (as grpc-gateway).
@@ -251,6 +269,13 @@ impl Default for HttpSettings {
             unknown_fields: UnknownFields::Reject,
             permanent_headers: DEFAULT_PERMANENT_HEADERS.map(str::to_owned).to_vec(),
             cors: CorsSettings::default(),
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            // Room for thousands of open watches (1,100 in the benchmarks)
+            // next to ordinary traffic; the open-file limit is raised to
+            // fit at start.
+            max_connections: 4096,
         }
     }
 }
@@ -260,11 +285,28 @@ impl Default for HttpSettings {
 pub struct AdminSettings {
     /// Where this listener binds; port 0 picks a free one.
     pub addr: SocketAddr,
+    /// As `http.header_read_timeout`. Probes and scrapes send tiny
+    /// requests, so this can be short. (No admin route reads a body, so
+    /// there is no body timeout.)
+    #[serde(with = "human_duration")]
+    pub header_read_timeout: Duration,
+    /// As `http.idle_timeout`: longer than Prometheus' usual scrape
+    /// interval, so a scraper's kept-alive connection is reused.
+    #[serde(with = "human_duration")]
+    pub idle_timeout: Duration,
+    /// As `http.max_connections`; the admin port serves only probes and
+    /// scrapes.
+    pub max_connections: usize,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { addr: SocketAddr::from(([127, 0, 0, 1], 8081)) }
+        Self {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(75),
+            max_connections: 128,
+        }
     }
 }
 
@@ -552,7 +594,9 @@ fn redact_url<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error
 pub struct ByteSize(pub usize);
 
 impl ByteSize {
-    fn parse(text: &str) -> Result<Self, String> {
+    /// Parses `4194304`, `512KiB`, `4MiB` and the like (the loader's size
+    /// parser; public so the fuzz targets reach it).
+    pub fn parse(text: &str) -> Result<Self, String> {
         let text = text.trim();
         let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
         let (digits, unit) = text.split_at(split);
@@ -612,10 +656,14 @@ mod human_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(text.trim()).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?} ({e}): expected e.g. 250ms, 5s or 1m"))
-        })
+        super::parse_duration(&text).map_err(serde::de::Error::custom)
     }
+}
+
+/// Parses a duration as the loader does (`250ms`, `5s`, `1m 30s`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?} ({e}): expected e.g. 250ms, 5s or 1m"))
 }
 
 fn redact_all<S: Serializer>(tokens: &[String], serializer: S) -> Result<S::Ok, S::Error> {
@@ -828,6 +876,8 @@ impl Settings {
             ("grpc.max_concurrent_streams", self.grpc.max_concurrent_streams as usize),
             ("http.max_body_size", self.http.max_body_size.0),
             ("grpc.max_concurrent_requests", self.grpc.max_concurrent_requests),
+            ("http.max_connections", self.http.max_connections),
+            ("admin.max_connections", self.admin.max_connections),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -841,6 +891,11 @@ impl Settings {
             ("http.default_timeout", self.http.default_timeout),
             ("http.default_stream_timeout", self.http.default_stream_timeout),
             ("http.max_timeout", self.http.max_timeout),
+            ("http.header_read_timeout", self.http.header_read_timeout),
+            ("http.body_read_timeout", self.http.body_read_timeout),
+            ("http.idle_timeout", self.http.idle_timeout),
+            ("admin.header_read_timeout", self.admin.header_read_timeout),
+            ("admin.idle_timeout", self.admin.idle_timeout),
         ] {
             if value.is_zero() {
                 return Err(fail(key, "must be greater than zero".to_owned()));

@@ -10,7 +10,9 @@
 //! - [`registry`]: the service registry and its one descriptor pool, from
 //!   which routes, method tables, metrics, gateway routes, OpenAPI, health,
 //!   reflection and auth policy are derived.
-//! - [`net`]: binding listeners.
+//! - [`net`]: binding listeners, and the open-file limit.
+//! - [`http_server`]: serving HTTP (gateway, admin): header, body and idle
+//!   timeouts, the connection cap, the drain.
 //! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
 //!   and the signals that trigger it.
 //! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown,
@@ -31,10 +33,13 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod database;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gateway;
 pub mod grpc;
 pub mod health;
 pub mod healthcheck;
+pub mod http_server;
 pub mod metrics;
 pub mod net;
 pub mod registry;

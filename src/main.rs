@@ -175,6 +175,18 @@ fn report(line: std::fmt::Arguments<'_>) {
 /// Build → run, with the signals wired to the shutdown future.
 async fn run(settings: Settings) -> anyhow::Result<()> {
     let signals = SignalListener::install().context("cannot install signal handlers")?;
+    // Before anything opens a descriptor; a failure only limits how many
+    // connections fit, so it is a warning.
+    let wanted = settings.http.max_connections + settings.admin.max_connections;
+    match keel::net::raise_open_file_limit() {
+        Ok(limit) if limit.soft < wanted as u64 => tracing::warn!(
+            open_file_limit = limit.soft,
+            wanted,
+            "the open-file limit is below http.max_connections + admin.max_connections; raise the hard limit"
+        ),
+        Ok(limit) => tracing::debug!(open_file_limit = limit.soft, "open-file limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
+    }
     let app = App::build(settings).await?;
     let stop = CancellationToken::new();
     tokio::spawn(handle_signals(signals, stop.clone()));

@@ -34,6 +34,8 @@ pub enum GatewayError {
     InvalidArgument(String),
     #[error("cannot read the request body: {0}")]
     BodyRead(String),
+    #[error("the request body did not arrive within {} (http.body_read_timeout)", humantime::format_duration(*.0))]
+    BodyTimeout(std::time::Duration),
     #[error(transparent)]
     Upstream(#[from] Status),
 }
@@ -49,6 +51,9 @@ impl GatewayError {
             // grpc-gateway: a body that cannot be read is the client's
             // problem, INVALID_ARGUMENT.
             Self::BodyRead(_) => Code::InvalidArgument,
+            // The client ran out of time, as a deadline would; the HTTP
+            // status (408) says it was the request, not the upstream.
+            Self::BodyTimeout(_) => Code::DeadlineExceeded,
             Self::Upstream(status) => status.code(),
         }
     }
@@ -60,6 +65,7 @@ impl GatewayError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::MalformedJson(_) | Self::InvalidArgument(_) => StatusCode::BAD_REQUEST,
             Self::BodyRead(_) => StatusCode::BAD_REQUEST,
+            Self::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Self::Upstream(status) => http_status(status.code()),
         }
     }
@@ -95,6 +101,11 @@ impl GatewayError {
             if let Ok(value) = HeaderValue::from_str(&list) {
                 headers.insert(header::ALLOW, value);
             }
+        }
+        if matches!(self, Self::BodyTimeout(_)) {
+            // The rest of the body may still come; the connection cannot be
+            // reused.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if self.code() == Code::Unauthenticated {
             // RFC 6750: a 401 names the scheme the client should use.

@@ -69,6 +69,9 @@ pub struct Gateway {
     pub(super) timeouts: Timeouts,
     /// `http.max_body_size`.
     pub(super) max_body: usize,
+    /// `http.body_read_timeout`, enforced by the server's body deadline;
+    /// named in the 408 it causes.
+    pub(super) body_read_timeout: Duration,
     /// How often SSE streams send a keep-alive comment.
     pub(super) sse_keepalive: Duration,
     /// `/openapi.json`, rendered once at startup.
@@ -274,6 +277,9 @@ impl Gateway {
             Err(error) if error.is::<http_body_util::LengthLimitError>() => {
                 return Err(GatewayError::PayloadTooLarge(self.max_body));
             }
+            Err(error) if caused_by::<tower_http::timeout::TimeoutError>(&*error) => {
+                return Err(GatewayError::BodyTimeout(self.body_read_timeout));
+            }
             Err(error) => return Err(GatewayError::BodyRead(format!("{error:#}"))),
         };
         if raw {
@@ -431,4 +437,17 @@ fn json_response(status: StatusCode, body: Bytes) -> Response {
     let mut response = (status, body).into_response();
     response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+/// True when `T` is anywhere in `error`'s cause chain (a body error arrives
+/// wrapped by axum and by the size limit).
+fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(e) = current {
+        if e.is::<T>() {
+            return true;
+        }
+        current = e.source();
+    }
+    false
 }

@@ -9,7 +9,7 @@
 //! Serving: [`handler`] → route match ([`route`]) → JSON to protobuf
 //! ([`transcode`]) → the call ([`forward`]) → protobuf to JSON, or a framed
 //! stream ([`stream`]). Every failure is a `google.rpc.Status` body
-//! ([`error`]). [`server`] owns the listener and its drain. gRPC-Web
+//! ([`error`]). [`crate::http_server`] owns the listener and its drain. gRPC-Web
 //! ([`grpc_web`]) and CORS ([`cors`]) share the port.
 
 pub mod cors;
@@ -20,7 +20,6 @@ pub mod handler;
 pub mod openapi;
 pub mod route;
 pub mod routes;
-pub mod server;
 pub mod stream;
 pub mod transcode;
 
@@ -34,6 +33,7 @@ use crate::config::HttpSettings;
 use crate::grpc::middleware::method::MethodTable;
 use crate::grpc::middleware::metrics::GrpcMetricsLayer;
 use crate::grpc::{HEALTH_SERVICE, InProcess};
+use crate::http_server::{self, HttpLimits};
 use crate::metrics::Metrics;
 use crate::net::{self, BindError};
 use crate::registry::Services;
@@ -56,6 +56,8 @@ pub struct GatewayServer {
     /// The address actually bound; port 0 resolves here.
     addr: SocketAddr,
     router: Router,
+    /// Timeouts and the connection cap of `http.*`.
+    limits: HttpLimits,
 }
 
 impl GatewayServer {
@@ -75,15 +77,16 @@ impl GatewayServer {
         let client_methods = std::sync::Arc::new(MethodTable::build(called, &metrics.grpc_client));
         let forwarder = Forwarder::new(grpc, GrpcMetricsLayer::client(client_methods));
         let gateway = Gateway::build(services, forwarder, settings, &metrics.http)?;
-        Ok(Self { listener, addr, router: gateway.into_router() })
+        let limits = HttpLimits::gateway(settings, metrics);
+        Ok(Self { listener, addr, router: gateway.into_router(), limits })
     }
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// Serves until `stop` resolves, then drains (see [`server`]).
+    /// Serves until `stop` resolves, then drains (see [`crate::http_server`]).
     pub async fn serve(self, stop: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
-        server::serve(self.listener, self.router, stop).await
+        http_server::serve(self.listener, self.router, self.limits, stop).await
     }
 }

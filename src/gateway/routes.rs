@@ -150,6 +150,7 @@ impl Gateway {
                 max: settings.max_timeout,
             },
             max_body: settings.max_body_size.0,
+            body_read_timeout: settings.body_read_timeout,
             sse_keepalive: settings.sse_keepalive,
             openapi: Bytes::from(openapi.to_string()),
         })

@@ -82,6 +82,10 @@ pub struct Metrics {
     pub http: HttpMetrics,
     /// Stream producers still running (`keel_grpc_live_streams`).
     pub live_streams: IntGauge,
+    /// HTTP connections closed at accept because the server's
+    /// `max_connections` was reached (`keel_http_connections_rejected_total`,
+    /// by `server`: gateway or admin).
+    pub http_connections_rejected: IntCounterVec,
 }
 
 impl Metrics {
@@ -92,6 +96,14 @@ impl Metrics {
         let http = HttpMetrics::new(&registry)?;
         let live_streams = IntGauge::new("keel_grpc_live_streams", "Server-stream producers currently running.")?;
         registry.register(Box::new(live_streams.clone()))?;
+        let http_connections_rejected = IntCounterVec::new(
+            Opts::new(
+                "keel_http_connections_rejected_total",
+                "HTTP connections closed at accept because the server's connection cap was reached.",
+            ),
+            &["server"],
+        )?;
+        registry.register(Box::new(http_connections_rejected.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("keel_build_info", "Build information; the value is always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -100,7 +112,7 @@ impl Metrics {
         build_info.set(1);
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(process::ProcessCollector::new()?))?;
-        Ok(Self { registry, grpc_server, grpc_client, http, live_streams })
+        Ok(Self { registry, grpc_server, grpc_client, http, live_streams, http_connections_rejected })
     }
 
     /// Exports `shutdown.drain_delay + shutdown.timeout`, the longest a

@@ -58,11 +58,12 @@ impl EchoGateway {
         let forwarder = Forwarder::new(channel, GrpcMetricsLayer::client(Arc::new(MethodTable::empty())));
         let services = registry_of(&descriptors, EchoBackend { pool: pool.clone() })?;
         let gateway = Gateway::build(&services, forwarder, &settings, &metrics.http)?;
+        let limits = keel::http_server::HttpLimits::gateway(&settings, &metrics);
         let http_listener = TcpListener::bind("127.0.0.1:0").await?;
         let http_addr: SocketAddr = http_listener.local_addr()?;
         let (http_stop, http_stopped) = oneshot::channel::<()>();
         let http_task = tokio::spawn(async move {
-            let _ = keel::gateway::server::serve(http_listener, gateway.into_router(), async {
+            let _ = keel::http_server::serve(http_listener, gateway.into_router(), limits, async {
                 let _ = http_stopped.await;
             })
             .await;

@@ -132,18 +132,20 @@ pub struct Deadline(pub Instant);
 /// Parses the gRPC timeout syntax: up to 8 digits and a unit
 /// (`H`, `M`, `S`, `m` for milliseconds, `u`, `n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+    // Split as bytes: the last character may be more than one byte long
+    // (found by fuzzing; `str::split_at` panics inside a character).
+    let (&unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let amount: u64 = digits.parse().ok()?;
+    let amount = digits.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
     Some(match unit {
-        "H" => Duration::from_secs(amount * 3600),
-        "M" => Duration::from_secs(amount * 60),
-        "S" => Duration::from_secs(amount),
-        "m" => Duration::from_millis(amount),
-        "u" => Duration::from_micros(amount),
-        "n" => Duration::from_nanos(amount),
+        b'H' => Duration::from_secs(amount * 3600),
+        b'M' => Duration::from_secs(amount * 60),
+        b'S' => Duration::from_secs(amount),
+        b'm' => Duration::from_millis(amount),
+        b'u' => Duration::from_micros(amount),
+        b'n' => Duration::from_nanos(amount),
         _ => return None,
     })
 }
@@ -174,7 +176,7 @@ mod tests {
 
     #[test]
     fn rejects_malformed_timeouts() {
-        for bad in ["", "S", "10", "123456789S", "1.5S", "-1S", "10s", "1 S"] {
+        for bad in ["", "S", "10", "123456789S", "1.5S", "-1S", "10s", "1 S", "999H\u{1f7}", "1\u{e9}"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
     }
