@@ -179,7 +179,7 @@ impl App {
 
         // A server that fails still gets the shutdown sequence: the others
         // turn unready and drain within the bound before the error returns.
-        let mut failure = tokio::select! {
+        let failure = tokio::select! {
             () = signal => None,
             error = first_failure(&mut servers) => Some(error),
         };
@@ -191,48 +191,8 @@ impl App {
         shutdown.request();
         stop_following.cancel();
         let _ = following.await;
-        health.set_not_serving().await;
-        info!("shutdown 1/4: reporting NOT_SERVING");
-
+        let outcome = shut_down(&settings.shutdown, &mut servers, &health, &shutdown, failure, begun).await;
         let delay = settings.shutdown.drain_delay;
-        if !delay.is_zero() && failure.is_none() {
-            info!(drain_delay = %humantime::format_duration(delay), "shutdown 2/4: serving through the drain delay");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                error = first_failure(&mut servers) => failure = Some(error),
-            }
-        }
-
-        info!(elapsed_ms = elapsed_ms(begun), "shutdown 3/4: closing listeners, draining calls and streams");
-        shutdown.begin_draining();
-        let aborts: Vec<_> = servers.iter().map(|server| server.abort.clone()).collect();
-        let drained = async {
-            let mut errors = Vec::new();
-            for server in &mut servers {
-                if let Err(error) = server.finish().await {
-                    errors.push(error);
-                }
-            }
-            shutdown.wait_for_tasks().await;
-            errors
-        };
-        tokio::pin!(drained);
-        let errors = match tokio::time::timeout(settings.shutdown.timeout, &mut drained).await {
-            Ok(errors) => errors,
-            Err(_) => {
-                warn!(
-                    timeout = %humantime::format_duration(settings.shutdown.timeout),
-                    tasks = shutdown.tasks_running(),
-                    "shutdown: drain bound passed; cancelling what remains"
-                );
-                shutdown.abort();
-                // Abandon handlers that ignore cancellation; their tasks end
-                // with the runtime.
-                tokio::time::timeout(ABORT_GRACE, &mut drained).await.unwrap_or_default()
-            }
-        };
-        // Whatever still runs after the bound is abandoned.
-        aborts.iter().for_each(tokio::task::AbortHandle::abort);
         if let Some(database) = database {
             // Inside the bound: what is left of it, at least the abort grace.
             let left = settings.shutdown.timeout.saturating_sub(begun.elapsed().saturating_sub(delay)).max(ABORT_GRACE);
@@ -242,10 +202,67 @@ impl App {
             }
         }
         info!(elapsed_ms = elapsed_ms(begun), "shutdown 4/4: complete");
-        match failure.or_else(|| errors.into_iter().next()) {
-            Some(error) => Err(error),
-            None => Ok(()),
+        outcome
+    }
+}
+
+/// The shutdown sequence once shutdown has been asked for, by a signal or by
+/// a server failing (`failure`): NOT_SERVING, the drain delay (skipped after
+/// a failure), then draining every server still running within the bound.
+/// Returns the failure, else the first error a server ended with.
+async fn shut_down(
+    settings: &crate::config::ShutdownSettings,
+    servers: &mut [ServerTask; 3],
+    health: &Health,
+    shutdown: &Shutdown,
+    mut failure: Option<AppError>,
+    begun: Instant,
+) -> Result<(), AppError> {
+    health.set_not_serving().await;
+    info!("shutdown 1/4: reporting NOT_SERVING");
+
+    let delay = settings.drain_delay;
+    if !delay.is_zero() && failure.is_none() {
+        info!(drain_delay = %humantime::format_duration(delay), "shutdown 2/4: serving through the drain delay");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            error = first_failure(servers) => failure = Some(error),
         }
+    }
+
+    info!(elapsed_ms = elapsed_ms(begun), "shutdown 3/4: closing listeners, draining calls and streams");
+    shutdown.begin_draining();
+    let aborts: Vec<_> = servers.iter().map(|server| server.abort.clone()).collect();
+    let drained = async {
+        let mut errors = Vec::new();
+        for server in servers.iter_mut() {
+            if let Err(error) = server.finish().await {
+                errors.push(error);
+            }
+        }
+        shutdown.wait_for_tasks().await;
+        errors
+    };
+    tokio::pin!(drained);
+    let errors = match tokio::time::timeout(settings.timeout, &mut drained).await {
+        Ok(errors) => errors,
+        Err(_) => {
+            warn!(
+                timeout = %humantime::format_duration(settings.timeout),
+                tasks = shutdown.tasks_running(),
+                "shutdown: drain bound passed; cancelling what remains"
+            );
+            shutdown.abort();
+            // Abandon handlers that ignore cancellation; their tasks end
+            // with the runtime.
+            tokio::time::timeout(ABORT_GRACE, &mut drained).await.unwrap_or_default()
+        }
+    };
+    // Whatever still runs after the bound is abandoned.
+    aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    match failure.or_else(|| errors.into_iter().next()) {
+        Some(error) => Err(error),
+        None => Ok(()),
     }
 }
 
@@ -306,4 +323,54 @@ impl<F: Future<Output = std::io::Result<()>>> MapIoError for F {}
 
 fn elapsed_ms(since: Instant) -> u64 {
     u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// A server that fails while the others run: the others are still told
+    /// to drain and finish, health turns NOT_SERVING, and the failure is
+    /// what the app returns.
+    #[tokio::test]
+    async fn a_failing_server_still_gets_the_others_drained() {
+        let shutdown = Shutdown::new();
+        let health = Health::new(vec!["a.v1.Service".to_owned()]).await;
+        health.set_serving().await;
+        let drained = Arc::new(AtomicUsize::new(0));
+        let healthy = |name: &'static str| {
+            let shutdown = shutdown.clone();
+            let drained = drained.clone();
+            ServerTask::spawn(name, async move {
+                shutdown.draining().await;
+                drained.fetch_add(1, Ordering::SeqCst);
+                Ok(())
+            })
+        };
+        let mut servers =
+            [ServerTask::spawn("gRPC", async { Err(AppError::Stopped("gRPC")) }), healthy("HTTP"), healthy("admin")];
+        let failure = first_failure(&mut servers).await;
+        assert!(matches!(failure, AppError::Stopped("gRPC")), "{failure:?}");
+
+        let settings = crate::config::ShutdownSettings {
+            drain_delay: Duration::from_secs(30),
+            timeout: Duration::from_secs(30),
+            ..Default::default()
+        };
+        shutdown.request();
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            shut_down(&settings, &mut servers, &health, &shutdown, Some(failure), Instant::now()),
+        )
+        .await;
+        // The drain delay is skipped after a failure, and the healthy servers
+        // drain at once rather than at the bound.
+        assert!(matches!(outcome, Ok(Err(AppError::Stopped("gRPC")))), "{outcome:?}");
+        assert_eq!(drained.load(Ordering::SeqCst), 2, "the other servers were not drained");
+        assert!(!health.is_serving());
+    }
 }
