@@ -454,6 +454,35 @@ mod streams {
         app.stop().await
     }
 
+    /// A WatchUsers stream on a connection of its own with small HTTP/2
+    /// windows, so its transport buffers fill after a few dozen events and
+    /// the server-side queue has to hold the rest.
+    async fn slow_watcher(app: &support::TestApp) -> Result<tonic::Streaming<keel::proto::user::v1::UserEvent>> {
+        let channel = app
+            .endpoint()?
+            .initial_stream_window_size(Some(16 * 1024))
+            .initial_connection_window_size(Some(16 * 1024))
+            .connect()
+            .await?;
+        let mut watcher = keel::proto::user::v1::user_service_client::UserServiceClient::new(channel);
+        Ok(watcher.watch_users(WatchUsersRequest {}).await?.into_inner())
+    }
+
+    /// Reads until the stream fails: how many events came first, and the
+    /// status it ended with. A clean end is an error here.
+    async fn until_error(
+        events: &mut tonic::Streaming<keel::proto::user::v1::UserEvent>,
+    ) -> Result<(usize, tonic::Status)> {
+        let mut delivered = 0usize;
+        loop {
+            match tokio::time::timeout(READY_BOUND, events.message()).await? {
+                Ok(Some(_)) => delivered += 1,
+                Ok(None) => return Err(anyhow!("stream ended cleanly after {delivered} events")),
+                Err(status) => return Ok((delivered, status)),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn a_subscriber_that_falls_behind_gets_resource_exhausted() -> Result<()> {
         let app = spawn_app_with(|s| {
@@ -461,31 +490,13 @@ mod streams {
             s.streams.watch_buffer = 4;
         })
         .await?;
-        // Small HTTP/2 windows on the watcher's own connection, so its
-        // transport buffers fill after a few dozen events.
-        let watcher_channel = app
-            .endpoint()?
-            .initial_stream_window_size(Some(16 * 1024))
-            .initial_connection_window_size(Some(16 * 1024))
-            .connect()
-            .await?;
-        let mut watcher = keel::proto::user::v1::user_service_client::UserServiceClient::new(watcher_channel);
-        let mut events = watcher.watch_users(WatchUsersRequest {}).await?.into_inner();
-
+        let mut events = slow_watcher(&app).await?;
         let mut writer = app.users()?;
         let name = "n".repeat(200);
         for i in 0..1000 {
             writer.create_user(create(user(&format!("s{i:04}"), &name, "s@example.com"))).await?;
         }
-
-        let mut delivered = 0usize;
-        let status = loop {
-            match tokio::time::timeout(READY_BOUND, events.message()).await? {
-                Ok(Some(_)) => delivered += 1,
-                Ok(None) => return Err(anyhow!("stream ended cleanly after {delivered} events")),
-                Err(status) => break status,
-            }
-        };
+        let (delivered, status) = until_error(&mut events).await?;
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("too slow"), "{}", status.message());
         assert!(delivered < 1000, "all {delivered} events were delivered");
@@ -503,26 +514,13 @@ mod streams {
             s.streams.watch_buffer_bytes = keel::config::ByteSize(8 * 1024);
         })
         .await?;
-        let watcher_channel = app
-            .endpoint()?
-            .initial_stream_window_size(Some(16 * 1024))
-            .initial_connection_window_size(Some(16 * 1024))
-            .connect()
-            .await?;
-        let mut watcher = keel::proto::user::v1::user_service_client::UserServiceClient::new(watcher_channel);
-        let mut events = watcher.watch_users(WatchUsersRequest {}).await?.into_inner();
+        let mut events = slow_watcher(&app).await?;
         let mut writer = app.users()?;
         let name = "n".repeat(250);
         for i in 0..400 {
             writer.create_user(create(user(&format!("b{i:04}"), &name, "b@example.com"))).await?;
         }
-        let status = loop {
-            match tokio::time::timeout(READY_BOUND, events.message()).await? {
-                Ok(Some(_)) => {}
-                Ok(None) => return Err(anyhow!("stream ended cleanly")),
-                Err(status) => break status,
-            }
-        };
+        let (_, status) = until_error(&mut events).await?;
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(status.message().contains("watch_buffer_bytes"), "{}", status.message());
         app.stop().await
