@@ -44,6 +44,10 @@ pub struct Entry<'a> {
     /// The TCP peer, or the gateway's client from `x-forwarded-for`.
     pub peer: &'a dyn Display,
     pub request_id: &'a str,
+    /// The call's span: entered only for the pretty fallback, whose event
+    /// shows span fields; the JSON line carries what it needs itself, and
+    /// entering a span costs a subscriber round trip per call.
+    pub span: Option<&'a tracing::Span>,
 }
 
 /// Codes that point at the server rather than the caller: logged at WARN.
@@ -81,6 +85,7 @@ pub fn record(entry: &Entry<'_>) {
 }
 
 fn record_event(entry: &Entry<'_>, fault: bool) {
+    let _entered = entry.span.map(tracing::Span::enter);
     let duration_ms = entry.duration.as_secs_f64() * 1000.0;
     let (method, code, peer, request_id) = (entry.method, code_name(entry.code), entry.peer, entry.request_id);
     if fault {
@@ -100,10 +105,10 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
     json_string(out, entry.method);
     out.push_str(",\"grpc.code\":\"");
     out.push_str(code_name(entry.code));
-    let _ = write!(out, "\",\"duration_ms\":{:.3},\"peer\":", entry.duration.as_secs_f64() * 1000.0);
-    let mut peer = String::with_capacity(48);
-    let _ = write!(peer, "{}", entry.peer);
-    json_string(out, &peer);
+    let _ = write!(out, "\",\"duration_ms\":{:.3},\"peer\":\"", entry.duration.as_secs_f64() * 1000.0);
+    // Escaped as it is written: no copy of the peer first.
+    let _ = write!(JsonEscaped(out), "{}", entry.peer);
+    out.push('"');
     out.push_str(",\"request_id\":");
     json_string(out, entry.request_id);
     out.push_str(",\"target\":\"keel::access\"}\n");
@@ -113,6 +118,21 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
 /// escaped.
 fn json_string(out: &mut String, text: &str) {
     out.push('"');
+    escape_into(out, text);
+    out.push('"');
+}
+
+/// Writes what is formatted into it JSON-escaped, without the quotes.
+struct JsonEscaped<'a>(&'a mut String);
+
+impl std::fmt::Write for JsonEscaped<'_> {
+    fn write_str(&mut self, text: &str) -> std::fmt::Result {
+        escape_into(self.0, text);
+        Ok(())
+    }
+}
+
+fn escape_into(out: &mut String, text: &str) {
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -126,7 +146,6 @@ fn json_string(out: &mut String, text: &str) {
             c => out.push(c),
         }
     }
-    out.push('"');
 }
 
 /// `2026-12-01T07:40:12.345678Z`: UTC, microseconds.
@@ -183,6 +202,7 @@ mod tests {
             duration: Duration::from_micros(1500),
             peer: &peer,
             request_id: "rid-1",
+            span: None,
         };
         let at = UNIX_EPOCH + Duration::from_secs(1_796_110_000) + Duration::from_micros(42);
         format_line(&mut line, at, &entry, "INFO");

@@ -82,7 +82,6 @@ impl CallLog {
 
 impl OnCallEnd for CallLog {
     fn call_ended(self, code: Code) {
-        let _entered = self.span.as_ref().map(Span::enter);
         let method = match &self.method {
             Method::Known(info) => info.path.as_str(),
             Method::Unknown(path) => path.as_str(),
@@ -93,6 +92,7 @@ impl OnCallEnd for CallLog {
             duration: self.start.elapsed(),
             peer: &self.peer,
             request_id: self.request_id.as_ref().map_or("", RequestId::as_str),
+            span: self.span.as_ref(),
         });
     }
 }
