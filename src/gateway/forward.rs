@@ -86,17 +86,6 @@ impl Forwarder {
         Self { channel: BoxCloneSyncService::new(service) }
     }
 
-    pub async fn unary(
-        &self,
-        path: PathAndQuery,
-        output: MessageDescriptor,
-        request: Request<DynamicMessage>,
-    ) -> Result<Response<DynamicMessage>, Status> {
-        let mut client = tonic::client::Grpc::new(self.channel.clone());
-        client.ready().await.map_err(|e| Status::unavailable(format!("gRPC server unreachable: {e}")))?;
-        client.unary(request, path, DynamicCodec { output }).await
-    }
-
     pub async fn server_streaming(
         &self,
         path: PathAndQuery,
