@@ -209,13 +209,8 @@ pub async fn serve(
                 _ = conn.as_mut() => return,
                 () = closing.cancelled() => {
                     // A request whose head has begun is let in (and answered
-                    // with `Connection: close`) rather than cut off. So is
-                    // the first request of a connection that has not sent
-                    // one yet: its bytes may already sit unread in the
-                    // kernel, and closing over unread bytes resets the
-                    // connection, which its client cannot tell from a lost
-                    // request. Only idle keep-alive connections close here.
-                    let quiet = connection.until(|c| c.requests() > 0 && !c.head_begun.load(Ordering::Acquire));
+                    // with `Connection: close`) rather than cut off.
+                    let quiet = connection.until(|c| !c.head_begun.load(Ordering::Acquire));
                     tokio::select! {
                         _ = conn.as_mut() => return,
                         _ = tokio::time::timeout(limits.header_read_timeout, quiet) => {}

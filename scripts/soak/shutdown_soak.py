@@ -185,9 +185,10 @@ def cycle(number):
     # A reset is allowed only for a connection begun after SIGTERM: the
     # kernel completes handshakes for the listen backlog by itself, and
     # closing the listener resets any it queued after keel's last accept.
-    # keel never read such a request (it serves every connection it accepted
-    # until its first request, so it never closes over unread bytes), so
-    # for the client it is a refusal.
+    # keel never read such a request (it was in the backlog, or still in the
+    # kernel when an idle connection closed at the drain's end: a request
+    # whose first byte keel saw is always answered), so for the client it
+    # is a refusal.
     bad_rest = sorted(
         {
             str(c)
