@@ -102,6 +102,9 @@ impl App {
             "Log lines dropped because the log writer fell behind; calls never wait for it.",
             crate::telemetry::dropped_lines,
         )?;
+        if let Some(reloads) = crate::secret_file::reloads_collector() {
+            metrics.register(Box::new(reloads))?;
+        }
         let live_streams = LiveStreams::new(metrics.live_streams.clone());
         let streams = StreamSpawner::new(shutdown.clone(), settings.streams.buffer, live_streams.clone());
 

@@ -43,6 +43,7 @@ pub mod http_server;
 pub mod metrics;
 pub mod net;
 pub mod registry;
+pub mod secret_file;
 pub mod services;
 pub mod shutdown;
 pub mod telemetry;
