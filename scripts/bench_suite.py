@@ -522,6 +522,30 @@ def memory_scenarios(target, args, bins):
     r["watch_rss_mb"] = peak / 2**20
     r["watch_cut_off"] = watched["ended_early"]
     wait_fds(pid, baseline)
+
+    # 3c. The same fan-out with the largest updates the field limits allow,
+    # and one of the 1,000 watchers not reading: peak RSS must stay bounded
+    # in bytes (streams.watch_buffer_bytes per subscriber), and the stalled
+    # one is cut off rather than buffered without end.
+    proc = subprocess.Popen(client(bins, target, "watch", "--subscribers", 999, "--stalled", 1, "--large",
+                                   "--connections", 10, "--updates", args.stalled_updates,
+                                   "--rate", args.watch_rate),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, rss_bytes(pid))
+        time.sleep(0.05)  # a sampling period, not a wait for readiness
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench-client watch --stalled failed: {err.strip()}")
+    stalled = json.loads(out.strip().splitlines()[-1])
+    r["stalled_rss_mb"] = peak / 2**20
+    r["stalled_delivered_ratio"] = stalled["delivered"] / max(1, stalled["expected"])
+    r["stalled_received"] = stalled["stalled_received"]
+    r["stalled_end"] = ",".join(stalled["stalled_ends"])
+    log(f"{target.name}: stalled watcher received {stalled['stalled_received']} of "
+        f"{args.stalled_updates} updates and ended {r['stalled_end']}; peak RSS {r['stalled_rss_mb']:.1f} MB")
+    wait_fds(pid, baseline)
     r["rss_final_mb"] = rss_bytes(pid) / 2**20
 
     # 5. Idle shutdown: SIGTERM -> exit (keel with drain_delay 0).
@@ -554,6 +578,9 @@ ROWS = [
     ("watch_delivered_ratio", "3 WatchUsers delivered / expected", "ratio", "higher", "1.00"),
     ("watch_cpu_us", "3 WatchUsers", "CPU-µs/event", "lower", ""),
     ("watch_rss_mb", "3 WatchUsers peak RSS", "MB", "lower", ""),
+    ("stalled_rss_mb", "3 WatchUsers, 1,000 subscribers, one not reading, 4.6 kB updates: peak RSS", "MB", "lower", "≤ 160 MB"),
+    ("stalled_delivered_ratio", "3 … the 999 reading subscribers: delivered / expected", "ratio", "higher", "1.00"),
+    ("stalled_received", "3 … updates the stalled subscriber could still read afterwards (then cut off)", "updates", "lower", "< all (bounded)"),
     ("rss_idle_mb", "4 idle RSS (bare: gRPC process)", "MB", "lower", "≤ 10 MB"),
     ("rss_conns_mb", "4 RSS, 1,000 idle connections", "MB", "lower", ""),
     ("rss_conns_after_mb", "4 RSS after they close", "MB", "lower", ""),
@@ -648,7 +675,11 @@ def main():
     parser.add_argument("--users", type=int, default=10000, help="users seeded for ListUsers")
     parser.add_argument("--watch-streams", type=int, default=1100, help="REST watch streams in scenario 6")
     parser.add_argument("--watch-updates", type=int, default=500)
+    parser.add_argument("--stalled-updates", type=int, default=800,
+                        help="large updates in the fan-out with a stalled watcher (enough to overflow its buffers)")
     parser.add_argument("--watch-rate", type=float, default=100.0, help="updates/s in the fan-out")
+    parser.add_argument("--only", choices=["load", "memory"],
+                        help="run only the load scenarios (1, 2, 3a, 6) or only memory and lifecycle (3b, 3c, 4, 5)")
     parser.add_argument("--keep-logs", action="store_true", help="keep keel's stdout of the load scenarios")
     parser.add_argument("--out", type=Path, help="directory for logs and results (default: a temp dir)")
     args = parser.parse_args()
@@ -675,20 +706,23 @@ def main():
         for name in order:
             target = Target(name, args.bins, work)
             try:
-                log(f"round {n + 1}/{args.rounds}: {name}: load scenarios")
-                target.start("load")
-                seeded = run_client(args.bins, target, "seed", "--count", args.users)
-                if seeded["errors"]:
-                    raise RuntimeError(f"seeding failed for {seeded['errors']} users")
-                r = load_scenarios(target, args, args.bins, work)
-                target.stop()
-                if target.keel:
-                    r.update(log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1))
-                log(f"round {n + 1}/{args.rounds}: {name}: memory and lifecycle")
-                target.start("memory", rest=False)
-                r.update(memory_scenarios(target, args, args.bins))
+                r = {}
+                if args.only != "memory":
+                    log(f"round {n + 1}/{args.rounds}: {name}: load scenarios")
+                    target.start("load")
+                    seeded = run_client(args.bins, target, "seed", "--count", args.users)
+                    if seeded["errors"]:
+                        raise RuntimeError(f"seeding failed for {seeded['errors']} users")
+                    r.update(load_scenarios(target, args, args.bins, work))
+                    target.stop()
+                    if target.keel:
+                        r.update(log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1))
+                if args.only != "load":
+                    log(f"round {n + 1}/{args.rounds}: {name}: memory and lifecycle")
+                    target.start("memory", rest=False)
+                    r.update(memory_scenarios(target, args, args.bins))
                 result[name] = r
-                log(f"  {name}: " + ", ".join(f"{k}={v if isinstance(v, dict) else fmt(v)}" for k, v in r.items()))
+                log(f"  {name}: " + ", ".join(f"{k}={v if isinstance(v, (dict, str)) else fmt(v)}" for k, v in r.items()))
             finally:
                 target.kill()
         rounds.append(result)

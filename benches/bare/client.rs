@@ -48,7 +48,10 @@ enum Command {
     },
     /// `subscribers` WatchUsers streams over `connections` connections;
     /// then `updates` UpdateUser calls at `rate` per second; counts the
-    /// events delivered.
+    /// events delivered. `stalled` more streams, on a connection of their
+    /// own, are opened and never read until the updates are done (a
+    /// subscriber that stopped reading); `large` makes every update the
+    /// largest user the field limits allow (about 4.6 kB).
     Watch {
         #[arg(long, default_value_t = 1000)]
         subscribers: usize,
@@ -58,6 +61,10 @@ enum Command {
         updates: u64,
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        #[arg(long, default_value_t = 0)]
+        stalled: usize,
+        #[arg(long)]
+        large: bool,
     },
     /// Opens `connections` connections and `streams` WatchUsers streams
     /// over them, prints `{"ready": ...}`, holds them until stdin closes,
@@ -122,8 +129,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Seed { count } => seed(&connector, count).await,
         Command::List { seconds, concurrency } => list(&connector, seconds, concurrency).await,
-        Command::Watch { subscribers, connections, updates, rate } => {
-            watch(&connector, subscribers, connections, updates, rate).await
+        Command::Watch { subscribers, connections, updates, rate, stalled, large } => {
+            let shape = WatchShape { subscribers, connections, updates, rate, stalled, large };
+            watch(&connector, shape).await
         }
         Command::Hold { connections, streams } => hold(&connector, connections, streams).await,
     }
@@ -221,14 +229,29 @@ async fn connect_many(connector: &Connector, connections: usize) -> anyhow::Resu
     Ok(clients)
 }
 
-async fn watch(
-    connector: &Connector,
+/// The fan-out `watch` runs.
+struct WatchShape {
     subscribers: usize,
     connections: usize,
     updates: u64,
     rate: f64,
-) -> anyhow::Result<()> {
+    stalled: usize,
+    large: bool,
+}
+
+/// The largest user the example service's field limits accept: a 256-char
+/// name, a 320-byte email and 64 roles of 64 bytes.
+fn large_user(user_id: String, n: u64) -> User {
+    let mut user = user(user_id);
+    user.display_name = format!("{n:0>256}");
+    user.email = format!("{}@example.com", "e".repeat(320 - "@example.com".len()));
+    user.roles = (0..64).map(|i| format!("{i:0>64}")).collect();
+    user
+}
+
+async fn watch(connector: &Connector, shape: WatchShape) -> anyhow::Result<()> {
     const WATCHED: &str = "watched";
+    let WatchShape { subscribers, connections, updates, rate, stalled, large } = shape;
     let mut writer = connector.connect().await?;
     if let Err(status) = writer.create_user(CreateUserRequest { user: Some(user(WATCHED.into())) }).await
         && status.code() != tonic::Code::AlreadyExists
@@ -242,6 +265,13 @@ async fn watch(
     for i in 0..subscribers {
         let mut client = clients[i % clients.len()].clone();
         streams.push(client.watch_users(WatchUsersRequest {}).await?.into_inner());
+    }
+    // Never polled until the updates are done: the server must bound what
+    // it holds for them, in bytes, and cut them off.
+    let stalled_client = connector.connect().await?;
+    let mut stalled_streams = Vec::with_capacity(stalled);
+    for _ in 0..stalled {
+        stalled_streams.push(stalled_client.clone().watch_users(WatchUsersRequest {}).await?.into_inner());
     }
     let delivered = Arc::new(AtomicU64::new(0));
     let ended_early = Arc::new(AtomicU64::new(0));
@@ -274,8 +304,13 @@ async fn watch(
     let mut update_errors = 0u64;
     for n in 0..updates {
         ticks.tick().await;
-        let mut patch = user(WATCHED.into());
-        patch.display_name = format!("update {n}");
+        let patch = if large {
+            large_user(WATCHED.into(), n)
+        } else {
+            let mut patch = user(WATCHED.into());
+            patch.display_name = format!("update {n}");
+            patch
+        };
         if writer.update_user(UpdateUserRequest { user: Some(patch), update_mask: None }).await.is_err() {
             update_errors += 1;
         }
@@ -284,13 +319,28 @@ async fn watch(
     let grace = Duration::from_secs(10);
     let finished = tokio::time::timeout(grace, readers.join_all()).await.is_ok();
     let seconds = last_delivery.lock().unwrap_or_else(std::sync::PoisonError::into_inner).duration_since(start);
+    // Now read the stalled streams: what the server kept for them, and how
+    // they ended (keel cuts a subscriber off once its buffer is full).
+    let (mut stalled_received, mut stalled_ends) = (0u64, Vec::new());
+    for mut stream in stalled_streams {
+        let end = loop {
+            match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
+                Ok(Ok(Some(_))) => stalled_received += 1,
+                Ok(Ok(None)) => break "ok".to_string(),
+                Ok(Err(status)) => break format!("{:?}", status.code()),
+                Err(_) => break "still open".to_string(),
+            }
+        };
+        stalled_ends.push(end);
+    }
     println!(
-        r#"{{"delivered": {}, "expected": {}, "seconds": {:.3}, "ended_early": {}, "update_errors": {update_errors}, "timed_out": {}}}"#,
+        r#"{{"delivered": {}, "expected": {}, "seconds": {:.3}, "ended_early": {}, "update_errors": {update_errors}, "timed_out": {}, "stalled_received": {stalled_received}, "stalled_ends": {:?}}}"#,
         delivered.load(Ordering::Relaxed),
         subscribers as u64 * updates,
         seconds.as_secs_f64(),
         ended_early.load(Ordering::Relaxed),
-        !finished
+        !finished,
+        stalled_ends
     );
     Ok(())
 }
