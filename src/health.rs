@@ -44,11 +44,33 @@ pub struct Readiness {
     shutdown: Shutdown,
     /// Registered by services at startup, by name.
     dependencies: Arc<[(String, Arc<dyn ReadinessCheck>)]>,
+    /// Whether every dependency passed its most recent check, for
+    /// [`Readiness::is_ready`], which scrapes read and cannot wait on a
+    /// check. Refreshed by each run of the checks (gRPC health follows them
+    /// every second, and each `/readyz` runs them).
+    dependencies_ok: Arc<AtomicBool>,
 }
 
 impl Readiness {
     pub fn new(health: Health, shutdown: Shutdown, dependencies: Vec<(String, Arc<dyn ReadinessCheck>)>) -> Self {
-        Self { started: Arc::new(AtomicBool::new(false)), health, shutdown, dependencies: dependencies.into() }
+        let dependencies_ok = Arc::new(AtomicBool::new(dependencies.is_empty()));
+        Self {
+            started: Arc::new(AtomicBool::new(false)),
+            health,
+            shutdown,
+            dependencies: dependencies.into(),
+            dependencies_ok,
+        }
+    }
+
+    /// Readiness without running a check: started, SERVING, not shutting
+    /// down, and every dependency passed its last check. What
+    /// `keel_ready` exports.
+    pub fn is_ready(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+            && self.health.is_serving()
+            && !self.shutdown.is_requested()
+            && self.dependencies_ok.load(Ordering::Acquire)
     }
 
     pub fn mark_started(&self) {
@@ -65,6 +87,7 @@ impl Readiness {
             };
             out.push((name.clone(), outcome));
         }
+        self.dependencies_ok.store(out.iter().all(|(_, outcome)| outcome.is_ok()), Ordering::Release);
         out
     }
 
