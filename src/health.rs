@@ -77,6 +77,11 @@ impl Readiness {
         self.started.store(true, Ordering::Release);
     }
 
+    /// Whether any dependency registered a readiness check.
+    pub fn has_dependency_checks(&self) -> bool {
+        !self.dependencies.is_empty()
+    }
+
     /// The registered dependency checks alone, each bounded.
     pub async fn dependency_checks(&self) -> Vec<(String, Result<(), String>)> {
         let mut out = Vec::with_capacity(self.dependencies.len());
@@ -107,8 +112,9 @@ impl Readiness {
 /// How often gRPC health re-reads the dependency checks.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
-/// Makes gRPC health follow the dependency checks while serving: a service
-/// is NOT_SERVING while a check it depends on fails, and so is the server
+/// Runs the dependency checks every second while serving, so
+/// [`Readiness::is_ready`] stays current, and makes gRPC health follow
+/// them: a service is NOT_SERVING while a check it depends on fails, and so is the server
 /// (`""`, what Kubernetes' gRPC probe asks) while any of them fails; both
 /// recover on their own. Returns when `stop` is cancelled, which the app
 /// does before it reports NOT_SERVING for shutdown, so the two never race.
@@ -119,6 +125,15 @@ pub async fn follow_dependencies(
     stop: tokio_util::sync::CancellationToken,
 ) {
     if dependencies.is_empty() {
+        // No service's health depends on a check; still run them, since
+        // `keel_ready` reads their last outcome. Health is left alone.
+        while readiness.has_dependency_checks() {
+            let _ = readiness.dependency_checks().await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            }
+        }
         return;
     }
     let mut last: std::collections::HashMap<String, ServingStatus> = std::collections::HashMap::new();
