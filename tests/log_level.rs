@@ -90,7 +90,7 @@ async fn put_changes_what_is_logged_a_bad_filter_is_refused_and_sighup_restores_
 
     // The filter in force and the number of changes are exported.
     let metrics = fresh_get(keel.admin, "/metrics").await?.text();
-    assert!(metrics.contains("keel_log_level{filter=\"info,keel::http_server=debug\"} 1"), "{metrics}");
+    assert!(metrics.contains("keel_log_level_info{filter=\"info,keel::http_server=debug\"} 1"), "{metrics}");
     assert!(metrics.contains("keel_log_level_changes_total 1"), "{metrics}");
 
     // A bad directive: 400 naming it, google.rpc.Status body, nothing changes.

@@ -106,6 +106,11 @@ def main():
     code, _, err = render(args.helm, "alerts.enabled=true")
     check(code != 0 and "alerts.runbookUrl is required" in err, "alerts without a runbookUrl fail, naming it: " + (err.strip().splitlines() or [""])[0][-160:])
 
+    lint = subprocess.run([args.helm, "lint", "--strict", CHART, "--set", "dashboards.enabled=true", "--set",
+                           "alerts.enabled=true", "--set", f"alerts.runbookUrl={TEST_RUNBOOK_URL}"],
+                          capture_output=True, text=True)
+    check(lint.returncode == 0, "helm lint --strict with dashboards and alerts on " + (lint.stdout + lint.stderr).strip()[-300:])
+
     code, docs, err = render(args.helm, "dashboards.enabled=true", "alerts.enabled=true",
                              f"alerts.runbookUrl={TEST_RUNBOOK_URL}", "dashboards.annotations.grafana_folder=Services",
                              "alerts.labels.release=monitoring")
@@ -133,6 +138,11 @@ def main():
                if p.get("datasource", {}).get("uid") != "${datasource}" or not p.get("targets")
                or any(not t.get("expr") or t.get("datasource", {}).get("uid") != "${datasource}" for t in p["targets"])]
         check(not bad, f"every panel queries ${{datasource}} with an expression ({bad or len(panels)})")
+        grid = [(p["title"], p["gridPos"]) for p in dashboard["panels"]]
+        overlaps = [(a, b) for i, (a, g) in enumerate(grid) for b, h in grid[i + 1:]
+                    if g["x"] < h["x"] + h["w"] and h["x"] < g["x"] + g["w"]
+                    and g["y"] < h["y"] + h["h"] and h["y"] < g["y"] + g["h"]]
+        check(not overlaps and all(g["x"] + g["w"] <= 24 for _, g in grid), f"panels fit the grid without overlaps {overlaps}")
         ids = [p["id"] for p in dashboard["panels"]]
         check(len(ids) == len(set(ids)), "panel ids are unique")
         unfiltered = [t["expr"] for p in panels for t in p["targets"]

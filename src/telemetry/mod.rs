@@ -206,11 +206,11 @@ impl LogFilter {
         Ok(previous)
     }
 
-    /// Exports `keel_log_level{filter="…"} 1` (the filter in force) and
+    /// Exports `keel_log_level_info{filter="…"} 1` (the filter in force) and
     /// `keel_log_level_changes_total`.
     pub fn export(&'static self, metrics: &Metrics) -> Result<(), MetricsError> {
         metrics.export_info_fn(
-            "keel_log_level",
+            "keel_log_level_info",
             "The log filter in force (log.level, RUST_LOG, or PUT /log/level); the value is always 1.",
             "filter",
             || self.current(),
