@@ -67,7 +67,7 @@ async fn put_changes_what_is_logged_a_bad_filter_is_refused_and_sighup_restores_
     let config = dir.join("default.yaml");
     std::fs::write(&config, "log:\n  level: info\n")?;
     let config_dir = dir.to_string_lossy().into_owned();
-    let mut keel = KeelProcess::start(&[("KEEL_CONFIG_DIR", &config_dir)])?;
+    let mut keel = KeelProcess::start(&[("KEEL_CONFIG_DIR", &config_dir), ("KEEL__SHUTDOWN__DRAIN_DELAY", "0s")])?;
 
     assert_eq!(current_level(&keel).await?, "info");
     // Connections before the change write no debug line.
