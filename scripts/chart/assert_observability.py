@@ -96,6 +96,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--helm", required=True)
     parser.add_argument("--promtool", required=True)
+    parser.add_argument("--kubernetes-validate", help="validates the built-in kinds (the ConfigMap) offline")
     args = parser.parse_args()
 
     code, docs, err = render(args.helm)
@@ -126,6 +127,10 @@ def main():
         with open(DASHBOARD) as f:
             shipped = f.read()
         check(cm["data"].get("keel.json", "").strip() == shipped.strip(), "keel.json is shipped verbatim")
+        if args.kubernetes_validate:
+            out = subprocess.run([args.kubernetes_validate, "--strict", "-k", "1.30.0", "-"], input=yaml.safe_dump(cm),
+                                 capture_output=True, text=True)
+            check(out.returncode == 0, f"kubernetes-validate --strict accepts the ConfigMap {out.stdout.strip()[-200:]}")
         dashboard = json.loads(cm["data"]["keel.json"])
         variables = {v["name"]: v for v in dashboard["templating"]["list"]}
         check(set(variables) >= {"datasource", "namespace", "pod", "grpc_service", "grpc_method"},

@@ -27,4 +27,8 @@ fi
 command -v promtool >/dev/null 2>&1 || apt_install prometheus
 log "promtool $(promtool --version 2>&1 | head -n1 | awk '{print $3}')"
 
-exec "$VENV/bin/python" "$ROOT/scripts/chart/assert_observability.py" --helm "$HELM" --promtool "$(command -v promtool)"
+validate=()
+# test.sh installs kubernetes-validate into the venv; alone, it is optional.
+[ -x "$VENV/bin/kubernetes-validate" ] && validate=(--kubernetes-validate "$VENV/bin/kubernetes-validate")
+exec "$VENV/bin/python" "$ROOT/scripts/chart/assert_observability.py" --helm "$HELM" --promtool "$(command -v promtool)" \
+    "${validate[@]}"
