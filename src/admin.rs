@@ -1,5 +1,6 @@
-//! The admin server component: `/metrics`, `/livez` and `/readyz`, on a
-//! port of its own that is never public and never behind auth.
+//! The admin server component: `/metrics`, `/livez`, `/readyz` and
+//! `/log/level` (read and change the log filter at runtime), on a port of
+//! its own that is never public and never behind auth.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -8,6 +9,7 @@ use axum::Router;
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use http::{HeaderValue, StatusCode, header};
 use tokio::net::TcpListener;
 
@@ -56,6 +58,7 @@ fn router(metrics: Metrics, readiness: Readiness) -> Router {
         .route("/metrics", get(metrics_handler))
         .route("/livez", get(livez))
         .route("/readyz", get(readyz))
+        .route("/log/level", get(get_log_level).put(put_log_level))
         .with_state(AdminState { metrics, readiness })
 }
 
@@ -99,4 +102,75 @@ async fn readyz(State(state): State<AdminState>, RawQuery(query): RawQuery) -> R
         format!("not ready: {}\n", reasons.join("; "))
     };
     (status, body).into_response()
+}
+
+/// `{"level": "<filter>"}`: the log filter in force.
+async fn get_log_level() -> Response {
+    match crate::telemetry::log_filter() {
+        Some(filter) => json_response(StatusCode::OK, &serde_json::json!({ "level": filter.current() })),
+        None => no_log_filter(),
+    }
+}
+
+/// Puts a new `EnvFilter` directive in force. The body is the directive as
+/// plain text (`info,keel::gateway=debug`) or `{"level": "…"}`. Answers
+/// `{"level", "previous"}`; a bad directive is a 400 naming the problem,
+/// and the filter in force stays.
+async fn put_log_level(body: Bytes) -> Response {
+    let Some(filter) = crate::telemetry::log_filter() else { return no_log_filter() };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return status_response(StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument, "the log filter is not UTF-8");
+    };
+    let directives = if text.trim_start().starts_with('{') {
+        match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(serde_json::Value::Object(object)) => match object.get("level") {
+                Some(serde_json::Value::String(level)) => level.clone(),
+                _ => {
+                    return status_response(
+                        StatusCode::BAD_REQUEST,
+                        tonic::Code::InvalidArgument,
+                        "the JSON body needs a string field \"level\"",
+                    );
+                }
+            },
+            Ok(_) | Err(_) => {
+                return status_response(
+                    StatusCode::BAD_REQUEST,
+                    tonic::Code::InvalidArgument,
+                    "the body is neither a log filter nor a JSON object with \"level\"",
+                );
+            }
+        }
+    } else {
+        text.to_owned()
+    };
+    match filter.set(&directives, "api") {
+        Ok(previous) => {
+            json_response(StatusCode::OK, &serde_json::json!({ "level": filter.current(), "previous": previous }))
+        }
+        Err(error) => {
+            status_response(StatusCode::BAD_REQUEST, tonic::Code::InvalidArgument, &crate::telemetry::chain(&error))
+        }
+    }
+}
+
+/// keel did not install the global subscriber (an embedding that brings
+/// its own), so there is no filter to read or change.
+fn no_log_filter() -> Response {
+    status_response(
+        StatusCode::NOT_IMPLEMENTED,
+        tonic::Code::Unimplemented,
+        "the log filter is not keel's: no reloadable subscriber was installed",
+    )
+}
+
+/// An error as a `google.rpc.Status` JSON body, as the gateway answers.
+fn status_response(status: StatusCode, code: tonic::Code, message: &str) -> Response {
+    json_response(status, &crate::gateway::error::status_json(code, message, Vec::new()))
+}
+
+fn json_response(status: StatusCode, value: &serde_json::Value) -> Response {
+    let mut body = value.to_string();
+    body.push('\n');
+    (status, [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))], body).into_response()
 }

@@ -123,6 +123,15 @@ impl App {
         let gateway = GatewayServer::bind(&settings.http, &services, grpc.in_process(), &metrics).await?;
         let readiness = Readiness::new(health.clone(), shutdown.clone(), services.take_readiness());
         let dependencies = std::mem::take(&mut services.dependencies);
+        let ready = readiness.clone();
+        metrics.export_gauge_fn(
+            "keel_ready",
+            "1 while /readyz would answer 200 (started, SERVING, not shutting down, dependencies up), else 0.",
+            move || if ready.is_ready() { 1.0 } else { 0.0 },
+        )?;
+        if let Some(filter) = crate::telemetry::log_filter() {
+            filter.export(&metrics)?;
+        }
         let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
         Ok(Self { settings, grpc, gateway, admin, health, readiness, dependencies, database, shutdown, live_streams })
     }

@@ -44,15 +44,42 @@ pub struct Readiness {
     shutdown: Shutdown,
     /// Registered by services at startup, by name.
     dependencies: Arc<[(String, Arc<dyn ReadinessCheck>)]>,
+    /// Whether every dependency passed its most recent check, for
+    /// [`Readiness::is_ready`], which scrapes read and cannot wait on a
+    /// check. Refreshed by each run of the checks (gRPC health follows them
+    /// every second, and each `/readyz` runs them).
+    dependencies_ok: Arc<AtomicBool>,
 }
 
 impl Readiness {
     pub fn new(health: Health, shutdown: Shutdown, dependencies: Vec<(String, Arc<dyn ReadinessCheck>)>) -> Self {
-        Self { started: Arc::new(AtomicBool::new(false)), health, shutdown, dependencies: dependencies.into() }
+        let dependencies_ok = Arc::new(AtomicBool::new(dependencies.is_empty()));
+        Self {
+            started: Arc::new(AtomicBool::new(false)),
+            health,
+            shutdown,
+            dependencies: dependencies.into(),
+            dependencies_ok,
+        }
+    }
+
+    /// Readiness without running a check: started, SERVING, not shutting
+    /// down, and every dependency passed its last check. What
+    /// `keel_ready` exports.
+    pub fn is_ready(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+            && self.health.is_serving()
+            && !self.shutdown.is_requested()
+            && self.dependencies_ok.load(Ordering::Acquire)
     }
 
     pub fn mark_started(&self) {
         self.started.store(true, Ordering::Release);
+    }
+
+    /// Whether any dependency registered a readiness check.
+    pub fn has_dependency_checks(&self) -> bool {
+        !self.dependencies.is_empty()
     }
 
     /// The registered dependency checks alone, each bounded.
@@ -65,6 +92,7 @@ impl Readiness {
             };
             out.push((name.clone(), outcome));
         }
+        self.dependencies_ok.store(out.iter().all(|(_, outcome)| outcome.is_ok()), Ordering::Release);
         out
     }
 
@@ -84,8 +112,9 @@ impl Readiness {
 /// How often gRPC health re-reads the dependency checks.
 const FOLLOW_EVERY: Duration = Duration::from_secs(1);
 
-/// Makes gRPC health follow the dependency checks while serving: a service
-/// is NOT_SERVING while a check it depends on fails, and so is the server
+/// Runs the dependency checks every second while serving, so
+/// [`Readiness::is_ready`] stays current, and makes gRPC health follow
+/// them: a service is NOT_SERVING while a check it depends on fails, and so is the server
 /// (`""`, what Kubernetes' gRPC probe asks) while any of them fails; both
 /// recover on their own. Returns when `stop` is cancelled, which the app
 /// does before it reports NOT_SERVING for shutdown, so the two never race.
@@ -96,6 +125,15 @@ pub async fn follow_dependencies(
     stop: tokio_util::sync::CancellationToken,
 ) {
     if dependencies.is_empty() {
+        // No service's health depends on a check; still run them, since
+        // `keel_ready` reads their last outcome. Health is left alone.
+        while readiness.has_dependency_checks() {
+            let _ = readiness.dependency_checks().await;
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(FOLLOW_EVERY) => {}
+            }
+        }
         return;
     }
     let mut last: std::collections::HashMap<String, ServingStatus> = std::collections::HashMap::new();

@@ -194,6 +194,8 @@ pub async fn serve(
         }
         // Responses are small and latency-bound; Nagle only delays them.
         let _ = stream.set_nodelay(true);
+        // Per connection, not per call; off unless the filter asks for it.
+        tracing::debug!(server = limits.server, %peer, "connection accepted");
         let connection = Arc::new(ConnectionState::default());
         open.count.fetch_add(1, Ordering::AcqRel);
         let io = TokioIo::new(WatchedStream { stream, connection: connection.clone(), _open: OpenGuard(open.clone()) });

@@ -2,7 +2,8 @@
 //!
 //! # Layout
 //! - [`config`]: typed settings, layered loading and validation (exit 78).
-//! - [`telemetry`]: the tracing subscriber (JSON or pretty).
+//! - [`telemetry`]: the tracing subscriber (JSON or pretty), its filter
+//!   reloadable at runtime.
 //! - [`app`]: `App::build` registers the services and binds each component
 //!   (gRPC server, gateway, admin); `App::run` serves and shuts down.
 //! - [`services`]: the list of served services — the one line per service
@@ -18,7 +19,8 @@
 //! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown,
 //!   and the readiness they imply.
 //! - [`metrics`]: the Prometheus registry and every metric family.
-//! - [`admin`]: the admin server: `/metrics`, `/livez`, `/readyz`.
+//! - [`admin`]: the admin server: `/metrics`, `/livez`, `/readyz`,
+//!   `/log/level` (the log filter, read and changed at runtime).
 //! - [`healthcheck`]: `keel healthcheck`, the probe built into the binary.
 //! - [`gateway`]: the HTTP/JSON gateway, routes derived from the
 //!   `google.api.http` annotations, forwarding over one shared channel.

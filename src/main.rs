@@ -77,7 +77,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Migrate => migrate(&settings),
-        Command::Serve => serve(settings),
+        Command::Serve => serve(settings, sources),
     }
 }
 
@@ -105,7 +105,7 @@ fn migrate(settings: &Settings) -> ExitCode {
     }
 }
 
-fn serve(settings: Settings) -> ExitCode {
+fn serve(settings: Settings, sources: ConfigSources) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -120,7 +120,7 @@ fn serve(settings: Settings) -> ExitCode {
             Err(error) => return Err(Failure::Config(error.into())),
         };
         let flush_timeout = settings.shutdown.flush_timeout;
-        let served = run(settings).await;
+        let served = run(settings, sources).await;
         if let Err(error) = &served {
             // Logged before the final flush, so the line is written.
             tracing::error!(error = %chain(error.as_ref()), "keel failed");
@@ -166,6 +166,29 @@ fn print_stdout(text: &str) -> ExitCode {
     }
 }
 
+/// SIGHUP: loads the configuration again (the files may have changed, a
+/// ConfigMap say) and puts its log level, or `RUST_LOG`, in force. Only the
+/// level is applied; everything else needs a restart. A configuration that
+/// no longer loads keeps the level in force, and says why.
+fn restore_log_level(sources: &ConfigSources) {
+    let Some(filter) = keel::telemetry::log_filter() else { return };
+    let settings = match Settings::load(sources) {
+        Ok(settings) => settings,
+        Err(error) => {
+            tracing::error!(error = %chain(&error), "SIGHUP: the configuration does not load; the log level stays");
+            return;
+        }
+    };
+    let wanted = keel::telemetry::configured_filter(&settings.log);
+    if wanted.trim() == filter.current() {
+        tracing::info!(level = %wanted, "SIGHUP: the log level is already the configured one");
+        return;
+    }
+    if let Err(error) = filter.set(&wanted, "sighup") {
+        tracing::error!(error = %chain(&error), "SIGHUP: cannot apply the configured log level; it stays");
+    }
+}
+
 /// Writes one line to stderr. A failure to write it is ignored: there is
 /// nowhere left to report it, and `eprintln!` would panic.
 fn report(line: std::fmt::Arguments<'_>) {
@@ -173,7 +196,7 @@ fn report(line: std::fmt::Arguments<'_>) {
 }
 
 /// Build → run, with the signals wired to the shutdown future.
-async fn run(settings: Settings) -> anyhow::Result<()> {
+async fn run(settings: Settings, sources: ConfigSources) -> anyhow::Result<()> {
     let signals = SignalListener::install().context("cannot install signal handlers")?;
     // Before anything opens a descriptor; a failure only limits how many
     // connections fit, so it is a warning.
@@ -189,15 +212,19 @@ async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     let app = App::build(settings).await?;
     let stop = CancellationToken::new();
-    tokio::spawn(handle_signals(signals, stop.clone()));
+    tokio::spawn(handle_signals(signals, stop.clone(), sources));
     app.run(stop.cancelled_owned()).await?;
     Ok(())
 }
 
 /// The first SIGTERM or SIGINT starts a graceful shutdown; a second one, or
-/// SIGQUIT, exits at once.
-async fn handle_signals(mut signals: SignalListener, stop: CancellationToken) {
+/// SIGQUIT, exits at once. SIGHUP puts the configured log level back.
+async fn handle_signals(mut signals: SignalListener, stop: CancellationToken, sources: ConfigSources) {
     while let Some(signal) = signals.recv().await {
+        if signal == Signal::Hangup {
+            restore_log_level(&sources);
+            continue;
+        }
         if signal == Signal::Quit {
             tracing::warn!(?signal, "exiting immediately");
             keel::telemetry::flush_logs();

@@ -1,5 +1,6 @@
 //! Shutdown coordination: one cloneable [`Shutdown`] handle that every server,
-//! stream and background task listens to, and the signals that trigger it.
+//! stream and background task listens to, and the signals that trigger it
+//! (plus SIGHUP, which `main` answers by restoring the configured log level).
 //!
 //! Shutdown has two phases after the readiness flip and the drain delay
 //! (sequenced by `app`):
@@ -92,6 +93,8 @@ pub enum Signal {
     Interrupt,
     /// SIGQUIT: stop now, without draining.
     Quit,
+    /// SIGHUP: reread the configuration's log level; no shutdown.
+    Hangup,
 }
 
 impl Signal {
@@ -101,6 +104,7 @@ impl Signal {
             Self::Interrupt => 2,
             Self::Quit => 3,
             Self::Terminate => 15,
+            Self::Hangup => 1,
         }
     }
 }
@@ -114,19 +118,20 @@ impl SignalListener {
     /// Registers the handlers. Until then the default actions apply, so call
     /// this before the listeners are bound.
     pub fn install() -> std::io::Result<Self> {
-        use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
-        Ok(Self { signals: signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGQUIT])? })
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+        Ok(Self { signals: signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGQUIT, SIGHUP])? })
     }
 
     /// The next signal; `None` once the listener is closed.
     pub async fn recv(&mut self) -> Option<Signal> {
-        use signal_hook::consts::{SIGINT, SIGQUIT, SIGTERM};
+        use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
         use tokio_stream::StreamExt;
         loop {
             match self.signals.next().await? {
                 SIGTERM => return Some(Signal::Terminate),
                 SIGINT => return Some(Signal::Interrupt),
                 SIGQUIT => return Some(Signal::Quit),
+                SIGHUP => return Some(Signal::Hangup),
                 _ => continue,
             }
         }

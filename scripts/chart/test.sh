@@ -60,6 +60,7 @@ install_venv
 log "helm $("$HELM" version --short), $("$VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1), $("$VENV/bin/hadolint" --version)"
 
 CHECKS_RAN=1
+CHART_TOOLS_DIR="$TOOLS_DIR" CHART_VENV="$VENV" "$ROOT/scripts/chart/test_observability.sh"
 exec "$VENV/bin/python" "$ROOT/scripts/chart/assert_rendered.py" \
     --helm "$HELM" \
     --kubernetes-validate "$VENV/bin/kubernetes-validate" \

@@ -54,6 +54,8 @@ pub enum GrpcError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// Registers health and both reflection versions. Reflection lists every
@@ -122,7 +124,20 @@ impl GrpcServer {
         if !auth.enabled() {
             tracing::warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
         }
-        let layers = stack(settings, methods, auth);
+        let shed = LoadShedLayer::new(settings.max_concurrent_requests, metrics.grpc_shed.clone());
+        let in_flight = shed.in_flight();
+        // Read at scrape time: the request path keeps only its one atomic.
+        metrics.export_gauge_fn(
+            "keel_grpc_requests_in_flight",
+            "Calls holding a slot of grpc.max_concurrent_requests (health checks are never counted).",
+            move || in_flight.load(std::sync::atomic::Ordering::Relaxed) as f64,
+        )?;
+        metrics.export_gauge(
+            "keel_grpc_max_concurrent_requests",
+            "grpc.max_concurrent_requests: calls in flight past which new calls are shed.",
+            settings.max_concurrent_requests as f64,
+        )?;
+        let layers = stack(settings, methods, auth, shed);
         Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })
     }
 
@@ -190,7 +205,7 @@ type Stack = ServiceBuilder<
 
 /// The ordered layer stack, outermost first; each layer sees what the ones
 /// below it produce.
-fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator) -> Stack {
+fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator, shed: LoadShedLayer) -> Stack {
     ServiceBuilder::new()
         // Look the method up once; every layer below reads the result.
         .layer(ResolveMethodLayer::new(methods))
@@ -205,7 +220,7 @@ fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator
         // whatever its generated server was configured with.
         .layer(SizeLimitLayer::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0))
         // Shed before authenticating: refusing is the cheapest answer.
-        .layer(LoadShedLayer::new(settings.max_concurrent_requests))
+        .layer(shed)
         .layer(AuthLayer::new(auth))
         // Timers start only for calls that will run.
         .layer(DeadlineLayer::new(settings.default_timeout, settings.max_timeout))

@@ -86,6 +86,10 @@ pub struct Metrics {
     /// `max_connections` was reached (`keel_http_connections_rejected_total`,
     /// by `server`: gateway or admin).
     pub http_connections_rejected: IntCounterVec,
+    /// Calls refused with RESOURCE_EXHAUSTED because
+    /// `grpc.max_concurrent_requests` were in flight
+    /// (`keel_grpc_requests_shed_total`); counted on the refusal path only.
+    pub grpc_shed: IntCounter,
 }
 
 impl Metrics {
@@ -104,6 +108,11 @@ impl Metrics {
             &["server"],
         )?;
         registry.register(Box::new(http_connections_rejected.clone()))?;
+        let grpc_shed = IntCounter::new(
+            "keel_grpc_requests_shed_total",
+            "Calls refused with RESOURCE_EXHAUSTED because grpc.max_concurrent_requests calls were in flight.",
+        )?;
+        registry.register(Box::new(grpc_shed.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("keel_build_info", "Build information; the value is always 1.")
                 .const_label("version", env!("CARGO_PKG_VERSION"))
@@ -112,7 +121,8 @@ impl Metrics {
         build_info.set(1);
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(process::ProcessCollector::new()?))?;
-        Ok(Self { registry, grpc_server, grpc_client, http, live_streams, http_connections_rejected })
+        registry.register(Box::new(process::MemoryLimitCollector::new()?))?;
+        Ok(Self { registry, grpc_server, grpc_client, http, live_streams, http_connections_rejected, grpc_shed })
     }
 
     /// Exports `shutdown.drain_delay + shutdown.timeout`, the longest a
@@ -132,6 +142,39 @@ impl Metrics {
     /// for counts kept elsewhere (such as the log writer's drops).
     pub fn export_counter_fn(&self, name: &str, help: &str, read: fn() -> u64) -> Result<(), MetricsError> {
         self.registry.register(Box::new(process::CounterFn::new(name, help, read)?))?;
+        Ok(())
+    }
+
+    /// Exports a gauge with a fixed value, such as a configured limit that
+    /// panels draw usage against.
+    pub fn export_gauge(&self, name: &str, help: &str, value: f64) -> Result<(), MetricsError> {
+        let gauge = Gauge::new(name, help)?;
+        gauge.set(value);
+        self.registry.register(Box::new(gauge))?;
+        Ok(())
+    }
+
+    /// Exports a gauge whose value `read` computes at scrape time.
+    pub fn export_gauge_fn(
+        &self,
+        name: &str,
+        help: &str,
+        read: impl Fn() -> f64 + Send + Sync + 'static,
+    ) -> Result<(), MetricsError> {
+        self.registry.register(Box::new(process::GaugeFn::new(name, help, Box::new(read))?))?;
+        Ok(())
+    }
+
+    /// Exports `name{label="…"} 1`, with the label value `read` returns at
+    /// scrape time (the current log filter, say).
+    pub fn export_info_fn(
+        &self,
+        name: &str,
+        help: &str,
+        label: &str,
+        read: impl Fn() -> String + Send + Sync + 'static,
+    ) -> Result<(), MetricsError> {
+        self.registry.register(Box::new(process::InfoFn::new(name, help, label, Box::new(read))?))?;
         Ok(())
     }
 

@@ -5,17 +5,25 @@
 //! through the gateway and the gRPC server is one trace. Every line goes
 //! through one non-blocking writer (tracing-appender); the per-call access
 //! line is formatted in [`access`].
+//!
+//! The level filter sits behind tracing-subscriber's reload layer, so
+//! [`LogFilter`] (`PUT /log/level`, SIGHUP) swaps it without a restart. The
+//! swap rebuilds tracing's callsite interest cache, so callsites that the
+//! filter turns off still cost one cached check, as before; the JSON access
+//! line never passes through the filter layer at all.
 
 pub mod access;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 use crate::config::{LogFormat, LogSettings, TracingSettings};
+use crate::metrics::{Metrics, MetricsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -111,13 +119,108 @@ pub fn dropped_lines() -> u64 {
 /// writer drains about a million lines a second, so 8k is ample.
 const QUEUE_LINES: usize = 8 * 1024;
 
+/// The filter the configuration asks for: `RUST_LOG` when set, otherwise
+/// `log.level`. What startup installs and SIGHUP restores.
+pub fn configured_filter(log: &LogSettings) -> String {
+    std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty()).unwrap_or_else(|| log.level.clone())
+}
+
 /// Installs the global subscriber, writing to stdout. `RUST_LOG`, when set,
 /// replaces `log.level`. Call from within the tokio runtime.
 pub fn init(log: &LogSettings, tracing: &TracingSettings) -> Result<TelemetryGuard, TelemetryError> {
-    let directives = std::env::var("RUST_LOG").ok().filter(|v| !v.trim().is_empty());
+    let directives = configured_filter(log);
     // Batched: the writer thread flushes when its queue runs empty.
     let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    install(log, tracing, directives.as_deref(), stdout)
+    install(log, tracing, Some(&directives), stdout)
+}
+
+/// A log filter longer than this is refused: no sane one comes close, and
+/// the text ends up in a metric label.
+const MAX_FILTER_LEN: usize = 4096;
+
+/// Why a new log filter was refused; the filter in force stays.
+#[derive(Debug, thiserror::Error)]
+pub enum LogFilterError {
+    #[error("the log filter is empty; send a directive such as `info` or `info,keel::gateway=debug`")]
+    Empty,
+    #[error("the log filter is longer than {MAX_FILTER_LEN} bytes")]
+    TooLong,
+    #[error("invalid log filter {directives:?}")]
+    Invalid {
+        directives: String,
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    #[error("cannot swap the log filter")]
+    Reload(#[source] reload::Error),
+}
+
+/// The global subscriber's level filter, swapped at runtime by
+/// `PUT /log/level` and by SIGHUP. Only exists once [`install`] has set up
+/// the global subscriber.
+pub struct LogFilter {
+    handle: reload::Handle<EnvFilter, Registry>,
+    /// The directives in force, as given (EnvFilter's own `Display`
+    /// reorders them). Locked across a swap, so concurrent changes apply in
+    /// one order and this always names the filter in force.
+    current: Mutex<String>,
+    /// Successful changes since start (`keel_log_level_changes_total`).
+    changes: AtomicU64,
+}
+
+static LOG_FILTER: OnceLock<LogFilter> = OnceLock::new();
+
+/// The reloadable filter of the global subscriber, if keel installed it.
+pub fn log_filter() -> Option<&'static LogFilter> {
+    LOG_FILTER.get()
+}
+
+impl LogFilter {
+    /// The directives in force.
+    pub fn current(&self) -> String {
+        self.current.lock().map(|c| c.clone()).unwrap_or_else(|poisoned| poisoned.into_inner().clone())
+    }
+
+    /// Parses `directives` and, when they are valid, puts them in force;
+    /// returns the previous ones. `source` says who asked (`api`,
+    /// `sighup`), for the log line. A bad filter changes nothing.
+    pub fn set(&self, directives: &str, source: &str) -> Result<String, LogFilterError> {
+        let directives = directives.trim();
+        if directives.is_empty() {
+            return Err(LogFilterError::Empty);
+        }
+        if directives.len() > MAX_FILTER_LEN {
+            return Err(LogFilterError::TooLong);
+        }
+        let filter = EnvFilter::builder()
+            .parse(directives)
+            .map_err(|source| LogFilterError::Invalid { directives: directives.to_owned(), source })?;
+        let previous = {
+            let mut current = self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            self.handle.reload(filter).map_err(LogFilterError::Reload)?;
+            std::mem::replace(&mut *current, directives.to_owned())
+        };
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        // WARN, so the change shows under every filter short of `error`.
+        tracing::warn!(previous = %previous, level = %directives, source, "log level changed");
+        Ok(previous)
+    }
+
+    /// Exports `keel_log_level_info{filter="…"} 1` (the filter in force) and
+    /// `keel_log_level_changes_total`.
+    pub fn export(&'static self, metrics: &Metrics) -> Result<(), MetricsError> {
+        metrics.export_info_fn(
+            "keel_log_level_info",
+            "The log filter in force (log.level, RUST_LOG, or PUT /log/level); the value is always 1.",
+            "filter",
+            || self.current(),
+        )?;
+        metrics.export_counter_fn(
+            "keel_log_level_changes_total",
+            "Changes of the log filter at runtime, by PUT /log/level or SIGHUP.",
+            || LOG_FILTER.get().map_or(0, |filter| filter.changes.load(Ordering::Relaxed)),
+        )
+    }
 }
 
 /// Installs the global subscriber with an explicit filter and writer (tests
@@ -133,7 +236,9 @@ pub fn install<W>(
 where
     W: std::io::Write + Send + 'static,
 {
-    let filter = EnvFilter::try_new(directives.unwrap_or(&log.level)).map_err(TelemetryError::Filter)?;
+    let directives = directives.unwrap_or(&log.level).trim().to_owned();
+    let filter = EnvFilter::try_new(&directives).map_err(TelemetryError::Filter)?;
+    let (filter, handle) = reload::Layer::new(filter);
     let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(true)
         .buffered_lines_limit(QUEUE_LINES)
@@ -162,12 +267,14 @@ where
     {
         let (layer, provider) = otel::layer(tracing)?;
         registry.with(layer).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard { provider })
     }
     #[cfg(not(feature = "otel"))]
     {
         let _ = tracing;
         registry.try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard {})
     }
 }

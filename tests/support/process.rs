@@ -85,7 +85,7 @@ impl KeelProcess {
         self.child.id()
     }
 
-    /// Sends a signal (`TERM`, `INT`, `QUIT`) with kill(2), as an operator
+    /// Sends a signal (`TERM`, `INT`, `QUIT`, `HUP`) with kill(2), as an operator
     /// or the kubelet would. Not the `kill` program: a minimal machine may
     /// lack procps.
     #[allow(unsafe_code)] // kill(2) has no safe wrapper in std.
@@ -94,6 +94,7 @@ impl KeelProcess {
             "TERM" => libc::SIGTERM,
             "INT" => libc::SIGINT,
             "QUIT" => libc::SIGQUIT,
+            "HUP" => libc::SIGHUP,
             other => bail!("unsupported signal {other}"),
         };
         let pid = libc::pid_t::try_from(self.pid())?;

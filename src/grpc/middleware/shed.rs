@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use pin_project_lite::pin_project;
+use prometheus::IntCounter;
 use tonic::{Code, Status};
 use tower::{Layer, Service};
 
@@ -24,11 +25,19 @@ use super::method::method_of;
 pub struct LoadShedLayer {
     limit: usize,
     in_flight: Arc<AtomicUsize>,
+    /// `keel_grpc_requests_shed_total`, touched only when a call is refused.
+    shed: IntCounter,
 }
 
 impl LoadShedLayer {
-    pub fn new(limit: usize) -> Self {
-        Self { limit, in_flight: Arc::new(AtomicUsize::new(0)) }
+    pub fn new(limit: usize, shed: IntCounter) -> Self {
+        Self { limit, in_flight: Arc::new(AtomicUsize::new(0)), shed }
+    }
+
+    /// The count of calls holding a slot, shared with every service this
+    /// layer builds; read at scrape time for `keel_grpc_requests_in_flight`.
+    pub fn in_flight(&self) -> Arc<AtomicUsize> {
+        self.in_flight.clone()
     }
 }
 
@@ -36,7 +45,7 @@ impl<S> Layer<S> for LoadShedLayer {
     type Service = LoadShed<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        LoadShed { inner, limit: self.limit, in_flight: self.in_flight.clone() }
+        LoadShed { inner, limit: self.limit, in_flight: self.in_flight.clone(), shed: self.shed.clone() }
     }
 }
 
@@ -45,6 +54,7 @@ pub struct LoadShed<S> {
     inner: S,
     limit: usize,
     in_flight: Arc<AtomicUsize>,
+    shed: IntCounter,
 }
 
 /// One unit of the concurrency budget, returned when dropped.
@@ -105,6 +115,7 @@ where
         }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limit {
             self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            self.shed.inc();
             return LoadShedFuture { inner: None, permit: None };
         }
         let slot = ShedSlot::new(self.in_flight.clone());
