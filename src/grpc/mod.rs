@@ -54,6 +54,8 @@ pub enum GrpcError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot load the bearer tokens")]
+    Tokens(#[from] crate::secret_file::SecretFileError),
 }
 
 /// Registers health and both reflection versions. Reflection lists every
@@ -118,9 +120,11 @@ impl GrpcServer {
         };
         let incoming = Incoming::new(listener, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
-        let auth = Authenticator::new(auth);
+        let auth = Authenticator::new(auth)?;
         if !auth.enabled() {
-            tracing::warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
+            tracing::warn!(
+                "authentication is off: no auth.tokens or auth.tokens_file configured, or auth.disabled is set"
+            );
         }
         let layers = stack(settings, methods, auth);
         Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })
