@@ -1671,7 +1671,8 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                 ["--set", "database.existingSecret=db"],
                 ["Store: PostgreSQL, URL from Secret db", "Job demo-keel-migrate", "Replicas: 2."],
             ),
-            ("store none", ["--set", "store=none"], ["Store: none", "Replicas: 2."]),
+            ("store none", ["--set", "store=none"], ["Store: none", "Replicas: 2.", "PodDisruptionBudget: demo-keel"]),
+            ("no scraping", ["--set", "scrapeAnnotations=false"], ["Metrics: not scraped by the chart"]),
         ):
             result = helm_template(tools, ["--show-only", "templates/notes-check.yaml", *args], chart=chart)
             text = ""
