@@ -3,7 +3,9 @@
 //! full set (imports included) is written to `OUT_DIR/keel_descriptor.bin` for
 //! reflection and the HTTP gateway. `OUT_DIR/proto_modules.rs` nests every
 //! generated package as modules (`user.v1` → `proto::user::v1`), so a new
-//! proto needs no line in `src/lib.rs`.
+//! proto needs no line in `src/lib.rs`. `KEEL_GIT_COMMIT` and `KEEL_VERSION`
+//! (set by the Dockerfile's build args) are tracked so that a new commit
+//! rebuilds the `keel_build_info` labels.
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +18,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     collect_service_protos(proto_root, &mut entry_points)?;
     entry_points.sort();
     println!("cargo:rerun-if-changed={}", proto_root.display());
+    // keel_build_info's labels (src/metrics): the image build passes the
+    // commit and version as build args; a change must rebuild the crate.
+    println!("cargo:rerun-if-env-changed=KEEL_GIT_COMMIT");
+    println!("cargo:rerun-if-env-changed=KEEL_VERSION");
 
     let mut compiler = protox::Compiler::new([proto_root])?;
     compiler.include_imports(true).include_source_info(true);

@@ -201,7 +201,8 @@ install_helm
 "$HELM" lint --strict "helm/$new"
 
 step "scripts/chart/test.sh in the copy"
-CHART_TOOLS_DIR="$ROOT/target/chart-tools" CHART_VENV="$ROOT/target/chart-venv" bash scripts/chart/test.sh
+CHART_TOOLS_DIR="$ROOT/target/chart-tools" CHART_VENV="$ROOT/target/chart-venv" CHECKOV_VENV="$ROOT/target/checkov-venv" \
+    bash scripts/chart/test.sh
 
 # --- 6. no trace of the old name ------------------------------------------------------
 step "grep -ri $old over the copy"

@@ -59,7 +59,25 @@ pub struct Settings {
     pub tracing: TracingSettings,
     /// The PostgreSQL store; empty `url` keeps the in-memory one.
     pub database: DatabaseSettings,
+    /// The tokio runtime's size.
+    pub runtime: RuntimeSettings,
 }
+
+/// The async runtime. Its own key because the right thread count depends on
+/// where keel runs: tokio sizes its pool from the CPUs it sees (the cgroup
+/// CPU quota included), so a pod with a CPU limit of 1 gets one worker.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeSettings {
+    /// Worker threads of the multi-threaded runtime; 0 lets tokio choose
+    /// (one per CPU it may use). Set it when a CPU limit would otherwise
+    /// shrink the pool below the cores the pod actually gets in bursts.
+    pub worker_threads: usize,
+}
+
+/// The most worker threads `runtime.worker_threads` accepts: far above any
+/// node's cores, low enough that a typo (10000) fails instead of spawning.
+pub const MAX_WORKER_THREADS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -380,14 +398,42 @@ pub struct AuthSettings {
     /// Accepted bearer tokens. Never printed.
     #[serde(serialize_with = "redact_all")]
     pub tokens: Vec<String>,
+    /// A file holding the tokens (a mounted Kubernetes Secret), separated by
+    /// commas or newlines; exclusive with `tokens`. Re-read when its content
+    /// changes, so a rotated token works without a restart and a removed
+    /// one stops working.
+    pub tokens_file: String,
     /// Runs without authentication; must be set explicitly in production.
     pub disabled: bool,
+}
+
+impl AuthSettings {
+    /// True when tokens are configured, inline or as a file.
+    pub fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || !self.tokens_file.is_empty()
+    }
+}
+
+/// The tokens of a tokens file: separated by commas or newlines (so a
+/// Secret made with `--from-literal=tokens='a,b'` and one with a token per
+/// line both work), surrounding whitespace ignored. A file with no token is
+/// refused, so an emptied Secret never turns authentication into "nobody
+/// gets in" by accident: the previous tokens stay.
+pub fn parse_tokens(contents: &[u8]) -> Result<Vec<String>, String> {
+    let text = std::str::from_utf8(contents).map_err(|_| "the file is not UTF-8".to_owned())?;
+    let tokens: Vec<String> =
+        text.split([',', '\n']).map(str::trim).filter(|t| !t.is_empty()).map(str::to_owned).collect();
+    if tokens.is_empty() {
+        return Err("the file holds no token".to_owned());
+    }
+    Ok(tokens)
 }
 
 impl fmt::Debug for AuthSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthSettings")
             .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .field("tokens_file", &self.tokens_file)
             .field("disabled", &self.disabled)
             .finish()
     }
@@ -845,12 +891,12 @@ impl Settings {
         let mut settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
         settings.read_database_url(&tree)?;
         settings.validate(&tree)?;
-        if !sources.probe && sources.is_production() && settings.auth.tokens.is_empty() && !settings.auth.disabled {
+        if !sources.probe && sources.is_production() && !settings.auth.has_tokens() && !settings.auth.disabled {
             return Err(ConfigError::Invalid {
                 key: "auth.tokens".to_owned(),
                 origin: origin_of(&tree, "auth.tokens"),
                 reason: format!(
-                    "{ENV_NAME_VAR}=production requires at least one token (or auth.disabled: true to run without)"
+                    "{ENV_NAME_VAR}=production requires at least one token in auth.tokens or auth.tokens_file (or auth.disabled: true to run without)"
                 ),
             });
         }
@@ -955,6 +1001,26 @@ impl Settings {
         }
         if self.auth.tokens.iter().any(|t| t.trim().is_empty()) {
             return Err(fail("auth.tokens", "tokens must not be empty".to_owned()));
+        }
+        if !self.auth.tokens_file.is_empty() {
+            if !self.auth.tokens.is_empty() {
+                return Err(fail("auth.tokens_file", "set together with auth.tokens: use one of them".to_owned()));
+            }
+            // Read once here so that a missing or empty file stops keel with
+            // exit 78 naming the key; the server watches it from then on.
+            let contents = std::fs::read(&self.auth.tokens_file)
+                .map_err(|e| fail("auth.tokens_file", format!("cannot read {}: {e}", self.auth.tokens_file)))?;
+            parse_tokens(&contents)
+                .map_err(|reason| fail("auth.tokens_file", format!("{}: {reason}", self.auth.tokens_file)))?;
+        }
+        if self.runtime.worker_threads > MAX_WORKER_THREADS {
+            return Err(fail(
+                "runtime.worker_threads",
+                format!(
+                    "{} is more than {MAX_WORKER_THREADS}; 0 lets tokio use one per CPU",
+                    self.runtime.worker_threads
+                ),
+            ));
         }
         self.validate_database(&fail)
     }

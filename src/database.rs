@@ -5,6 +5,11 @@
 //!
 //! The embedded migrations (`migrations/`) are run by `keel migrate`, or
 //! before serving with `database.migrate_on_start`.
+//!
+//! With `database.url_file` the URL is watched through
+//! [`crate::secret_file`]: a rotated Secret (a new password, a new host)
+//! is used for every connection opened after the reload; connections
+//! already open keep theirs until the pool recycles them.
 
 use std::borrow::Cow;
 use std::future::Future;
@@ -36,6 +41,8 @@ const PING_CACHE: Duration = Duration::from_secs(1);
 pub enum DatabaseError {
     #[error("invalid database.url")]
     Url(#[source] sqlx::Error),
+    #[error(transparent)]
+    UrlFile(#[from] crate::secret_file::SecretFileError),
     #[error("cannot run the database migrations")]
     Migrate(#[source] sqlx::migrate::MigrateError),
     #[error("cannot connect to the database")]
@@ -65,6 +72,9 @@ impl Database {
             return Ok(None);
         }
         let pool = pool(settings)?;
+        if !settings.url_file.is_empty() {
+            follow_url_file(&pool, settings)?;
+        }
         if settings.migrate_on_start {
             migrate(&pool).await?;
             tracing::info!("database migrations applied");
@@ -118,10 +128,53 @@ impl ReadinessCheck for Database {
     }
 }
 
+/// The connect options of a URL, as keel connects (application name set).
+fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    Ok(options.application_name(env!("CARGO_PKG_NAME")))
+}
+
+/// Watches `database.url_file` and hands every new URL to the pool, which
+/// uses it for the connections it opens from then on. A file that cannot
+/// be read or parsed keeps the URL in force (logged and counted by
+/// `secret_file`). Ends when the pool is closed.
+fn follow_url_file(pool: &PgPool, settings: &DatabaseSettings) -> Result<(), DatabaseError> {
+    follow_url_file_every(pool, settings, crate::secret_file::DEFAULT_POLL_INTERVAL)
+}
+
+fn follow_url_file_every(pool: &PgPool, settings: &DatabaseSettings, interval: Duration) -> Result<(), DatabaseError> {
+    let watched = crate::secret_file::watch(
+        "database.url_file",
+        vec![settings.url_file.clone().into()],
+        interval,
+        |contents: &[Vec<u8>]| {
+            let url = crate::secret_file::trimmed_utf8(contents.first().map(Vec::as_slice).unwrap_or_default())?;
+            // The driver's message names the part that is wrong, never the
+            // URL (which holds the password).
+            connect_options(&url).map_err(|error| format!("not a valid PostgreSQL URL: {error}"))
+        },
+    )?;
+    let pool = pool.clone();
+    let mut last = watched.get();
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while !pool.is_closed() {
+            ticker.tick().await;
+            let current = watched.get();
+            if !Arc::ptr_eq(&current, &last) {
+                pool.set_connect_options((*current).clone());
+                tracing::info!("database.url_file changed: new connections use the new URL");
+                last = current;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// A lazily connecting pool over `settings`.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DatabaseError> {
-    let options: PgConnectOptions = settings.url.parse().map_err(DatabaseError::Url)?;
-    let options = options.application_name(env!("CARGO_PKG_NAME"));
+    let options = connect_options(&settings.url).map_err(DatabaseError::Url)?;
     Ok(PgPoolOptions::new()
         .max_connections(settings.max_connections)
         .min_connections(settings.min_connections)
@@ -245,5 +298,58 @@ impl Collector for PoolCollector {
         let mut out = self.connections.collect();
         out.extend(self.max.collect());
         out
+    }
+}
+
+#[cfg(test)]
+mod url_file_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_rotated_url_file_reaches_the_pools_new_connections() {
+        let path = std::env::temp_dir().join(format!("keel-db-url-{}", std::process::id()));
+        std::fs::write(&path, "postgres://keel:old@db-one:5432/keel\n").unwrap();
+        let settings = DatabaseSettings {
+            url: "postgres://keel:old@db-one:5432/keel".into(),
+            url_file: path.display().to_string(),
+            ..DatabaseSettings::default()
+        };
+        // Lazy: nothing connects, the options are what the pool would use.
+        let pool = pool(&settings).unwrap();
+        follow_url_file_every(&pool, &settings, Duration::from_millis(20)).unwrap();
+        assert_eq!(pool.connect_options().get_host(), "db-one");
+
+        let staged = path.with_extension("new");
+        std::fs::write(&staged, "postgres://keel:new@db-two:5432/keel").unwrap();
+        std::fs::rename(&staged, &path).unwrap();
+        let mut seen = false;
+        for _ in 0..500 {
+            if pool.connect_options().get_host() == "db-two" {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen, "the pool never took the new URL");
+
+        // Not a URL: the one in force stays, and the failure is counted.
+        let errors = || {
+            crate::secret_file::reloads_collector()
+                .map_or(0, |c| c.with_label_values(&["database.url_file", "error"]).get())
+        };
+        let before = errors();
+        std::fs::write(&path, "not a url at all").unwrap();
+        let mut counted = false;
+        for _ in 0..500 {
+            if errors() > before {
+                counted = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(counted, "the failed reload was never counted");
+        assert_eq!(pool.connect_options().get_host(), "db-two", "a bad file keeps the URL in force");
+        pool.close().await;
+        std::fs::remove_file(&path).unwrap();
     }
 }

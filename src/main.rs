@@ -106,7 +106,13 @@ fn migrate(settings: &Settings) -> ExitCode {
 }
 
 fn serve(settings: Settings, sources: ConfigSources) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    // 0: tokio's own choice, one worker per CPU the process may use (it
+    // reads the cgroup quota, so a CPU limit of 1 means one worker).
+    if settings.runtime.worker_threads > 0 {
+        builder.worker_threads(settings.runtime.worker_threads);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
             report(format_args!("keel: cannot start the async runtime: {error}"));

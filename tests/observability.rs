@@ -136,7 +136,14 @@ async fn gateway_calls_are_measured_by_route_template_and_on_both_grpc_sides() -
     {
         assert!(sample(&scrape, name, &[]).is_some_and(|v| v > 0.0), "{name} missing or zero");
     }
-    assert_eq!(sample(&scrape, "keel_build_info", &[("version", env!("CARGO_PKG_VERSION"))]), Some(1.0));
+    assert_eq!(
+        sample(
+            &scrape,
+            "keel_build_info",
+            &[("version", option_env!("KEEL_VERSION").unwrap_or(env!("CARGO_PKG_VERSION")))]
+        ),
+        Some(1.0)
+    );
     // Test settings: no drain delay, a 5s bound, then the 0.5s abort grace
     // and the 1s final flush.
     assert_eq!(sample(&scrape, "keel_shutdown_budget_seconds", &[]), Some(6.5));

@@ -3,9 +3,12 @@
 Dockerfile and .dockerignore.
 
 Runs `helm lint`, renders the chart with several value sets, validates every
-render offline against the Kubernetes 1.30 schemas (kubernetes-validate),
-asserts the shape of the rendered objects, checks that invalid values fail
-rendering, and lints the Dockerfile with hadolint. Called by
+render offline against the Kubernetes schemas (kubernetes-validate) at the
+chart's kubeVersion floor, at 1.33 and at the newest version it ships, and
+the Gateway API routes against the structural schemas in
+scripts/chart/schemas (the CRDs cannot be downloaded here), asserts the
+shape of the rendered objects, checks that invalid values fail rendering,
+and lints the Dockerfile with hadolint. Called by
 scripts/chart/test.sh, which installs the tools; prints one line per check
 and a final `chart: N passed, M failed` summary, and exits non-zero when any
 check failed.
@@ -17,6 +20,7 @@ import argparse
 import base64
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -32,7 +36,14 @@ ALL_ON = ROOT / "scripts" / "chart" / "all-on.yaml"
 RELEASE = "demo"
 NAMESPACE = "apps"
 FULLNAME = "demo-keel"
-KUBE_VERSION = "1.30.0"
+# The versions every render is validated at: the chart's floor (read from
+# Chart.yaml's kubeVersion), 1.33, and the newest kubernetes-validate ships.
+KUBE_VERSIONS: list[str] = []
+NEWEST_KUBE_VERSION = "1.37.0"
+SCHEMAS = ROOT / "scripts" / "chart" / "schemas"
+ROUTE_SCHEMAS = {"HTTPRoute": "httproute-v1.json", "GRPCRoute": "grpcroute-v1.json"}
+AUTH_DIR = "/var/run/secrets/keel/auth"
+AUTH_TOKENS_FILE = f"{AUTH_DIR}/tokens"
 STANDARD_LABELS = (
     "app.kubernetes.io/name",
     "app.kubernetes.io/instance",
@@ -41,7 +52,7 @@ STANDARD_LABELS = (
     "helm.sh/chart",
 )
 EXPECTED_PORTS = {"grpc": 9000, "http": 8080, "admin": 8081}
-CRD_KINDS = {"ServiceMonitor"}
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute", "GRPCRoute"}
 
 
 class Checks:
@@ -66,10 +77,25 @@ class Checks:
 
 
 class Tools:
-    def __init__(self, helm: str, kubernetes_validate: str, hadolint: str) -> None:
+    def __init__(self, helm: str, kubernetes_validate: str, hadolint: str, checkov: str | None = None) -> None:
         self.helm = helm
         self.kubernetes_validate = kubernetes_validate
         self.hadolint = hadolint
+        self.checkov = checkov
+
+
+# checkov findings the chart accepts, each with its reason; the README's
+# "Policy checks" table lists the same IDs. Any other failure fails the run.
+CHECKOV_ACCEPTED = {
+    "CKV_K8S_11": "no CPU limit by design: tokio sizes its pool from the CPU quota (runtime.worker_threads if one is imposed)",
+    "CKV_K8S_43": "the default image is referenced by tag; set image.digest (all-on does) to pin it",
+    "CKV_K8S_15": "pullPolicy IfNotPresent is right for immutable tags and digests",
+    "CKV_K8S_8": "the helm test pod runs to completion (and all-on's example sidecar has no probes)",
+    "CKV_K8S_9": "the helm test pod runs to completion (and all-on's example sidecar has no probes)",
+    "CKV_K8S_21": "checkov's helm runner renders without -n; every object carries the release namespace",
+    "CKV2_K8S_6": "the NetworkPolicy is opt-in (it needs the cluster's peers); the test and migration pods accept no traffic",
+    "CKV_DOCKER_7": "the base images come from build args whose defaults carry a pinned tag, which checkov cannot resolve",
+}
 
 
 def run(cmd: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -95,19 +121,49 @@ def render(checks: Checks, tools: Tools, label: str, args: list[str]) -> list[di
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 
+def kube_floor() -> str:
+    """The lowest version Chart.yaml's kubeVersion admits, as X.Y.0."""
+    constraint = str(yaml.safe_load((CHART / "Chart.yaml").read_text()).get("kubeVersion", ""))
+    match = re.fullmatch(r">=\s*v?([0-9]+)\.([0-9]+)(\.[0-9]+)?(-0)?", constraint.strip())
+    if not match:
+        raise ValueError(f"Chart.yaml kubeVersion {constraint!r} is not of the form >=X.Y.Z-0")
+    return f"{match.group(1)}.{match.group(2)}.0"
+
+
 def validate(checks: Checks, tools: Tools, label: str, docs: list[dict]) -> None:
-    """kubernetes-validate --strict on everything but CRD instances."""
+    """kubernetes-validate --strict on everything but CRD instances, at each
+    of KUBE_VERSIONS; the Gateway API routes against their schemas."""
     builtin = [doc for doc in docs if doc["kind"] not in CRD_KINDS]
     text = yaml.safe_dump_all(builtin, sort_keys=False)
-    result = run([tools.kubernetes_validate, "--strict", "-k", KUBE_VERSION, "-"], stdin=text)
-    output = result.stdout + result.stderr
-    passed_lines = sum(1 for line in output.splitlines() if line.startswith("INFO - passed"))
-    ok = result.returncode == 0 and passed_lines == len(builtin)
-    checks.check(
-        f"{label}: {len(builtin)} objects valid for Kubernetes {KUBE_VERSION} (kubernetes-validate --strict)",
-        ok,
-        short(output),
-    )
+    for version in KUBE_VERSIONS:
+        result = run([tools.kubernetes_validate, "--strict", "-k", version, "-"], stdin=text)
+        output = result.stdout + result.stderr
+        passed_lines = sum(1 for line in output.splitlines() if line.startswith("INFO - passed"))
+        ok = result.returncode == 0 and passed_lines == len(builtin)
+        checks.check(
+            f"{label}: {len(builtin)} objects valid for Kubernetes {version} (kubernetes-validate --strict)",
+            ok,
+            short(output),
+        )
+    routes = [doc for doc in docs if doc["kind"] in ROUTE_SCHEMAS]
+    if routes:
+        validate_routes(checks, label, routes)
+
+
+def validate_routes(checks: Checks, label: str, routes: list[dict]) -> None:
+    import jsonschema  # a dependency of kubernetes-validate
+
+    for route in routes:
+        schema = json.loads((SCHEMAS / ROUTE_SCHEMAS[route["kind"]]).read_text())
+        errors = sorted(
+            f"{'/'.join(str(p) for p in error.absolute_path)}: {error.message}"
+            for error in jsonschema.Draft7Validator(schema).iter_errors(route)
+        )
+        checks.check(
+            f"{label}: {route['kind']}/{route['metadata']['name']} valid against the Gateway API v1 schema",
+            not errors,
+            errors[:5],
+        )
 
 
 def objects(docs: list[dict], kind: str) -> list[dict]:
@@ -172,6 +228,8 @@ def check_common(checks: Checks, label: str, docs: list[dict], app_version: str)
         if key not in (doc["metadata"].get("labels") or {})
     ]
     checks.check(f"{label}: every object has the standard labels", not missing, missing)
+    without_namespace = [f"{doc['kind']}/{doc['metadata']['name']}" for doc in docs if not doc["metadata"].get("namespace")]
+    checks.check(f"{label}: every object names its namespace", not without_namespace, without_namespace)
 
     deployment = named(docs, "Deployment", FULLNAME)
     if not checks.check(f"{label}: Deployment {FULLNAME} exists", deployment is not None):
@@ -196,6 +254,11 @@ def check_common(checks: Checks, label: str, docs: list[dict], app_version: str)
         container.get("args") == ["--config", "/etc/keel/config.yaml", "serve"],
         container.get("args"),
     )
+    secret_env = [
+        e["name"] for c in spec.get("containers", []) + spec.get("initContainers", []) for e in c.get("env", [])
+        if "secretKeyRef" in (e.get("valueFrom") or {})
+    ]
+    checks.check(f"{label}: no secret is passed as an environment variable", not secret_env, secret_env)
     mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mount = mounts.get("/etc/keel")
@@ -245,6 +308,11 @@ def check_common(checks: Checks, label: str, docs: list[dict], app_version: str)
     checks.check(
         f"{label}: resources set cpu/memory requests and a memory limit",
         {"cpu", "memory"} <= set(resources.get("requests", {})) and "memory" in resources.get("limits", {}),
+        resources,
+    )
+    checks.check(
+        f"{label}: memory request equals the memory limit",
+        resources.get("requests", {}).get("memory") == resources.get("limits", {}).get("memory"),
         resources,
     )
     checks.check(f"{label}: startupProbe present", "startupProbe" in container)
@@ -349,6 +417,22 @@ def check_common(checks: Checks, label: str, docs: list[dict], app_version: str)
             and not selects(deployment["spec"]["selector"]["matchLabels"], test_pod["metadata"]["labels"]),
         )
 
+    config = rendered_config(docs)
+    if (config.get("auth") or {}).get("disabled"):
+        checks.check(f"{label}: no tokens file with auth disabled", "tokens_file" not in config["auth"], config["auth"])
+    else:
+        auth_mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == AUTH_DIR]
+        auth_volume = volumes.get(auth_mounts[0]["name"], {}) if auth_mounts else {}
+        checks.check(
+            f"{label}: the tokens Secret is mounted read-only at {AUTH_DIR} without subPath, and config.auth.tokens_file points at it",
+            len(auth_mounts) == 1
+            and auth_mounts[0].get("readOnly") is True
+            and "subPath" not in auth_mounts[0]
+            and [i["path"] for i in auth_volume.get("secret", {}).get("items", [])] == ["tokens"]
+            and config.get("auth", {}).get("tokens_file") == AUTH_TOKENS_FILE,
+            (auth_mounts, auth_volume, config.get("auth")),
+        )
+
     image = container["image"]
     checks.check(
         f"{label}: image has a tag or a digest",
@@ -374,7 +458,15 @@ def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None
         kinds == sorted(["ServiceAccount", "Secret", "ConfigMap", "Service", "Deployment", "Pod"]),
         kinds,
     )
-    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"):
+    for kind in (
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "NetworkPolicy",
+        "Ingress",
+        "HTTPRoute",
+        "GRPCRoute",
+    ):
         checks.check(f"{label}: no {kind} by default", not objects(docs, kind))
     deployment = named(docs, "Deployment", FULLNAME)
     container = main_container(deployment)
@@ -422,20 +514,30 @@ def check_default(checks: Checks, tools: Tools, app_version: str) -> dict | None
         annotations,
     )
 
-    env = env_map(container)
-    ref = env.get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
-    secret = named(docs, "Secret", ref.get("name", ""))
+    volume = next((v for v in spec.get("volumes", []) if v["name"] == "auth"), {})
+    secret = named(docs, "Secret", volume.get("secret", {}).get("secretName", ""))
     checks.check(
-        f"{label}: KEEL__AUTH__TOKENS comes from a secretKeyRef to the chart's Secret",
-        bool(ref) and secret is not None and ref.get("key") in (secret.get("data") or {}),
-        ref,
+        f"{label}: the auth volume mounts the chart's Secret, key tokens",
+        secret is not None and volume["secret"].get("items") == [{"key": "tokens", "path": "tokens"}],
+        volume,
     )
     token = base64.b64decode(secret["data"]["tokens"]).decode() if secret else ""
     checks.check(
         f"{label}: without tokens a random token is generated (>= 32 characters, no commas)",
         len(token) >= 32 and "," not in token,
     )
-    checks.check(f"{label}: no checksum/auth for a generated token", "checksum/auth" not in annotations)
+    checks.check(
+        f"{label}: no checksum of the tokens (keel reloads the file: rotation needs no restart)",
+        not any(key.startswith("checksum/auth") for key in annotations),
+    )
+    resources = container["resources"]
+    checks.check(
+        f"{label}: no CPU limit by default (tokio sizes its pool from the CPU quota), request 250m, memory 128Mi = limit",
+        "cpu" not in resources.get("limits", {})
+        and resources["requests"] == {"cpu": "250m", "memory": "128Mi"}
+        and resources["limits"] == {"memory": "128Mi"},
+        resources,
+    )
 
     config = rendered_config(docs)
     checks.check(
@@ -477,8 +579,18 @@ def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
     pod_labels = pod["metadata"]["labels"]
     container = main_container(deployment)
 
-    for kind in ("HorizontalPodAutoscaler", "PodDisruptionBudget", "ServiceMonitor", "NetworkPolicy"):
+    for kind in (
+        "HorizontalPodAutoscaler",
+        "PodDisruptionBudget",
+        "ServiceMonitor",
+        "NetworkPolicy",
+        "Ingress",
+        "HTTPRoute",
+        "GRPCRoute",
+    ):
         checks.check(f"{label}: renders one {kind}", len(objects(docs, kind)) == 1)
+    check_platform_values(checks, label, docs, values)
+    check_routes(checks, label, docs)
     checks.check(f"{label}: Deployment has no replicas (the HPA owns them)", "replicas" not in deployment["spec"])
     checks.check(
         f"{label}: image by digest",
@@ -619,24 +731,26 @@ def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
         )
 
     # Tokens from values: in the Secret, never in the ConfigMap.
-    env = env_map(container)
-    ref = env.get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
-    secret = named(docs, "Secret", ref.get("name", ""))
+    volume = next((v for v in pod["spec"].get("volumes", []) if v["name"] == "auth"), {})
+    secret = named(docs, "Secret", volume.get("secret", {}).get("secretName", ""))
     tokens = ",".join(values["auth"]["tokens"])
     checks.check(
-        f"{label}: the chart's Secret holds auth.tokens joined with commas, referenced by KEEL__AUTH__TOKENS",
-        secret is not None and base64.b64decode(secret["data"][ref["key"]]).decode() == tokens,
-        ref,
+        f"{label}: the chart's Secret holds auth.tokens joined with commas, mounted as the tokens file",
+        secret is not None and base64.b64decode(secret["data"]["tokens"]).decode() == tokens,
+        volume,
     )
     configmap_text = json.dumps(named(docs, "ConfigMap", FULLNAME))
     checks.check(
         f"{label}: no token in the ConfigMap",
         not any(token in configmap_text for token in values["auth"]["tokens"]),
     )
-    checks.check(f"{label}: checksum/auth pod annotation for tokens from values", "checksum/auth" in annotations)
     checks.check(
-        f"{label}: extraEnv appended after KEEL_ENV and KEEL__AUTH__TOKENS",
-        [e["name"] for e in container["env"]] == ["KEEL_ENV", "KEEL__AUTH__TOKENS", "RUST_BACKTRACE"],
+        f"{label}: no checksum/auth pod annotation (tokens are reloaded, not rolled)",
+        "checksum/auth" not in annotations,
+    )
+    checks.check(
+        f"{label}: extraEnv appended after KEEL_ENV",
+        [e["name"] for e in container["env"]] == ["KEEL_ENV", "RUST_BACKTRACE"],
         [e["name"] for e in container["env"]],
     )
 
@@ -691,6 +805,251 @@ def check_all_on(checks: Checks, tools: Tools, app_version: str) -> None:
     )
 
 
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    """(object, pod template metadata) of every workload and bare pod."""
+    out = []
+    for doc in docs:
+        name = f"{doc['kind']}/{doc['metadata']['name']}"
+        if doc["kind"] in ("Deployment", "Job"):
+            out.append((name, doc["spec"]["template"]["metadata"]))
+        elif doc["kind"] == "Pod":
+            out.append((name, doc["metadata"]))
+    return out
+
+
+def check_platform_values(checks: Checks, label: str, docs: list[dict], values: dict) -> None:
+    """commonLabels, commonAnnotations and the injected containers, env and
+    volumes of all-on.yaml land where a platform expects them."""
+    common = values["commonLabels"]
+    annotations = values["commonAnnotations"]
+    missing = [
+        f"{doc['kind']}/{doc['metadata']['name']}"
+        for doc in docs
+        if any((doc["metadata"].get("labels") or {}).get(k) != v for k, v in common.items())
+        or any((doc["metadata"].get("annotations") or {}).get(k) != v for k, v in annotations.items())
+    ]
+    missing += [
+        f"{name} pod template"
+        for name, meta in pod_specs(docs)
+        if any((meta.get("labels") or {}).get(k) != v for k, v in common.items())
+        or any((meta.get("annotations") or {}).get(k) != v for k, v in annotations.items())
+    ]
+    checks.check(f"{label}: commonLabels and commonAnnotations on every object and pod template", not missing, missing)
+    deployment = named(docs, "Deployment", FULLNAME)
+    spec = deployment["spec"]["template"]["spec"]
+    container = main_container(deployment)
+    checks.check(
+        f"{label}: deploymentAnnotations on the Deployment only (not its pods)",
+        deployment["metadata"]["annotations"].get("example.com/rollout") == "canary"
+        and "example.com/rollout" not in deployment["spec"]["template"]["metadata"].get("annotations", {}),
+        deployment["metadata"].get("annotations"),
+    )
+    hooks = {doc["metadata"]["name"]: doc["metadata"]["annotations"] for doc in docs if doc["kind"] in ("Job", "Pod")}
+    checks.check(
+        f"{label}: hook annotations kept beside commonAnnotations",
+        all("helm.sh/hook" in a and "helm.sh/hook-delete-policy" in a for a in hooks.values()) and len(hooks) == 2,
+        hooks,
+    )
+    checks.check(
+        f"{label}: initContainers and sidecars passed through, keel first",
+        [c["name"] for c in spec.get("initContainers", [])] == ["wait-for-network"]
+        and [c["name"] for c in spec["containers"]] == ["keel", "log-shipper"]
+        and spec["containers"][1] == values["sidecars"][0],
+        [c["name"] for c in spec["containers"]],
+    )
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    checks.check(
+        f"{label}: extraEnvFrom, extraVolumes and extraVolumeMounts passed through",
+        container.get("envFrom") == values["extraEnvFrom"]
+        and any(v == values["extraVolumes"][0] for v in spec["volumes"])
+        and mounts.get("scratch") == values["extraVolumeMounts"][0],
+        (container.get("envFrom"), sorted(mounts)),
+    )
+    checks.check(
+        f"{label}: config.runtime.worker_threads reaches config.yaml",
+        rendered_config(docs).get("runtime") == {"worker_threads": 4},
+        rendered_config(docs).get("runtime"),
+    )
+
+
+def check_routes(checks: Checks, label: str, docs: list[dict]) -> None:
+    """Ingress, HTTPRoute and GRPCRoute point at ports the public Service
+    has, gRPC at the h2c one."""
+    service = named(docs, "Service", FULLNAME)
+    ports = {p["name"]: p for p in service["spec"]["ports"]}
+    ingress = named(docs, "Ingress", FULLNAME)
+    if ingress:
+        backends = [
+            path["backend"]["service"]
+            for rule in ingress["spec"]["rules"]
+            for path in rule["http"]["paths"]
+        ]
+        checks.check(
+            f"{label}: Ingress routes api.example.com / to the Service's http port, with TLS and the class",
+            backends == [{"name": FULLNAME, "port": {"name": "http"}}]
+            and ingress["spec"]["rules"][0]["host"] == "api.example.com"
+            and ingress["spec"].get("ingressClassName") == "nginx"
+            and ingress["spec"]["tls"][0]["secretName"] == "api-example-com-tls",
+            ingress["spec"],
+        )
+    for kind, suffix, port_name in (("HTTPRoute", "http", "http"), ("GRPCRoute", "grpc", "grpc")):
+        route = named(docs, kind, f"{FULLNAME}-{suffix}")
+        if not checks.check(f"{label}: {kind} {FULLNAME}-{suffix} exists", route is not None):
+            continue
+        refs = [ref for rule in route["spec"]["rules"] for ref in rule["backendRefs"]]
+        checks.check(
+            f"{label}: {kind} sends to the Service's {port_name} port ({ports[port_name]['port']}, appProtocol {ports[port_name].get('appProtocol')})",
+            refs == [{"name": FULLNAME, "port": ports[port_name]["port"]}]
+            and route["spec"]["parentRefs"][0]["name"] == "public",
+            route["spec"],
+        )
+    grpc_route = named(docs, "GRPCRoute", f"{FULLNAME}-grpc")
+    if grpc_route:
+        checks.check(
+            f"{label}: GRPCRoute matches user.v1.UserService; the grpc Service port speaks h2c",
+            grpc_route["spec"]["rules"][0]["matches"] == [{"method": {"service": "user.v1.UserService"}}]
+            and ports["grpc"].get("appProtocol") == "kubernetes.io/h2c",
+        )
+
+
+def check_common_labels(checks: Checks, tools: Tools) -> None:
+    """`--set commonLabels.team=x` lands on every object and pod template of
+    every render, and namespaceOverride on every object."""
+    checks.section("commonLabels, commonAnnotations and the namespace on every object")
+    for label, args in (
+        ("default", []),
+        ("all-on", ["-f", str(ALL_ON)]),
+        ("database", ["--set", "database.existingSecret=db"]),
+    ):
+        docs = render(checks, tools, f"{label} + commonLabels.team=x", [*args, "--set", "commonLabels.team=x", "--set", "commonAnnotations.example\\.com/note=y"])
+        if docs is None:
+            continue
+        missing = [
+            f"{doc['kind']}/{doc['metadata']['name']}"
+            for doc in docs
+            if (doc["metadata"].get("labels") or {}).get("team") != "x"
+            or (doc["metadata"].get("annotations") or {}).get("example.com/note") != "y"
+        ]
+        missing += [
+            f"{name} pod template"
+            for name, meta in pod_specs(docs)
+            if (meta.get("labels") or {}).get("team") != "x"
+            or (meta.get("annotations") or {}).get("example.com/note") != "y"
+        ]
+        checks.check(
+            f"{label}: commonLabels.team=x and a commonAnnotation on all {len(docs)} objects and their pod templates",
+            not missing,
+            missing,
+        )
+        deployment = named(docs, "Deployment", FULLNAME)
+        checks.check(
+            f"{label}: commonLabels never reach the Deployment's selector",
+            "team" not in deployment["spec"]["selector"]["matchLabels"],
+        )
+    docs = render(checks, tools, "namespaceOverride=payments", ["-f", str(ALL_ON), "--set", "namespaceOverride=payments"])
+    if docs is not None:
+        wrong = [
+            f"{doc['kind']}/{doc['metadata']['name']}: {doc['metadata'].get('namespace')}"
+            for doc in docs
+            if doc["metadata"].get("namespace") != "payments"
+        ]
+        monitor = objects(docs, "ServiceMonitor")[0]
+        checks.check("namespaceOverride=payments: every object in namespace payments", not wrong, wrong)
+        checks.check(
+            "namespaceOverride=payments: the ServiceMonitor looks in payments",
+            monitor["spec"]["namespaceSelector"] == {"matchNames": ["payments"]},
+        )
+
+
+def check_pdb_and_policies(checks: Checks, tools: Tools) -> None:
+    """The PodDisruptionBudget follows the number of pods that can run; the
+    NetworkPolicy keeps Prometheus in; command/args overrides."""
+    checks.section("PodDisruptionBudget default, NetworkPolicy and scraping, command/args")
+    for label, args, expected in (
+        ("memory store (1 pod)", [], False),
+        ("database (2 pods)", ["--set", "database.existingSecret=db"], True),
+        ("store=none (2 pods)", ["--set", "store=none"], True),
+        ("store=none, replicaCount=1", ["--set", "store=none", "--set", "replicaCount=1"], False),
+        ("store=none, autoscaling 2..10", ["--set", "store=none", "--set", "autoscaling.enabled=true"], True),
+        (
+            "store=none, autoscaling 1..10",
+            ["--set", "store=none", "--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=1"],
+            False,
+        ),
+        ("database, enabled=false", ["--set", "database.existingSecret=db", "--set", "podDisruptionBudget.enabled=false"], False),
+    ):
+        docs = render(checks, tools, f"PDB: {label}", args)
+        if docs is not None:
+            pdbs = objects(docs, "PodDisruptionBudget")
+            checks.check(
+                f"PDB: {label}: {'one PodDisruptionBudget, maxUnavailable 1' if expected else 'no PodDisruptionBudget'}",
+                (len(pdbs) == 1 and pdbs[0]["spec"].get("maxUnavailable") == 1) if expected else not pdbs,
+                [p["spec"] for p in pdbs],
+            )
+    docs = render(
+        checks,
+        tools,
+        "NetworkPolicy without scraping",
+        ["--set", "networkPolicy.enabled=true", "--set", "scrapeAnnotations=false"],
+    )
+    if docs is not None:
+        deployment = named(docs, "Deployment", FULLNAME)
+        policy = named(docs, "NetworkPolicy", FULLNAME)
+        checks.check(
+            "networkPolicy.enabled=true, scrapeAnnotations=false: renders, no admin rule, no scrape annotations",
+            policy is not None
+            and len(policy["spec"]["ingress"]) == 1
+            and not any(k.startswith("prometheus.io/") for k in deployment["spec"]["template"]["metadata"]["annotations"]),
+        )
+    docs = render(
+        checks,
+        tools,
+        "NetworkPolicy with metricsFrom and annotations",
+        [
+            "--set",
+            "networkPolicy.enabled=true",
+            "--set-json",
+            'networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]',
+        ],
+    )
+    if docs is not None:
+        policy = named(docs, "NetworkPolicy", FULLNAME)
+        admin = [r for r in policy["spec"]["ingress"] if [p["port"] for p in r["ports"]] == ["admin"]]
+        checks.check("networkPolicy with metricsFrom: an admin-port rule for Prometheus", len(admin) == 1, policy["spec"])
+    docs = render(
+        checks,
+        tools,
+        "command/args override",
+        ["--set-json", 'command=["/app/keel"]', "--set-json", 'args=["--config","/etc/keel/config.yaml","serve"]'],
+    )
+    if docs is not None:
+        container = main_container(named(docs, "Deployment", FULLNAME))
+        checks.check(
+            "command/args override: command and args replaced verbatim",
+            container.get("command") == ["/app/keel"] and container.get("args") == ["--config", "/etc/keel/config.yaml", "serve"],
+            (container.get("command"), container.get("args")),
+        )
+
+
+def check_floor(checks: Checks, tools: Tools) -> None:
+    """The declared floor is honest: what the chart uses exists there."""
+    checks.section("Kubernetes version floor")
+    floor = kube_floor()
+    checks.check(
+        f"kubeVersion floor {floor} is 1.27 or later (matchLabelKeys, unhealthyPodEvictionPolicy, gRPC probes)",
+        tuple(int(x) for x in floor.split(".")[:2]) >= (1, 27),
+        floor,
+    )
+    below = run([tools.helm, "template", RELEASE, str(CHART), "--kube-version", "1.26.0"])
+    checks.check(
+        "helm template --kube-version 1.26.0 is refused by the chart's kubeVersion",
+        below.returncode != 0 and "kubeVersion" in below.stderr,
+        short(below.stderr, 300),
+    )
+    at_floor = run([tools.helm, "template", RELEASE, str(CHART), "--kube-version", floor, "-f", str(ALL_ON)])
+    checks.check(f"helm template --kube-version {floor} (the floor) renders all-on", at_floor.returncode == 0, short(at_floor.stderr))
+
+
 def check_grpc_probes(checks: Checks, tools: Tools, app_version: str) -> None:
     label = "grpc-probes"
     checks.section("helm template with native gRPC probes and an existing Secret (all-on + overrides)")
@@ -718,11 +1077,12 @@ def check_grpc_probes(checks: Checks, tools: Tools, app_version: str) -> None:
             spec.get("grpc") == {"port": 9000} and "httpGet" not in spec,
             spec,
         )
-    ref = env_map(container).get("KEEL__AUTH__TOKENS", {}).get("valueFrom", {}).get("secretKeyRef", {})
+    volume = next((v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"), {})
     checks.check(
-        f"{label}: KEEL__AUTH__TOKENS from secretKeyRef keel-tokens/api-tokens (existingSecret wins)",
-        ref == {"name": "keel-tokens", "key": "api-tokens"},
-        ref,
+        f"{label}: the tokens file comes from Secret keel-tokens key api-tokens (existingSecret wins)",
+        volume.get("secret", {}).get("secretName") == "keel-tokens"
+        and volume["secret"].get("items") == [{"key": "api-tokens", "path": "tokens"}],
+        volume,
     )
     checks.check(f"{label}: no Secret rendered with auth.existingSecret", not objects(docs, "Secret"))
     checks.check(
@@ -806,9 +1166,9 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
     if deployment:
         env = env_map(main_container(deployment))
         checks.check(
-            "config.auth.disabled=true: no Secret, no KEEL__AUTH__TOKENS, auth.disabled in config.yaml",
+            "config.auth.disabled=true: no Secret, no auth volume, auth.disabled in config.yaml",
             not objects(docs, "Secret")
-            and "KEEL__AUTH__TOKENS" not in env
+            and not any(v["name"] == "auth" for v in deployment["spec"]["template"]["spec"]["volumes"])
             and rendered_config(docs).get("auth") == {"disabled": True},
         )
 
@@ -836,10 +1196,8 @@ def check_variations(checks: Checks, tools: Tools, default_annotations: dict | N
     if deployment:
         secret = named(docs, "Secret", f"{FULLNAME}-auth")
         checks.check(
-            "auth.tokens={alpha-123,beta-456}: Secret tokens = alpha-123,beta-456, pod has checksum/auth",
-            secret is not None
-            and base64.b64decode(secret["data"]["tokens"]).decode() == "alpha-123,beta-456"
-            and "checksum/auth" in deployment["spec"]["template"]["metadata"]["annotations"],
+            "auth.tokens={alpha-123,beta-456}: Secret tokens = alpha-123,beta-456",
+            secret is not None and base64.b64decode(secret["data"]["tokens"]).decode() == "alpha-123,beta-456",
         )
 
     deployment, docs = deployment_of(checks, tools, "no topology spread", ["--set", "topologySpread.enabled=false"])
@@ -1053,7 +1411,7 @@ def check_negative(checks: Checks, tools: Tools) -> None:
         ("no tokens, auth.generate=false", ["--set", "auth.generate=false"], "keel needs bearer tokens"),
         (
             "podDisruptionBudget with minAvailable and maxUnavailable",
-            ["--set", "podDisruptionBudget.enabled=true", "--set", "podDisruptionBudget.minAvailable=1"],
+            ["--set", "store=none", "--set", "podDisruptionBudget.enabled=true", "--set", "podDisruptionBudget.minAvailable=1"],
             "exactly one of minAvailable and maxUnavailable",
         ),
         (
@@ -1117,6 +1475,59 @@ def check_negative(checks: Checks, tools: Tools) -> None:
             ["--set", "terminationGracePeriodMarginSeconds=0"],
             "terminationGracePeriodMarginSeconds",
         ),
+        (
+            "networkPolicy on with a ServiceMonitor and no metricsFrom",
+            ["--set", "networkPolicy.enabled=true", "--set", "serviceMonitor.enabled=true"],
+            "networkPolicy.enabled=true with scraping on (serviceMonitor.enabled=true) but networkPolicy.metricsFrom is empty"
+            ": the policy would block Prometheus from the admin port (8081, /metrics). Set networkPolicy.metricsFrom",
+        ),
+        (
+            "networkPolicy on with the scrape annotations and no metricsFrom",
+            ["--set", "networkPolicy.enabled=true"],
+            "or turn scraping off (serviceMonitor.enabled=false and scrapeAnnotations=false)",
+        ),
+        (
+            "podDisruptionBudget.enabled=true with replicaCount=1",
+            ["--set", "podDisruptionBudget.enabled=true", "--set", "store=none", "--set", "replicaCount=1"],
+            "podDisruptionBudget.enabled=true with replicaCount=1: with a single pod the budget either blocks every node drain"
+            " or protects nothing. Set replicaCount to 2 or more",
+        ),
+        (
+            "podDisruptionBudget.enabled=true with the memory store (1 pod)",
+            ["--set", "podDisruptionBudget.enabled=true"],
+            "podDisruptionBudget.enabled=true with replicaCount=1",
+        ),
+        (
+            "podDisruptionBudget.enabled=true with autoscaling.minReplicas=1",
+            [
+                "--set",
+                "podDisruptionBudget.enabled=true",
+                "--set",
+                "store=none",
+                "--set",
+                "autoscaling.enabled=true",
+                "--set",
+                "autoscaling.minReplicas=1",
+            ],
+            "Set autoscaling.minReplicas to 2 or more",
+        ),
+        (
+            "commonLabels overriding a selector label",
+            ["--set", "commonLabels.app\\.kubernetes\\.io/name=other"],
+            "commonLabels.app.kubernetes.io/name: the chart sets this label itself",
+        ),
+        ("commonLabels with a non-string value (schema)", ["--set", "commonLabels.team=1"], "commonLabels"),
+        ("config.auth.tokens_file (schema)", ["--set", "config.auth.tokens_file=/x"], "tokens_file"),
+        (
+            "config.auth.tokens_file without the schema (template check)",
+            ["--skip-schema-validation", "--set", "config.auth.tokens_file=/x"],
+            "config.auth.tokens_file must not be set",
+        ),
+        ("config.runtime.worker_threads=5000 (schema)", ["--set", "config.runtime.worker_threads=5000"], "worker_threads"),
+        ("httpRoute without parentRefs", ["--set", "httpRoute.enabled=true"], "httpRoute.enabled=true needs httpRoute.parentRefs"),
+        ("grpcRoute without parentRefs", ["--set", "grpcRoute.enabled=true"], "grpcRoute.enabled=true needs grpcRoute.parentRefs"),
+        ("ingress without hosts", ["--set", "ingress.enabled=true"], "ingress.enabled=true needs at least one entry in ingress.hosts"),
+        ("sidecars entry without a name (schema)", ["--set-json", 'sidecars=[{"image":"x"}]'], "sidecars"),
     ]
     for name, args, expected in cases:
         result = helm_template(tools, args)
@@ -1176,7 +1587,7 @@ def check_schema_matches_app(checks: Checks) -> None:
     allowed = schema_leaves(config_schema)
     defaults = leaf_keys(yaml.safe_load((ROOT / "config" / "default.yaml").read_text()))
     # database.url is a secret: the chart takes it only as a mounted file.
-    chart_owned = {"grpc.addr", "http.addr", "admin.addr", "auth.tokens", "database.url"}
+    chart_owned = {"grpc.addr", "http.addr", "admin.addr", "auth.tokens", "auth.tokens_file", "database.url"}
     checks.check(
         "every config key the schema allows exists in config/default.yaml",
         allowed <= defaults,
@@ -1234,13 +1645,24 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                     "port-forward svc/demo-keel 9000 8080",
                     "helm test demo",
                     "A token was generated",
+                    "WARNING: a generated token is in use",
+                    "auth.existingSecret",
+                    "/var/run/secrets/keel/auth/tokens",
                     "terminationGracePeriodSeconds is 31",
                 ],
             ),
             (
                 "all-on",
                 ["-f", str(ALL_ON)],
-                ["dns:///demo-keel-headless.apps.svc:9000", "ServiceMonitor demo-keel", "Secret demo-keel-auth"],
+                [
+                    "dns:///demo-keel-headless.apps.svc:9000",
+                    "ServiceMonitor demo-keel",
+                    "Secret demo-keel-auth",
+                    "PodDisruptionBudget: demo-keel",
+                    "Ingress: demo-keel",
+                    "HTTPRoute: demo-keel-http",
+                    "GRPCRoute: demo-keel-grpc",
+                ],
             ),
             ("auth disabled", ["--set", "config.auth.disabled=true"], ["WARNING: authentication is disabled"]),
             ("default store", [], ["Store: in memory", "Replicas: 1."]),
@@ -1249,7 +1671,8 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                 ["--set", "database.existingSecret=db"],
                 ["Store: PostgreSQL, URL from Secret db", "Job demo-keel-migrate", "Replicas: 2."],
             ),
-            ("store none", ["--set", "store=none"], ["Store: none", "Replicas: 2."]),
+            ("store none", ["--set", "store=none"], ["Store: none", "Replicas: 2.", "PodDisruptionBudget: demo-keel"]),
+            ("no scraping", ["--set", "scrapeAnnotations=false"], ["Metrics: not scraped by the chart"]),
         ):
             result = helm_template(tools, ["--show-only", "templates/notes-check.yaml", *args], chart=chart)
             text = ""
@@ -1260,6 +1683,17 @@ def check_notes(checks: Checks, tools: Tools) -> None:
                 f"NOTES.txt renders ({label}) and mentions {', '.join(expected)}",
                 result.returncode == 0 and not missing,
                 short(result.stderr) or missing,
+            )
+        for label, args in (
+            ("tokens from values", ["--set", "auth.tokens={a-1}"]),
+            ("existing Secret", ["--set", "auth.existingSecret=keel-tokens"]),
+        ):
+            result = helm_template(tools, ["--show-only", "templates/notes-check.yaml", *args], chart=chart)
+            text = yaml.safe_load(result.stdout)["data"]["notes"] if result.returncode == 0 else ""
+            checks.check(
+                f"NOTES.txt ({label}): no generated-token warning",
+                result.returncode == 0 and "generated token" not in text and "Authentication:" in text,
+                short(result.stderr) or text[-400:],
             )
 
 
@@ -1277,7 +1711,17 @@ def check_dockerfile(checks: Checks, tools: Tools) -> None:
 
     text = dockerfile.read_text()
     lines = [line.strip() for line in text.splitlines()]
-    froms = [line.split()[1] for line in lines if line.upper().startswith("FROM ")]
+    # Global ARGs (before the first FROM) give the base image references.
+    first_from = next(i for i, line in enumerate(lines) if line.upper().startswith("FROM "))
+    global_args = dict(
+        line[4:].split("=", 1) for line in lines[:first_from] if line.upper().startswith("ARG ") and "=" in line
+    )
+
+    def expand(word: str) -> str:
+        return re.sub(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", lambda m: global_args.get(m.group(1), m.group(0)), word)
+
+    raw_froms = [line.split()[1] for line in lines if line.upper().startswith("FROM ") and not line.split()[1].startswith("--")]
+    froms = [expand(image) for image in raw_froms]
     stage_names = {
         line.split()[3].lower() for line in lines if line.upper().startswith("FROM ") and len(line.split()) >= 4
     }
@@ -1292,6 +1736,59 @@ def check_dockerfile(checks: Checks, tools: Tools) -> None:
         external,
     )
     checks.check("multi-stage build", len(froms) >= 3, froms)
+    external_raw = [image for image in raw_froms if image.lower() not in stage_names]
+    checks.check(
+        "every base image comes from a build arg (so a digest can be passed and Renovate can pin it)",
+        bool(external_raw) and all(re.fullmatch(r"\$\{[A-Z_]+_IMAGE\}", image) for image in external_raw),
+        external_raw,
+    )
+    renovate_path = ROOT / "renovate.json"
+    if checks.check("renovate.json exists", renovate_path.is_file()):
+        renovate = json.loads(renovate_path.read_text())
+        managed = set()
+        for manager in renovate.get("customManagers", []):
+            for pattern in manager.get("matchStrings", []):
+                python_pattern = pattern.replace("(?<", "(?P<")
+                for match in re.finditer(python_pattern, text):
+                    managed.add((match.group("depName"), match.group("currentValue")))
+        wanted = {tuple(global_args[image[2:-1]].split("@")[0].rsplit(":", 1)) for image in external_raw}
+        checks.check(
+            "renovate.json: a custom manager reads every base image arg, with digest pinning on",
+            managed == wanted
+            and any(rule.get("pinDigests") for rule in renovate.get("packageRules", [])),
+            (sorted(managed), sorted(wanted)),
+        )
+    runtime_stage = text[text.rindex("\nFROM ") :]
+    checks.check(
+        "the runtime image sets ENV KEEL_ENV=production (auth required wherever the image runs)",
+        re.search(r"^ENV KEEL_ENV=production$", runtime_stage, re.MULTILINE) is not None,
+    )
+    oci = set(re.findall(r"org\.opencontainers\.image\.([a-z.]+)=", runtime_stage))
+    needed_oci = {
+        "title", "description", "licenses", "source", "revision", "version", "created", "url", "documentation",
+        "vendor", "authors", "ref.name", "base.name",
+    }
+    checks.check("the runtime stage carries the full set of OCI labels", needed_oci <= oci, sorted(needed_oci - oci))
+    checks.check(
+        "revision, version and created come from build args; the commit reaches keel_build_info (KEEL_GIT_COMMIT)",
+        'org.opencontainers.image.revision="${KEEL_GIT_COMMIT}"' in runtime_stage
+        and 'org.opencontainers.image.version="${KEEL_VERSION}"' in runtime_stage
+        and 'org.opencontainers.image.created="${BUILD_DATE}"' in runtime_stage
+        and re.search(r"ARG KEEL_GIT_COMMIT", text[: text.rindex("\nFROM ")]) is not None
+        and 'option_env!("KEEL_GIT_COMMIT")' in (ROOT / "src" / "metrics" / "mod.rs").read_text()
+        and "rerun-if-env-changed=KEEL_GIT_COMMIT" in (ROOT / "build.rs").read_text(),
+    )
+    checks.check(
+        "the musl target follows TARGETARCH (amd64 and arm64), never hard-coded in the cargo steps",
+        "ARG TARGETARCH" in text
+        and "amd64) echo x86_64-unknown-linux-musl" in text
+        and "arm64) echo aarch64-unknown-linux-musl" in text
+        and not re.search(r"cargo (build|chef cook)[^\n]*--target x86_64", text),
+    )
+    checks.check(
+        "musl-tools installed without an exact Debian version pin",
+        re.search(r"musl-tools(?!=)", text) is not None and "musl-tools=" not in text,
+    )
     checks.check(
         "dependencies cached separately (cargo-chef or a BuildKit cache mount)",
         ("cargo chef cook" in text and "cargo chef prepare" in text) or "--mount=type=cache" in text,
@@ -1342,13 +1839,61 @@ def check_dockerfile(checks: Checks, tools: Tools) -> None:
         checks.check(".dockerignore keeps what the build needs", not (needed & entries), sorted(needed & entries))
 
 
+def check_checkov(checks: Checks, tools: Tools) -> None:
+    """checkov on the chart (helm), the rendered default and all-on
+    manifests (kubernetes) and the Dockerfile: only accepted findings."""
+    checks.section("checkov (policy checks)")
+    if not tools.checkov:
+        print("  (skipped: no --checkov given)")
+        return
+    readme = (ROOT / "README.md").read_text()
+    undocumented = [check for check in CHECKOV_ACCEPTED if check not in readme]
+    checks.check("every accepted checkov finding is listed in the README", not undocumented, undocumented)
+    with tempfile.TemporaryDirectory() as tmp:
+        rendered = Path(tmp) / "rendered"
+        rendered.mkdir()
+        for name, args in (("default", []), ("all-on", ["-f", str(ALL_ON)])):
+            result = helm_template(tools, args)
+            (rendered / f"{name}.yaml").write_text(result.stdout)
+        helm_dir = str(Path(tools.helm).parent)
+        env_path = f"{helm_dir}:{os.environ.get('PATH', '')}"
+        for label, target in (
+            ("helm chart", ["-d", str(CHART), "--framework", "helm"]),
+            ("rendered default and all-on", ["-d", str(rendered), "--framework", "kubernetes"]),
+            ("Dockerfile", ["-f", str(ROOT / "Dockerfile"), "--framework", "dockerfile"]),
+        ):
+            result = subprocess.run(
+                [tools.checkov, *target, "--skip-download", "--quiet", "-o", "json"],
+                check=False,
+                capture_output=True,
+                text=True,
+                cwd=ROOT,
+                env={**os.environ, "PATH": env_path},
+            )
+            try:
+                report = json.loads(result.stdout)
+            except json.JSONDecodeError:
+                checks.check(f"checkov ({label}) ran", False, short(result.stdout + result.stderr))
+                continue
+            reports = report if isinstance(report, list) else [report]
+            failed = [f for r in reports for f in r.get("results", {}).get("failed_checks", [])]
+            passed = sum(r.get("summary", {}).get("passed", 0) for r in reports)
+            unexpected = sorted({f"{f['check_id']} {f['resource']}" for f in failed if f["check_id"] not in CHECKOV_ACCEPTED})
+            checks.check(
+                f"checkov ({label}): {passed} passed, {len(failed)} failed, all of them accepted",
+                passed > 0 and not unexpected,
+                unexpected,
+            )
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--helm", default="helm")
     parser.add_argument("--kubernetes-validate", default="kubernetes-validate")
     parser.add_argument("--hadolint", default="hadolint")
+    parser.add_argument("--checkov", default=None, help="checkov binary; the checkov checks are skipped without it")
     args = parser.parse_args()
-    tools = Tools(args.helm, args.kubernetes_validate, args.hadolint)
+    tools = Tools(args.helm, args.kubernetes_validate, args.hadolint, args.checkov)
     checks = Checks()
     app_version = str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
 
@@ -1367,7 +1912,10 @@ def main() -> int:
             checks.check(f"{name} ran to completion", False, f"{type(error).__name__}: {error}")
             return None
 
+    KUBE_VERSIONS[:] = sorted({kube_floor(), "1.33.0", NEWEST_KUBE_VERSION}, key=lambda v: tuple(map(int, v.split("."))))
+    print(f"validating at Kubernetes {', '.join(KUBE_VERSIONS)} (the chart's floor, 1.33, the newest shipped)")
     guarded("helm lint", check_lint, checks, tools)
+    guarded("Kubernetes version floor", check_floor, checks, tools)
     guarded("schema against config keys", check_schema_matches_app, checks)
     guarded("environment against config overlays", check_environment, checks, tools)
     default_annotations = guarded("default render", check_default, checks, tools, app_version)
@@ -1375,9 +1923,12 @@ def main() -> int:
     guarded("grpc-probes render", check_grpc_probes, checks, tools, app_version)
     guarded("value variations", check_variations, checks, tools, default_annotations)
     guarded("database render", check_database, checks, tools, app_version)
+    guarded("commonLabels and namespace", check_common_labels, checks, tools)
+    guarded("PDB, NetworkPolicy, command/args", check_pdb_and_policies, checks, tools)
     guarded("negative cases", check_negative, checks, tools)
     guarded("NOTES.txt", check_notes, checks, tools)
     guarded("Dockerfile", check_dockerfile, checks, tools)
+    guarded("checkov", check_checkov, checks, tools)
 
     if checks.failed:
         print("\nFailed checks:")

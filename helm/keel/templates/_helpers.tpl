@@ -50,13 +50,53 @@ app.kubernetes.io/name: {{ include "keel.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
-{{/* Standard labels of every object. */}}
+{{/* Standard labels of every object, then commonLabels. Every template
+uses it (or keel.testLabels), so a value in commonLabels lands on every
+object and pod template; new templates should too. commonLabels cannot
+override the standard keys, which selectors rely on. */}}
 {{- define "keel.labels" -}}
 helm.sh/chart: {{ include "keel.chart" . }}
 {{ include "keel.selectorLabels" . }}
 app.kubernetes.io/version: {{ include "keel.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: {{ include "keel.name" . }}
+{{- include "keel.commonLabels" . }}
+{{- end -}}
+
+{{/* commonLabels as YAML lines (with a leading newline), minus the keys
+the chart sets itself. Refuses the selector keys. */}}
+{{- define "keel.commonLabels" -}}
+{{- $own := list "helm.sh/chart" "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "app.kubernetes.io/component" -}}
+{{- range $key, $value := (.Values.commonLabels | default dict) -}}
+{{- if has $key $own -}}
+{{- fail (printf "commonLabels.%s: the chart sets this label itself (selectors depend on it); use another key." $key) -}}
+{{- end }}
+{{ $key }}: {{ $value | toString | quote }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Annotations of an object: commonAnnotations merged with the object's own
+(which win). Call with (list . $own); renders a complete `annotations:`
+block, or nothing when both are empty. Indent with nindent 2 under
+metadata:
+
+  metadata:
+    name: x
+    {{- include "keel.annotations" (list . .Values.service.annotations) | nindent 2 }}
+*/}}
+{{- define "keel.annotations" -}}
+{{- $root := index . 0 -}}
+{{- $merged := merge (deepCopy (index . 1 | default dict)) (deepCopy ($root.Values.commonAnnotations | default dict)) -}}
+{{- with $merged }}
+annotations:
+  {{- toYaml . | nindent 2 }}
+{{- end -}}
+{{- end -}}
+
+{{/* The namespace of every object: namespaceOverride or the release's. */}}
+{{- define "keel.namespace" -}}
+{{- default .Release.Namespace .Values.namespaceOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
 {{/* Labels of the helm test pod: standard, but deliberately NOT matching
@@ -74,6 +114,7 @@ helm.sh/chart: {{ include "keel.chart" . }}
 app.kubernetes.io/version: {{ include "keel.imageTag" . | trunc 63 | trimSuffix "-" | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: {{ include "keel.name" . }}
+{{- include "keel.commonLabels" . }}
 {{- end -}}
 
 {{/* Extra label of the metrics Service, which the ServiceMonitor selects. */}}
@@ -180,8 +221,16 @@ that they cannot be set in two places.
 */}}
 {{- define "keel.config" -}}
 {{- $config := deepCopy (.Values.config | default dict) -}}
-{{- if hasKey ($config.auth | default dict) "tokens" -}}
+{{- $auth := $config.auth | default dict -}}
+{{- if hasKey $auth "tokens" -}}
 {{- fail "config.auth.tokens must not be set: tokens are secret and never go into the ConfigMap. Use auth.tokens or auth.existingSecret." -}}
+{{- end -}}
+{{- if hasKey $auth "tokens_file" -}}
+{{- fail (printf "config.auth.tokens_file must not be set: the chart mounts the tokens Secret (auth.existingSecret or its own) at %s and sets it. Use auth.existingSecret." (include "keel.authTokensFile" .)) -}}
+{{- end -}}
+{{- if include "keel.authEnabled" . -}}
+{{- $_ := set $auth "tokens_file" (include "keel.authTokensFile" .) -}}
+{{- $_ := set $config "auth" $auth -}}
 {{- end -}}
 {{- $ports := list (int .Values.ports.grpc) (int .Values.ports.http) (int .Values.ports.admin) -}}
 {{- if ne (len ($ports | uniq)) 3 -}}
@@ -240,6 +289,68 @@ Authentication
 {{- .Values.auth.existingSecretKey -}}
 {{- else -}}
 tokens
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart generates the token (no tokens, no existingSecret). */}}
+{{- define "keel.generatedToken" -}}
+{{- if and (include "keel.createAuthSecret" .) (not .Values.auth.tokens) .Values.auth.generate -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The tokens Secret is mounted as a directory (a secret volume, no subPath,
+so that the kubelet's updates reach the file) and keel reads it through
+config.auth.tokens_file, which the chart sets; keel re-reads it on change.
+*/}}
+{{- define "keel.authDir" -}}/var/run/secrets/keel/auth{{- end -}}
+{{- define "keel.authTokensFile" -}}{{ include "keel.authDir" . }}/tokens{{- end -}}
+
+{{- define "keel.authVolume" -}}
+- name: auth
+  secret:
+    secretName: {{ include "keel.authSecretName" . }}
+    items:
+      - key: {{ include "keel.authSecretKey" . }}
+        path: tokens
+    # Owner and the pod's fsGroup may read it; nobody may write.
+    defaultMode: 288
+{{- end -}}
+
+{{- define "keel.authVolumeMount" -}}
+- name: auth
+  mountPath: {{ include "keel.authDir" . }}
+  readOnly: true
+{{- end -}}
+
+{{/*
+Scraping and the PodDisruptionBudget
+*/}}
+
+{{/* "true" when the pods carry the prometheus.io scrape annotations. */}}
+{{- define "keel.scrapeAnnotations" -}}
+{{- if and (not .Values.serviceMonitor.enabled) .Values.scrapeAnnotations -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+"true" when the PodDisruptionBudget renders: podDisruptionBudget.enabled,
+or, while it is null, whenever more than one pod can run. Fails for an
+explicit true with fewer than two pods.
+*/}}
+{{- define "keel.pdbEnabled" -}}
+{{- $enabled := .Values.podDisruptionBudget.enabled -}}
+{{- $replicas := int (include "keel.replicaCount" .) -}}
+{{- $minimum := ternary (int .Values.autoscaling.minReplicas) $replicas (.Values.autoscaling.enabled | default false) -}}
+{{- if kindIs "invalid" $enabled -}}
+{{- if ge $minimum 2 -}}true{{- end -}}
+{{- else if $enabled -}}
+{{- if lt $minimum 2 -}}
+{{- if .Values.autoscaling.enabled -}}
+{{- fail (printf "podDisruptionBudget.enabled=true with autoscaling.minReplicas=%d: with a single pod the budget either blocks every node drain or protects nothing. Set autoscaling.minReplicas to 2 or more, or podDisruptionBudget.enabled=false (or null: on whenever 2 or more pods run)." $minimum) -}}
+{{- else -}}
+{{- fail (printf "podDisruptionBudget.enabled=true with replicaCount=%d: with a single pod the budget either blocks every node drain or protects nothing. Set replicaCount to 2 or more (with database.existingSecret or store=none: the memory store cannot be shared), or podDisruptionBudget.enabled=false (or null: on whenever 2 or more pods run)." $minimum) -}}
+{{- end -}}
+{{- end -}}
+true
 {{- end -}}
 {{- end -}}
 

@@ -1,9 +1,10 @@
-//! Bearer-token authentication. Tokens come from `auth.tokens` and are
-//! compared in constant time; health and reflection are exempt. A missing
-//! and a wrong token get the same UNAUTHENTICATED answer, so a caller
-//! learns nothing about which it was.
+//! Bearer-token authentication. Tokens come from `auth.tokens` or from
+//! `auth.tokens_file`, which is watched through [`crate::secret_file`] so a
+//! rotated Secret takes effect without a restart, and are compared in
+//! constant time; health and reflection are exempt. A missing and a wrong
+//! token get the same UNAUTHENTICATED answer, so a caller learns nothing
+//! about which it was.
 
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -12,37 +13,72 @@ use tower::{Layer, Service};
 
 use super::call::ShortCircuit;
 use super::method::method_of;
-use crate::config::AuthSettings;
+use crate::config::{AuthSettings, parse_tokens};
+use crate::secret_file::{self, SecretFileError, Watched};
+
+type TokenSet = Box<[Box<[u8]>]>;
 
 /// The accepted tokens. Authentication is off when `auth.disabled` is set
 /// or, outside production, when no token is configured.
 #[derive(Clone)]
 pub struct Authenticator {
-    tokens: Arc<[Box<[u8]>]>,
+    /// The current tokens: fixed for `auth.tokens`, swapped on reload for
+    /// `auth.tokens_file`. Each call reads the set once.
+    tokens: Watched<TokenSet>,
+    /// Decided at start: a tokens file never parses to an empty set, so a
+    /// reload cannot switch authentication off.
+    enabled: bool,
 }
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Authenticator({} tokens)", self.tokens.len())
+        write!(f, "Authenticator({} tokens)", self.tokens.get().len())
     }
 }
 
+fn token_set(tokens: &[String]) -> TokenSet {
+    tokens.iter().map(|t| t.as_bytes().into()).collect()
+}
+
 impl Authenticator {
-    pub fn new(settings: &AuthSettings) -> Self {
-        let tokens =
-            if settings.disabled { Vec::new() } else { settings.tokens.iter().map(|t| t.as_bytes().into()).collect() };
-        Self { tokens: tokens.into() }
+    /// The tokens of `settings`. With `auth.tokens_file`, the file is read
+    /// now and, inside a tokio runtime, polled every
+    /// [`secret_file::DEFAULT_POLL_INTERVAL`] from then on.
+    pub fn new(settings: &AuthSettings) -> Result<Self, SecretFileError> {
+        Self::with_poll_interval(settings, secret_file::DEFAULT_POLL_INTERVAL)
+    }
+
+    /// As [`Self::new`], polling the tokens file every `interval`.
+    pub fn with_poll_interval(settings: &AuthSettings, interval: std::time::Duration) -> Result<Self, SecretFileError> {
+        if settings.disabled {
+            return Ok(Self { tokens: Watched::fixed(TokenSet::default()), enabled: false });
+        }
+        if settings.tokens_file.is_empty() {
+            let tokens = token_set(&settings.tokens);
+            let enabled = !tokens.is_empty();
+            return Ok(Self { tokens: Watched::fixed(tokens), enabled });
+        }
+        let tokens = secret_file::watch(
+            "auth.tokens_file",
+            vec![settings.tokens_file.clone().into()],
+            interval,
+            |contents: &[Vec<u8>]| {
+                let first = contents.first().map(Vec::as_slice).unwrap_or_default();
+                parse_tokens(first).map(|tokens| token_set(&tokens))
+            },
+        )?;
+        Ok(Self { tokens, enabled: true })
     }
 
     pub fn enabled(&self) -> bool {
-        !self.tokens.is_empty()
+        self.enabled
     }
 
     /// Checks an `authorization` header value.
     pub fn accepts(&self, header: Option<&[u8]>) -> bool {
         let Some(token) = header.and_then(bearer_token) else { return false };
         // Compare against every token, without stopping at a match.
-        self.tokens.iter().fold(false, |found, known| found | constant_time_eq(known, token))
+        self.tokens.get().iter().fold(false, |found, known| found | constant_time_eq(known, token))
     }
 }
 
@@ -122,7 +158,9 @@ mod tests {
     use super::*;
 
     fn auth(tokens: &[&str]) -> Authenticator {
-        Authenticator::new(&AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), disabled: false })
+        let settings =
+            AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), ..AuthSettings::default() };
+        Authenticator::new(&settings).unwrap()
     }
 
     #[test]
@@ -141,7 +179,26 @@ mod tests {
     #[test]
     fn is_off_without_tokens_or_when_disabled() {
         assert!(!auth(&[]).enabled());
-        let disabled = Authenticator::new(&AuthSettings { tokens: vec!["t".into()], disabled: true });
+        let disabled =
+            Authenticator::new(&AuthSettings { tokens: vec!["t".into()], disabled: true, ..AuthSettings::default() })
+                .unwrap();
         assert!(!disabled.enabled());
+    }
+
+    #[test]
+    fn a_tokens_file_takes_commas_and_newlines() {
+        let path = std::env::temp_dir().join(format!("keel-auth-tokens-{}", std::process::id()));
+        std::fs::write(&path, "alpha,beta\n gamma \n\n").unwrap();
+        let settings = AuthSettings { tokens_file: path.display().to_string(), ..AuthSettings::default() };
+        let a = Authenticator::new(&settings).unwrap();
+        assert!(a.enabled());
+        for token in ["alpha", "beta", "gamma"] {
+            assert!(a.accepts(Some(format!("Bearer {token}").as_bytes())), "{token}");
+        }
+        assert!(!a.accepts(Some(b"Bearer alpha,beta")));
+        std::fs::write(&path, " ,\n").unwrap();
+        let error = Authenticator::new(&settings).unwrap_err().to_string();
+        assert!(error.contains("auth.tokens_file") && error.contains("no token"), "{error}");
+        std::fs::remove_file(&path).unwrap();
     }
 }
