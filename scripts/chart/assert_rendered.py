@@ -52,7 +52,7 @@ STANDARD_LABELS = (
     "helm.sh/chart",
 )
 EXPECTED_PORTS = {"grpc": 9000, "http": 8080, "admin": 8081}
-CRD_KINDS = {"ServiceMonitor", "HTTPRoute", "GRPCRoute"}
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute", "GRPCRoute", "PrometheusRule"}
 
 
 class Checks:
