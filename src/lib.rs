@@ -31,6 +31,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clients;
 pub mod config;
 pub mod database;
 #[doc(hidden)]
