@@ -175,6 +175,16 @@ async fn answer(script: &Script, request: http::Request<DownBody>) -> http::Resp
             .header("content-type", "application/grpc")
             .body(frames(vec![Frame::data(Bytes::from_static(&[0, 0, 0, 0, 9, 1, 2]))]))
             .unwrap(),
+        // Response headers, then UNAVAILABLE in the trailers: too late to
+        // retry, the downstream may have acted on the call.
+        5 => http::Response::builder()
+            .header("content-type", "application/grpc")
+            .body(frames(vec![Frame::trailers({
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static("14"));
+                trailers
+            })]))
+            .unwrap(),
         // A message that is not a User, then trailers with no status.
         _ => http::Response::builder()
             .header("content-type", "application/grpc")
@@ -270,16 +280,24 @@ async fn unavailable_is_retried_only_for_idempotent_methods() -> Result<()> {
     assert_eq!(failed.code(), Code::Unavailable);
     assert_eq!(down.script.calls("/CreateUser"), 1, "a non-idempotent method was retried");
 
+    // UNAVAILABLE after the response headers: never retried.
+    down.script.fail_next.store(0, Ordering::SeqCst);
+    down.script.garbage.store(5, Ordering::SeqCst);
+    let before = down.script.calls("/GetUser");
+    assert_eq!(users.get_user(get_user()).await.unwrap_err().code(), Code::Unavailable);
+    assert_eq!(down.script.calls("/GetUser"), before + 1, "retried after response headers");
+    down.script.garbage.store(0, Ordering::SeqCst);
+
     let scrape = app.scrape().await?;
     let value = |method, extra: &[(&str, &str)]| sample(&scrape, "grpc_client_handled_total", &labels(method, extra));
-    assert_eq!(sample(&scrape, "grpc_client_started_total", &labels("GetUser", &[])), Some(1.0));
+    assert_eq!(sample(&scrape, "grpc_client_started_total", &labels("GetUser", &[])), Some(2.0));
     assert_eq!(value("GetUser", &[("grpc_code", "OK")]), Some(1.0));
-    assert_eq!(value("GetUser", &[("grpc_code", "Unavailable")]), Some(0.0));
-    assert_eq!(sample(&scrape, "grpc_client_msg_sent_total", &labels("GetUser", &[])), Some(1.0));
+    assert_eq!(value("GetUser", &[("grpc_code", "Unavailable")]), Some(1.0));
+    assert_eq!(sample(&scrape, "grpc_client_msg_sent_total", &labels("GetUser", &[])), Some(2.0));
     assert_eq!(sample(&scrape, "grpc_client_msg_received_total", &labels("GetUser", &[])), Some(1.0));
     assert_eq!(
         sample(&scrape, "grpc_client_handling_seconds_count", &labels("GetUser", &[("grpc_type", "unary")])),
-        Some(1.0)
+        Some(2.0)
     );
     assert_eq!(sample(&scrape, "grpc_client_started_total", &labels("CreateUser", &[])), Some(1.0));
     assert_eq!(value("CreateUser", &[("grpc_code", "Unavailable")]), Some(1.0));
@@ -418,6 +436,63 @@ async fn an_expired_deadline_never_leaves_the_process() -> Result<()> {
     assert_eq!(response.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", response.text());
     assert_eq!(down.script.calls("/GetUser"), 0, "a call past the caller's deadline was sent");
     app.stop().await
+}
+
+/// A client's own token goes out as a bearer token, from config or from a
+/// file that is re-read when it changes; with `propagate_authorization`
+/// the caller's own goes instead.
+#[tokio::test]
+async fn credentials_are_the_clients_token_or_the_callers() -> Result<()> {
+    let down = downstream().await?;
+    let authorization = |script: &Script| {
+        script
+            .last_headers("/GetUser")
+            .and_then(|h| h.get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned))
+    };
+
+    let mut client = client_settings(format!("http://{}", down.addr));
+    client.token = "own-token".to_owned();
+    let (app, mut users) = app_calling(client).await?;
+    users.get_user(get_user()).await?;
+    assert_eq!(authorization(&down.script).as_deref(), Some("Bearer own-token"));
+    app.stop().await?;
+
+    let dir = tempfile_dir()?;
+    let file = dir.join("token");
+    std::fs::write(&file, "file-token-1\n")?;
+    let mut client = client_settings(format!("http://{}", down.addr));
+    client.token_file = file.display().to_string();
+    let (app, mut users) = app_calling(client).await?;
+    users.get_user(get_user()).await?;
+    assert_eq!(authorization(&down.script).as_deref(), Some("Bearer file-token-1"));
+    std::fs::write(&file, "file-token-2\n")?;
+    let script = down.script.clone();
+    eventually(Duration::from_secs(15), || {
+        let mut users = users.clone();
+        let script = script.clone();
+        async move {
+            let _ = users.get_user(get_user()).await;
+            authorization(&script).as_deref() == Some("Bearer file-token-2")
+        }
+    })
+    .await?;
+    app.stop().await?;
+
+    let mut client = client_settings(format!("http://{}", down.addr));
+    client.propagate_authorization = true;
+    let app = app_relaying(client).await?;
+    let response =
+        app.http().send(http::Method::GET, "/v1/echo/abc", &[("authorization", "Bearer callers-token")], None).await?;
+    assert_eq!(response.status, http::StatusCode::OK, "{}", response.text());
+    assert_eq!(authorization(&down.script).as_deref(), Some("Bearer callers-token"));
+    app.stop().await
+}
+
+fn tempfile_dir() -> Result<std::path::PathBuf> {
+    let dir =
+        std::env::temp_dir().join(format!("keel-clients-{}-{:?}", std::process::id(), std::thread::current().id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 // ------------------------------------------------------------ balancing
@@ -564,7 +639,7 @@ async fn client_series_are_preinitialised_and_labelled_by_target() -> Result<()>
 async fn garbage_from_the_downstream_is_a_status_never_a_panic() -> Result<()> {
     let down = downstream().await?;
     let (app, mut users) = app_calling(client_settings(format!("http://{}", down.addr))).await?;
-    for kind in 1..=4u8 {
+    for kind in [1u8, 2, 3, 4, 6] {
         down.script.garbage.store(kind, Ordering::SeqCst);
         let outcome = users.get_user(get_user()).await;
         let status = outcome.expect_err("garbage was accepted");
@@ -573,7 +648,7 @@ async fn garbage_from_the_downstream_is_a_status_never_a_panic() -> Result<()> {
     down.script.garbage.store(0, Ordering::SeqCst);
     users.get_user(get_user()).await?;
     let scrape = app.scrape().await?;
-    assert_eq!(sample(&scrape, "grpc_client_started_total", &labels("GetUser", &[])), Some(5.0));
+    assert_eq!(sample(&scrape, "grpc_client_started_total", &labels("GetUser", &[])), Some(6.0));
     assert_eq!(sample(&scrape, "grpc_client_handled_total", &labels("GetUser", &[("grpc_code", "OK")])), Some(1.0));
     app.stop().await
 }

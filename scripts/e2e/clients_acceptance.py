@@ -113,6 +113,9 @@ def main():
         check(any('grpc_client_target="gateway"' in line for line in metrics.splitlines()
                   if line.startswith("grpc_client_started_total{")), "the gateway's own series say target gateway")
         check("peer-token-s3cret" not in "".join(a.logs()), "the client token is never logged")
+        failed = [line for line in a.json_logs()
+                  if line.get("message") == "client call failed" and line.get("client") == "peer"]
+        check(bool(failed), f"A logs its failed calls to B: {failed[:1]}")
     finally:
         a_code, _ = a.stop()
         b.stop()

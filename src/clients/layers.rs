@@ -543,3 +543,57 @@ fn status_trailers(status: &Status) -> HeaderMap {
     }
     trailers
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_encoded_in_the_finest_unit_that_fits() {
+        assert_eq!(encode_grpc_timeout(Duration::from_nanos(1)), "1n");
+        assert_eq!(encode_grpc_timeout(Duration::from_millis(50)), "50000000n");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(2)), "2000000u");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(3600)), "3600000m");
+        assert_eq!(encode_grpc_timeout(Duration::from_secs(200_000)), "200000S");
+        for d in [Duration::from_micros(1234), Duration::from_secs(7), Duration::from_secs(86_400 * 400)] {
+            let parsed = parse_grpc_timeout(&encode_grpc_timeout(d)).unwrap_or_default();
+            // Rounded up, never down: the callee never gets less time.
+            assert!(parsed >= d && parsed - d < d / 1000 + Duration::from_secs(1), "{d:?} -> {parsed:?}");
+        }
+    }
+
+    #[test]
+    fn the_budget_holds_a_reserve_then_a_share_of_calls() {
+        let budget = RetryBudget::new(20);
+        let mut granted = 0;
+        for _ in 0..100 {
+            budget.deposit();
+            if budget.withdraw() {
+                granted += 1;
+            }
+        }
+        // 10 in reserve, then one per five calls.
+        assert!((28..=31).contains(&granted), "{granted}");
+        let none = RetryBudget::new(0);
+        let free: usize = (0..100).filter(|_| none.withdraw()).count();
+        assert_eq!(free, 10, "only the reserve without a share");
+    }
+
+    #[test]
+    fn backoff_is_jittered_below_its_capped_ceiling() {
+        let policy = RetryPolicy {
+            max_attempts: 5,
+            initial_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_millis(300),
+            budget: RetryBudget::new(20),
+            retried: IntCounter::new("r", "r").unwrap(),
+            throttled: IntCounter::new("t", "t").unwrap(),
+        };
+        for retry in 1..=8 {
+            let ceiling = Duration::from_millis(100 * (1 << (retry - 1))).min(Duration::from_millis(300));
+            let draws: Vec<Duration> = (0..50).map(|_| policy.backoff(retry)).collect();
+            assert!(draws.iter().all(|d| *d <= ceiling), "retry {retry}: {draws:?}");
+            assert!(draws.iter().any(|d| *d != draws[0]), "no jitter at retry {retry}");
+        }
+    }
+}
