@@ -1,12 +1,12 @@
 //! Calling other services: the `clients` config section turned into one
 //! tonic channel per downstream, built once at startup (lazily connected,
-//! with keepalive), behind one client layer stack ([`stack`]), and handed
+//! with keepalive), behind one client layer stack (`stack`), and handed
 //! to handlers as typed clients through [`Clients::get`]. The app closes
 //! every channel at shutdown, after the servers have drained.
 //!
 //! `http://` endpoints hold one HTTP/2 connection (to a ClusterIP Service,
 //! which pins it to one pod); `dns:///` endpoints balance across every
-//! address the name resolves to ([`balance`]), as a headless Service needs.
+//! address the name resolves to (`balance`), as a headless Service needs.
 
 mod balance;
 mod layers;
