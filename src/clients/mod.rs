@@ -268,9 +268,9 @@ impl Clients {
     /// ones are refused, resolvers stop (awaited within `bound`), and this
     /// registry's clones are dropped; the connections close when the last
     /// handler's clone goes with the drained servers.
-    pub async fn close(self, bound: Duration) {
+    pub async fn close(mut self, bound: Duration) {
         self.closed.cancel();
-        let resolvers = self.resolvers;
+        let resolvers = std::mem::take(&mut self.resolvers);
         let stopped = tokio::time::timeout(bound, async {
             for resolver in resolvers {
                 let _ = resolver.await;
@@ -280,11 +280,19 @@ impl Clients {
         if stopped.is_err() {
             tracing::warn!("shutdown: client resolvers did not stop in time");
         }
-        for (name, target) in self.targets {
+        for (name, target) in std::mem::take(&mut self.targets) {
             let endpoint = target.endpoint.clone();
             drop(target);
             tracing::info!(client = %name, %endpoint, "shutdown: client channel closed");
         }
+    }
+}
+
+impl Drop for Clients {
+    /// Clients dropped without [`Clients::close`] (an app whose build failed
+    /// later on) still stop their resolver tasks and refuse further calls.
+    fn drop(&mut self) {
+        self.closed.cancel();
     }
 }
 
