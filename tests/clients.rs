@@ -355,8 +355,17 @@ impl tower::Service<http::Request<DownBody>> for Relay {
 
     fn call(&mut self, request: http::Request<DownBody>) -> Self::Future {
         let mut users = self.0.clone();
+        // Steered by `relay-wait` metadata: first sleep until exactly the
+        // call's deadline. The server's deadline layer polls the handler
+        // before its own timer, so the handler runs on with a deadline
+        // that has just passed, as a slow handler would.
+        let wait = request.headers().contains_key("relay-wait");
+        let deadline = keel::grpc::middleware::deadline::current_deadline();
         Box::pin(async move {
             let _ = request.into_body().collect().await;
+            if wait && let Some(at) = deadline {
+                tokio::time::sleep_until(at).await;
+            }
             Ok(match users.get_user(get_user()).await {
                 Ok(_) => http::Response::builder()
                     .header("content-type", "application/grpc")
@@ -365,7 +374,12 @@ impl tower::Service<http::Request<DownBody>> for Relay {
                         Frame::trailers(ok_trailers()),
                     ]))
                     .unwrap(),
-                Err(status) => trailers_only(status.code() as i32),
+                Err(status) => {
+                    let mut response = trailers_only(status.code() as i32);
+                    // Marks the answer as the relay's, not the server's cut.
+                    response.headers_mut().insert("relay-code", HeaderValue::from(status.code() as i32));
+                    response
+                }
             })
         })
     }
@@ -432,9 +446,22 @@ async fn an_expired_deadline_never_leaves_the_process() -> Result<()> {
     app.stop().await?;
 
     let app = app_relaying(client_settings(format!("http://{}", down.addr))).await?;
-    let response = app.http().send(http::Method::GET, "/v1/echo/abc", &[("grpc-timeout", "1n")], None).await?;
+    let response = app
+        .http()
+        .send(http::Method::GET, "/v1/echo/abc", &[("grpc-timeout", "200m"), ("grpc-metadata-relay-wait", "1")], None)
+        .await?;
     assert_eq!(response.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", response.text());
+    assert_eq!(
+        response.header("grpc-metadata-relay-code"),
+        Some("4"),
+        "the client did not fail the call itself: {:?}",
+        response.headers
+    );
     assert_eq!(down.script.calls("/GetUser"), 0, "a call past the caller's deadline was sent");
+    let scrape = app.scrape().await?;
+    let handled =
+        sample(&scrape, "grpc_client_handled_total", &labels("GetUser", &[("grpc_code", "DeadlineExceeded")]));
+    assert_eq!(handled, Some(1.0));
     app.stop().await
 }
 
