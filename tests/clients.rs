@@ -446,17 +446,27 @@ async fn an_expired_deadline_never_leaves_the_process() -> Result<()> {
     app.stop().await?;
 
     let app = app_relaying(client_settings(format!("http://{}", down.addr))).await?;
-    let response = app
-        .http()
-        .send(http::Method::GET, "/v1/echo/abc", &[("grpc-timeout", "200m"), ("grpc-metadata-relay-wait", "1")], None)
-        .await?;
-    assert_eq!(response.status, http::StatusCode::GATEWAY_TIMEOUT, "{}", response.text());
-    assert_eq!(
-        response.header("grpc-metadata-relay-code"),
-        Some("4"),
-        "the client did not fail the call itself: {:?}",
-        response.headers
-    );
+    // Straight to the gRPC port over plain HTTP/2: the gateway's timer, or
+    // a tonic channel's, would race the server's. The relay's answer is
+    // trailers-only, marked as its own.
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let (h2, connection) = h2::client::handshake(tcp).await?;
+    tokio::spawn(connection);
+    let mut h2 = h2.ready().await?;
+    let request = http::Request::builder()
+        .method("POST")
+        .uri(format!("{}/echo.v1.EchoService/Echo", app.grpc_url()))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", "200m")
+        .header("relay-wait", "1")
+        .body(())?;
+    let (response, mut body) = h2.send_request(request, false)?;
+    body.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true)?;
+    let response = response.await?;
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(header("grpc-status"), Some("4"), "{:?}", response.headers());
+    assert_eq!(header("relay-code"), Some("4"), "the client did not fail the call itself: {:?}", response.headers());
     assert_eq!(down.script.calls("/GetUser"), 0, "a call past the caller's deadline was sent");
     let scrape = app.scrape().await?;
     let handled =

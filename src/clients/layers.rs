@@ -211,8 +211,12 @@ where
         request.extensions_mut().insert(ClientDeadline(at));
         let call = self.inner.call(request);
         Box::pin(async move {
-            match tokio::time::timeout_at(at, call).await {
-                Ok(response) => response.map(|r| {
+            // The deadline first: tonic's channel enforces `grpc-timeout`
+            // too, and at the same instant this layer's code must win.
+            tokio::select! {
+                biased;
+                () = tokio::time::sleep_until(at) => Ok(failed(expired())),
+                response = call => response.map(|r| {
                     r.map(|body| {
                         Body::new(CutBody::new(body, async move {
                             tokio::time::sleep_until(at).await;
@@ -220,7 +224,6 @@ where
                         }))
                     })
                 }),
-                Err(_) => Ok(failed(expired())),
             }
         })
     }
@@ -475,6 +478,9 @@ impl Service<Req> for Transport {
             };
             match outcome {
                 Ok(response) => Ok(response.map(Body::new)),
+                // tonic's own `grpc-timeout` timer: the deadline, not a
+                // lost connection.
+                Err(error) if timed_out(&error) => Ok(failed(expired())),
                 Err(error) => {
                     if let Some(lost) = lost {
                         lost.notify_one();
@@ -487,6 +493,18 @@ impl Service<Req> for Transport {
             }
         })
     }
+}
+
+/// Whether a transport error is tonic's client-side timeout.
+fn timed_out(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(error);
+    while let Some(error) = current {
+        if error.is::<tonic::TimeoutExpired>() {
+            return true;
+        }
+        current = error.source();
+    }
+    false
 }
 
 // ---------------------------------------------------------------- bodies
