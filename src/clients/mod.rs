@@ -122,6 +122,8 @@ pub enum ClientError {
     NoDescriptor { name: String, service: &'static str },
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    #[error("clients are built inside a Tokio runtime: their channels and resolvers run on it")]
+    NoRuntime,
 }
 
 /// `authorization: Bearer <token>`, marked sensitive so it is never logged.
@@ -176,6 +178,7 @@ impl Clients {
         metrics: &Metrics,
         resolve: Arc<dyn Resolve>,
     ) -> Result<Self, ClientError> {
+        tokio::runtime::Handle::try_current().map_err(|_| ClientError::NoRuntime)?;
         let closed = CancellationToken::new();
         let mut targets = BTreeMap::new();
         let mut resolvers = Vec::new();
