@@ -836,3 +836,24 @@ fn bad_client_values_name_their_key() {
         assert!(!text.contains("a b"), "the token leaked: {text}");
     }
 }
+
+/// A handler asking for a client that is not configured stops the start,
+/// naming the configured ones.
+#[tokio::test]
+async fn an_unconfigured_client_is_a_startup_error() -> Result<()> {
+    let down = downstream().await?;
+    let outcome = spawn_app_prepared(
+        |settings| {
+            settings.clients.insert("down".to_owned(), client_settings(format!("http://{}", down.addr)));
+        },
+        |_, ctx| {
+            ctx.clients.get::<Users>("inventory")?;
+            Ok(())
+        },
+    )
+    .await;
+    let error = outcome.err().expect("the app started without its client");
+    let chain = format!("{error:#}");
+    assert!(chain.contains("no client named \"inventory\"") && chain.contains("configured: down"), "{chain}");
+    Ok(())
+}
