@@ -115,7 +115,8 @@ def main():
         check("peer-token-s3cret" not in "".join(a.logs()), "the client token is never logged")
         failed = [line for line in a.json_logs()
                   if line.get("message") == "client call failed" and line.get("client") == "peer"]
-        check(bool(failed), f"A logs its failed calls to B: {failed[:1]}")
+        check(bool(failed) and all(line.get("grpc.code") and line.get("grpc.message") for line in failed),
+              f"A logs its failed calls to B, with code and reason: {failed[:1]}")
     finally:
         a_code, _ = a.stop()
         b.stop()

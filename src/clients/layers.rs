@@ -112,6 +112,10 @@ struct LogOnEnd {
     client: Arc<str>,
     method: String,
     start: StdInstant,
+    /// The `grpc-message` of a trailers-only failure (every failure this
+    /// stack makes itself, and most a server sends), set once the headers
+    /// are in, which is before the call can end.
+    message: Arc<std::sync::OnceLock<String>>,
 }
 
 impl OnCallEnd for LogOnEnd {
@@ -133,10 +137,11 @@ impl OnCallEnd for LogOnEnd {
                 | Code::ResourceExhausted
                 | Code::Unimplemented
         );
+        let message = self.message.get().map_or("", String::as_str);
         if infrastructure {
-            tracing::warn!(client = %self.client, grpc.method = %self.method, grpc.code = code_name, elapsed_ms, "client call failed");
+            tracing::warn!(client = %self.client, grpc.method = %self.method, grpc.code = code_name, grpc.message = message, elapsed_ms, "client call failed");
         } else {
-            tracing::info!(client = %self.client, grpc.method = %self.method, grpc.code = code_name, elapsed_ms, "client call failed");
+            tracing::info!(client = %self.client, grpc.method = %self.method, grpc.code = code_name, grpc.message = message, elapsed_ms, "client call failed");
         }
     }
 }
@@ -155,9 +160,24 @@ where
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
-        let on_end =
-            LogOnEnd { client: self.client.clone(), method: request.uri().path().to_owned(), start: StdInstant::now() };
-        let observed = ObservedFuture::new(self.inner.call(request), Some(on_end), Code::Unavailable);
+        let message = Arc::new(std::sync::OnceLock::new());
+        let on_end = LogOnEnd {
+            client: self.client.clone(),
+            method: request.uri().path().to_owned(),
+            start: StdInstant::now(),
+            message: message.clone(),
+        };
+        let call = self.inner.call(request);
+        let call = async move {
+            let response = call.await;
+            if let Ok(response) = &response
+                && let Some(status) = Status::from_header_map(response.headers())
+            {
+                let _ = message.set(status.message().to_owned());
+            }
+            response
+        };
+        let observed = ObservedFuture::new(call, Some(on_end), Code::Unavailable);
         Box::pin(async move { observed.await.map(|r| r.map(Body::new)) })
     }
 }
