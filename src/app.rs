@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::admin::AdminServer;
+use crate::clients::Clients;
 use crate::config::{ABORT_GRACE, Settings};
 use crate::database::{Database, DatabaseError};
 use crate::gateway::{GatewayServer, GatewayStartError};
@@ -38,6 +39,8 @@ pub enum AppError {
     Metrics(#[from] MetricsError),
     #[error(transparent)]
     Database(#[from] DatabaseError),
+    #[error("cannot set up the clients")]
+    Clients(#[from] crate::clients::ClientError),
     #[error(transparent)]
     Grpc(#[from] GrpcError),
     #[error("the HTTP gateway failed")]
@@ -75,6 +78,8 @@ pub struct App {
     dependencies: Dependencies,
     /// The PostgreSQL pool, closed after the servers have drained.
     database: Option<Database>,
+    /// The downstream channels, closed after the servers have drained.
+    clients: Clients,
     /// The handle every server, stream and task obeys.
     shutdown: Shutdown,
     /// Stream producers still running, for tests and the drain.
@@ -113,7 +118,16 @@ impl App {
         if let Some(database) = &database {
             registry.require_ready("database", Arc::new(database.clone()));
         }
-        let context = ServiceContext { settings: &settings, streams: streams.clone(), database: database.as_ref() };
+        let clients = Clients::build(&settings.clients, registry.pool(), &metrics)?;
+        for (name, check) in clients.readiness_checks() {
+            registry.require_ready(name, check);
+        }
+        let context = ServiceContext {
+            settings: &settings,
+            streams: streams.clone(),
+            database: database.as_ref(),
+            clients: &clients,
+        };
         register(&mut registry, &context).map_err(AppError::Setup)?;
         let health = Health::new(registry.health_names()).await;
         grpc::register_infrastructure(&mut registry, &health, &streams, &shutdown)?;
@@ -133,7 +147,19 @@ impl App {
             filter.export(&metrics)?;
         }
         let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
-        Ok(Self { settings, grpc, gateway, admin, health, readiness, dependencies, database, shutdown, live_streams })
+        Ok(Self {
+            settings,
+            grpc,
+            gateway,
+            admin,
+            health,
+            readiness,
+            dependencies,
+            database,
+            clients,
+            shutdown,
+            live_streams,
+        })
     }
 
     pub fn grpc_addr(&self) -> SocketAddr {
@@ -162,7 +188,9 @@ impl App {
     /// finish, and at most `shutdown.timeout` of draining before the rest is
     /// cancelled.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), AppError> {
-        let App { settings, grpc, gateway, admin, health, readiness, dependencies, database, shutdown, .. } = self;
+        let App {
+            settings, grpc, gateway, admin, health, readiness, dependencies, database, clients, shutdown, ..
+        } = self;
         let (grpc_addr, http_addr, admin_addr) = (grpc.addr(), gateway.addr(), admin.addr());
 
         // Every server stops taking new work when draining begins: the gRPC
@@ -205,9 +233,11 @@ impl App {
         let _ = following.await;
         let outcome = shut_down(&settings.shutdown, &mut servers, &health, &shutdown, failure, begun).await;
         let delay = settings.shutdown.drain_delay;
+        // Inside the bound: what is left of it, at least the abort grace.
+        let left = || settings.shutdown.timeout.saturating_sub(begun.elapsed().saturating_sub(delay)).max(ABORT_GRACE);
+        clients.close(left()).await;
         if let Some(database) = database {
-            // Inside the bound: what is left of it, at least the abort grace.
-            let left = settings.shutdown.timeout.saturating_sub(begun.elapsed().saturating_sub(delay)).max(ABORT_GRACE);
+            let left = left();
             match tokio::time::timeout(left, database.close()).await {
                 Ok(()) => info!(elapsed_ms = elapsed_ms(begun), "shutdown: database pool closed"),
                 Err(_) => warn!(elapsed_ms = elapsed_ms(begun), "shutdown: database pool did not close in time"),

@@ -61,6 +61,9 @@ pub struct Settings {
     pub database: DatabaseSettings,
     /// The tokio runtime's size.
     pub runtime: RuntimeSettings,
+    /// Downstream gRPC services this one calls, by name (`clients.inventory`);
+    /// see [`crate::clients`].
+    pub clients: BTreeMap<String, ClientSettings>,
 }
 
 /// The async runtime. Its own key because the right thread count depends on
@@ -633,6 +636,104 @@ fn redact_url<S: Serializer>(url: &str, serializer: S) -> Result<S::Ok, S::Error
     serializer.serialize_str(&redacted_url(url))
 }
 
+/// `clients.<name>`: one downstream service and how calls to it behave.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientSettings {
+    /// `http://host:port` (one HTTP/2 connection, as to a ClusterIP
+    /// Service), or `dns:///host:port` (every address the name resolves to,
+    /// balanced and re-resolved: for a headless Service).
+    pub endpoint: String,
+    /// The deadline of a call that has none; a caller's shorter remaining
+    /// deadline wins.
+    #[serde(with = "human_duration")]
+    pub timeout: Duration,
+    /// How long establishing one connection may take.
+    #[serde(with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// A bearer token sent as `authorization` on every call. A secret:
+    /// redacted by `keel config` and never logged.
+    #[serde(serialize_with = "redact_secret")]
+    pub token: String,
+    /// A file holding the token (a mounted Secret), re-read when it
+    /// changes; exclusive with `token`.
+    pub token_file: String,
+    /// Forwards the caller's own `authorization` when no token is set.
+    pub propagate_authorization: bool,
+    /// Retries of UNAVAILABLE calls to idempotent methods.
+    pub retry: RetrySettings,
+    /// `/readyz` fails while the downstream's `grpc.health.v1` check does.
+    pub required_for_readiness: bool,
+    /// How often a `dns:///` name is re-resolved (also on connection loss).
+    #[serde(with = "human_duration")]
+    pub resolve_interval: Duration,
+}
+
+impl Default for ClientSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: String::new(),
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(1),
+            token: String::new(),
+            token_file: String::new(),
+            propagate_authorization: false,
+            retry: RetrySettings::default(),
+            required_for_readiness: false,
+            resolve_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+impl fmt::Debug for ClientSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClientSettings")
+            .field("endpoint", &self.endpoint)
+            .field("timeout", &self.timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("token", &if self.token.is_empty() { "" } else { "<redacted>" })
+            .field("token_file", &self.token_file)
+            .field("propagate_authorization", &self.propagate_authorization)
+            .field("retry", &self.retry)
+            .field("required_for_readiness", &self.required_for_readiness)
+            .field("resolve_interval", &self.resolve_interval)
+            .finish()
+    }
+}
+
+/// `clients.<name>.retry`: gRPC's retry policy, with a budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetrySettings {
+    /// Attempts per call, the first included; 1 turns retries off.
+    pub max_attempts: u32,
+    /// The backoff before the first retry; doubled for each further one,
+    /// then drawn at random below it (full jitter).
+    #[serde(with = "human_duration")]
+    pub initial_backoff: Duration,
+    /// The backoff never grows past this.
+    #[serde(with = "human_duration")]
+    pub max_backoff: Duration,
+    /// Retries may add at most this share of calls (beyond a small
+    /// reserve), so a failing downstream is not hammered.
+    pub budget_percent: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            initial_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+            budget_percent: 20,
+        }
+    }
+}
+
+fn redact_secret<S: Serializer>(secret: &str, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(if secret.is_empty() { "" } else { "<redacted>" })
+}
+
 /// A size in bytes, written as an integer or with a unit (`4MiB`, `512KiB`,
 /// `4MB`). Units are matched case-insensitively (`4mb`, `4mib`), because
 /// nothing else could be meant and rejecting `4mb` only frustrates.
@@ -1022,7 +1123,74 @@ impl Settings {
                 ),
             ));
         }
-        self.validate_database(&fail)
+        self.validate_database(&fail)?;
+        self.validate_clients(&fail)
+    }
+
+    /// The `clients` section: names, endpoints, timeouts, tokens, retries.
+    fn validate_clients(&self, fail: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        for (name, client) in &self.clients {
+            let key = |field: &str| format!("clients.{name}.{field}");
+            let valid_name = !name.is_empty()
+                && name.len() <= 63
+                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+            if !valid_name {
+                return Err(fail(
+                    &format!("clients.{name}"),
+                    "a client name is 1 to 63 of a-z, 0-9, _ and - (it labels metrics and logs)".to_owned(),
+                ));
+            }
+            if let Err(reason) = check_client_endpoint(&client.endpoint) {
+                return Err(fail(&key("endpoint"), reason));
+            }
+            for (field, value) in [
+                ("timeout", client.timeout),
+                ("connect_timeout", client.connect_timeout),
+                ("resolve_interval", client.resolve_interval),
+                ("retry.initial_backoff", client.retry.initial_backoff),
+                ("retry.max_backoff", client.retry.max_backoff),
+            ] {
+                if value.is_zero() {
+                    return Err(fail(&key(field), "must be greater than zero".to_owned()));
+                }
+            }
+            let retry = &client.retry;
+            if !(1..=10).contains(&retry.max_attempts) {
+                return Err(fail(&key("retry.max_attempts"), "must be between 1 and 10".to_owned()));
+            }
+            if retry.max_backoff < retry.initial_backoff {
+                return Err(fail(&key("retry.max_backoff"), "must not be less than retry.initial_backoff".to_owned()));
+            }
+            if retry.budget_percent > 100 {
+                return Err(fail(&key("retry.budget_percent"), "must be between 0 and 100".to_owned()));
+            }
+            if !client.token.is_empty() && !client.token_file.is_empty() {
+                return Err(fail(&key("token_file"), "set together with token: use one of them".to_owned()));
+            }
+            if client.propagate_authorization && !(client.token.is_empty() && client.token_file.is_empty()) {
+                return Err(fail(
+                    &key("propagate_authorization"),
+                    "set together with a token: either send the client's own token or the caller's".to_owned(),
+                ));
+            }
+            if !client.token.is_empty() && crate::clients::bearer(&client.token).is_err() {
+                // Never the token itself: it is a secret.
+                return Err(fail(&key("token"), "must be visible ASCII without spaces".to_owned()));
+            }
+            if !client.token_file.is_empty() {
+                let text = std::fs::read(&client.token_file)
+                    .map_err(|e| fail(&key("token_file"), format!("cannot read {}: {e}", client.token_file)))?;
+                let token = crate::secret_file::trimmed_utf8(&text)
+                    .map_err(|e| fail(&key("token_file"), format!("{}: {e}", client.token_file)))?;
+                if token.is_empty() || crate::clients::bearer(&token).is_err() {
+                    return Err(fail(
+                        &key("token_file"),
+                        format!("{} must hold a token of visible ASCII without spaces", client.token_file),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The database section: the URL's form (never its text: it holds the
@@ -1124,10 +1292,50 @@ fn invalid_from(error: config::ConfigError, tree: &Map<String, Value>) -> Config
     ConfigError::Invalid { key, origin, reason }
 }
 
+/// Checks a client endpoint's form: `http://host:port` or `dns:///host:port`.
+fn check_client_endpoint(endpoint: &str) -> Result<(), String> {
+    let example = "expected http://host:port or dns:///host:port";
+    if endpoint.is_empty() {
+        return Err(format!("is required ({example})"));
+    }
+    if let Some(target) = endpoint.strip_prefix("dns:///") {
+        let (host, port) = target.rsplit_once(':').ok_or_else(|| format!("{endpoint:?} has no port ({example})"))?;
+        if host.is_empty() || port.parse::<u16>().map_or(true, |p| p == 0) {
+            return Err(format!("{endpoint:?} is not a host and port ({example})"));
+        }
+        return Ok(());
+    }
+    if endpoint.starts_with("https://") {
+        return Err(format!(
+            "{endpoint:?}: TLS to downstreams is not built in (in-cluster TLS belongs to the service mesh); {example}"
+        ));
+    }
+    let uri: http::Uri = endpoint.parse().map_err(|e| format!("{endpoint:?} is not a URL ({e}); {example}"))?;
+    if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port_u16().is_none() {
+        return Err(format!("{endpoint:?}: {example}"));
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {
+        return Err(format!("{endpoint:?} must have no path; {example}"));
+    }
+    Ok(())
+}
+
 /// Rejects any key that no setting has, so a typo (`adress`) is never ignored.
 fn check_known_keys(tree: &Map<String, Value>, known: &serde_json::Value, prefix: &str) -> Result<(), ConfigError> {
     for (name, value) in tree {
         let key = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
+        // `clients` is a map: its names are free, their fields are not.
+        if key == "clients"
+            && let ValueKind::Table(entries) = &value.kind
+        {
+            let client = serde_json::to_value(ClientSettings::default()).unwrap_or_default();
+            for (entry, settings) in entries {
+                if let ValueKind::Table(fields) = &settings.kind {
+                    check_known_keys(fields, &client, &format!("clients.{entry}"))?;
+                }
+            }
+            continue;
+        }
         let Some(expected) = known.get(name) else {
             return Err(ConfigError::UnknownKey { origin: describe_value_origin(value, &key), key });
         };

@@ -26,6 +26,9 @@
 //!   `google.api.http` annotations, forwarding over one shared channel.
 //! - [`grpc`]: the server, its layer stack ([`grpc::middleware`]) and the
 //!   streaming plumbing ([`grpc::stream`]).
+//! - [`clients`]: calling other services: one channel per configured
+//!   downstream, its client layer stack, `dns:///` balancing, readiness and
+//!   close at shutdown.
 //! - [`users`]: the example service over a `Store` trait — the part to
 //!   replace.
 //! - [`proto`]: code generated from `proto/` at build time, and the
@@ -33,6 +36,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod clients;
 pub mod config;
 pub mod database;
 #[doc(hidden)]

@@ -34,6 +34,11 @@ pub struct ServiceContext<'a> {
     /// its readiness check is `database`, and it is closed after the
     /// servers have drained.
     pub database: Option<&'a crate::database::Database>,
+    /// The configured downstream clients: `clients.get::<C>("name")` gives
+    /// a typed client over the target's one channel. The app owns them:
+    /// required ones are readiness checks `clients.<name>`, and all are
+    /// closed after the servers have drained.
+    pub clients: &'a crate::clients::Clients,
 }
 
 /// Why the registry cannot be completed. Each is a defect in the code or

@@ -76,7 +76,10 @@ pub struct Metrics {
     registry: Registry,
     /// `grpc_server_*`: calls this process serves.
     pub grpc_server: GrpcFamilies,
-    /// `grpc_client_*`: calls this process makes (the gateway's channel).
+    /// `grpc_client_*`: calls this process makes, labelled by
+    /// `grpc_client_target`: `gateway` for the gateway's own channel (the
+    /// default of these families), a client's name for the downstream
+    /// clients (see [`GrpcFamilies::for_target`]).
     pub grpc_client: GrpcFamilies,
     /// `http_*`: the gateway's requests, by route template.
     pub http: HttpMetrics,
@@ -212,16 +215,38 @@ pub struct GrpcFamilies {
     msg_received: IntCounterVec,
     msg_sent: IntCounterVec,
     handling: HistogramVec,
+    /// The `grpc_client_target` label of client families; `None` on the
+    /// server side, which has no such label.
+    target: Option<Arc<str>>,
 }
 
+/// The `grpc_client_target` of the gateway's calls into its own server.
+pub const GATEWAY_TARGET: &str = "gateway";
+
 impl GrpcFamilies {
+    /// The same client families, with series labelled for `target`
+    /// (a downstream client's name), so its calls never mix with the
+    /// gateway's.
+    pub fn for_target(&self, target: &str) -> Self {
+        Self { target: self.target.as_ref().map(|_| Arc::from(target)), ..self.clone() }
+    }
+
     fn new(registry: &Registry, side: RpcSide) -> Result<Self, prometheus::Error> {
         let (prefix, who) = match side {
             RpcSide::Server => ("grpc_server", "on the server"),
             RpcSide::Client => ("grpc_client", "by the client"),
         };
-        let labels = ["grpc_type", "grpc_service", "grpc_method"];
-        let with_code = ["grpc_type", "grpc_service", "grpc_method", "grpc_code"];
+        // go-grpc-middleware's labels; the client side adds its target.
+        let (labels, with_code): (&[&str], &[&str]) = match side {
+            RpcSide::Server => (
+                &["grpc_type", "grpc_service", "grpc_method"],
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
+            ),
+            RpcSide::Client => (
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_client_target"],
+                &["grpc_type", "grpc_service", "grpc_method", "grpc_code", "grpc_client_target"],
+            ),
+        };
         let counter = |name: &str, help: String, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
             let vec = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels)?;
             registry.register(Box::new(vec.clone()))?;
@@ -244,27 +269,36 @@ impl GrpcFamilies {
                     "Histogram of response latency (seconds) of gRPC that had been application-level handled {who}."
                 ),
             ),
-            &labels,
+            labels,
         )?;
         registry.register(Box::new(handling.clone()))?;
         Ok(Self {
-            started: counter("started_total", format!("Total number of RPCs started {who}."), &labels)?,
+            started: counter("started_total", format!("Total number of RPCs started {who}."), labels)?,
             handled: counter(
                 "handled_total",
                 format!("Total number of RPCs completed {who}, regardless of success or failure."),
-                &with_code,
+                with_code,
             )?,
-            msg_received: counter("msg_received_total", received_help.to_owned(), &labels)?,
-            msg_sent: counter("msg_sent_total", sent_help.to_owned(), &labels)?,
+            msg_received: counter("msg_received_total", received_help.to_owned(), labels)?,
+            msg_sent: counter("msg_sent_total", sent_help.to_owned(), labels)?,
             handling,
+            target: match side {
+                RpcSide::Server => None,
+                RpcSide::Client => Some(Arc::from(GATEWAY_TARGET)),
+            },
         })
     }
 
     /// Resolves (and so pre-initialises at zero) every series of a method.
     pub fn method(&self, grpc_type: &str, service: &str, method: &str) -> MethodMetrics {
-        let labels = [grpc_type, service, method];
-        let handled =
-            ALL_CODES.map(|code| self.handled.with_label_values(&[grpc_type, service, method, code_name(code)]));
+        let target = self.target.as_deref();
+        let mut labels = vec![grpc_type, service, method];
+        labels.extend(target);
+        let handled = ALL_CODES.map(|code| {
+            let mut with_code = vec![grpc_type, service, method, code_name(code)];
+            with_code.extend(target);
+            self.handled.with_label_values(&with_code)
+        });
         MethodMetrics(Arc::new(MethodSeries {
             started: self.started.with_label_values(&labels),
             msg_received: self.msg_received.with_label_values(&labels),

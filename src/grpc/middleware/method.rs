@@ -28,6 +28,16 @@ impl GrpcType {
         }
     }
 
+    /// The kind of a method, from its descriptor.
+    pub fn of(method: &prost_reflect::MethodDescriptor) -> Self {
+        match (method.is_client_streaming(), method.is_server_streaming()) {
+            (false, false) => Self::Unary,
+            (true, false) => Self::ClientStream,
+            (false, true) => Self::ServerStream,
+            (true, true) => Self::BidiStream,
+        }
+    }
+
     /// Whether the client sends exactly one message.
     pub fn single_request(self) -> bool {
         matches!(self, Self::Unary | Self::ServerStream)
@@ -69,12 +79,7 @@ impl MethodTable {
         let mut by_path = HashMap::new();
         for service in services {
             for method in service.descriptor.methods() {
-                let grpc_type = match (method.is_client_streaming(), method.is_server_streaming()) {
-                    (false, false) => GrpcType::Unary,
-                    (true, false) => GrpcType::ClientStream,
-                    (false, true) => GrpcType::ServerStream,
-                    (true, true) => GrpcType::BidiStream,
-                };
+                let grpc_type = GrpcType::of(&method);
                 let path = format!("/{}/{}", service.name, method.name());
                 let info = MethodInfo {
                     metrics: Some(families.method(grpc_type.as_str(), &service.name, method.name())),
@@ -108,6 +113,19 @@ impl MethodTable {
 
     pub fn resolve(&self, path: &str) -> Arc<MethodInfo> {
         self.by_path.get(path).unwrap_or(&self.unknown).clone()
+    }
+}
+
+/// Resolves a client call's method from its path: a fixed table (the
+/// gateway's) or one that grows (a downstream client's, see
+/// [`crate::clients`]).
+pub trait MethodLookup: std::fmt::Debug + Send + Sync + 'static {
+    fn lookup(&self, path: &str) -> Arc<MethodInfo>;
+}
+
+impl MethodLookup for MethodTable {
+    fn lookup(&self, path: &str) -> Arc<MethodInfo> {
+        self.resolve(path)
     }
 }
 

@@ -16,7 +16,7 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::call::{MessageCounter, ObservedBody, ObservedFuture, OnCallEnd};
-use super::method::{MethodInfo, MethodTable, method_of};
+use super::method::{MethodInfo, MethodLookup, method_of};
 use crate::metrics::MethodMetrics;
 
 /// Which side of a call is measured, and so where its method comes from.
@@ -25,7 +25,7 @@ enum MethodSource {
     /// The server: the method layer has resolved it already.
     Server,
     /// A client: resolved here from the request path.
-    Client(Arc<MethodTable>),
+    Client(Arc<dyn MethodLookup>),
 }
 
 #[derive(Clone, Debug)]
@@ -39,7 +39,7 @@ impl GrpcMetricsLayer {
     }
 
     /// For a client channel; `table` holds its `grpc_client_*` series.
-    pub fn client(table: Arc<MethodTable>) -> Self {
+    pub fn client<L: MethodLookup>(table: Arc<L>) -> Self {
         Self { side: MethodSource::Client(table) }
     }
 }
@@ -73,7 +73,7 @@ where
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let info: Option<Arc<MethodInfo>> = match &self.side {
             MethodSource::Server => method_of(&request),
-            MethodSource::Client(table) => Some(table.resolve(request.uri().path())),
+            MethodSource::Client(table) => Some(table.lookup(request.uri().path())),
         };
         let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
             return ObservedFuture::new(self.inner.call(request), None, Code::Unavailable);

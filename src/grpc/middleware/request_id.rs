@@ -104,14 +104,42 @@ where
         // A call through the gateway continues the gateway's trace.
         crate::telemetry::continue_trace(&span, request.headers());
         let header = HeaderValue::from_str(id.as_str()).ok();
+        let caller = Caller {
+            request_id: id.clone(),
+            traceparent: request.headers().get("traceparent").cloned(),
+            authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
+        };
         request.extensions_mut().insert(id);
         request.extensions_mut().insert(CallSpan(span.clone()));
         let inner = {
             let _entered = span.enter();
             self.inner.call(request)
         };
-        RequestIdFuture { inner: tracing::Instrument::instrument(inner, span), header }
+        RequestIdFuture { inner: tracing::Instrument::instrument(CALLER.scope(caller, inner), span), header }
     }
+}
+
+/// What the handler of a call hands on to the calls it makes downstream
+/// (see [`crate::clients`]): its request id, its caller's trace context and
+/// credentials.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    /// Sent on as `x-request-id`, so one id follows a request across hops.
+    pub request_id: RequestId,
+    /// The caller's `traceparent`, passed on when no span of ours exports.
+    pub traceparent: Option<HeaderValue>,
+    /// The caller's `authorization`, for clients that propagate it.
+    pub authorization: Option<HeaderValue>,
+}
+
+tokio::task_local! {
+    /// The call handled on this task, for the clients it calls through.
+    static CALLER: Caller;
+}
+
+/// Reads the call this code runs for, inside a unary handler.
+pub fn with_caller<R>(read: impl FnOnce(&Caller) -> R) -> Option<R> {
+    CALLER.try_with(read).ok()
 }
 
 /// The call's span, for work that outlives the handler's future (response
@@ -122,7 +150,7 @@ pub struct CallSpan(pub Span);
 pin_project! {
     pub struct RequestIdFuture<F> {
         #[pin]
-        inner: Instrumented<F>,
+        inner: Instrumented<tokio::task::futures::TaskLocalFuture<Caller, F>>,
         header: Option<HeaderValue>,
     }
 }
