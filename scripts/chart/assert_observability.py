@@ -137,7 +137,7 @@ def main():
               f"variables datasource, namespace, pod, grpc_service, grpc_method ({sorted(variables)})")
         check(variables.get("datasource", {}).get("type") == "datasource", "datasource is a data source variable")
         rows = [p["title"] for p in dashboard["panels"] if p["type"] == "row"]
-        check(rows == ["gRPC traffic", "HTTP gateway", "Streams", "Saturation", "Database pool", "Lifecycle"], f"rows {rows}")
+        check(rows == ["gRPC traffic", "HTTP gateway", "Streams", "Saturation", "Database pool", "Downstream clients", "Lifecycle"], f"rows {rows}")
         panels = [p for p in dashboard["panels"] if p["type"] != "row"]
         bad = [p["title"] for p in panels
                if p.get("datasource", {}).get("uid") != "${datasource}" or not p.get("targets")
@@ -154,7 +154,8 @@ def main():
                       if "$namespace" not in t["expr"] or "$pod" not in t["expr"]]
         check(not unfiltered, f"every expression honours $namespace and $pod ({unfiltered})")
         client = [t["expr"] for p in panels for t in p["targets"] if "grpc_client_" in t["expr"]]
-        check(not client, "no client-metric panels yet")
+        check(client and all("grpc_client_target" in e for e in client),
+              f"the client panels split by grpc_client_target ({len(client)} expressions)")
 
     # The PrometheusRule.
     rules = of_kind(docs, "PrometheusRule")

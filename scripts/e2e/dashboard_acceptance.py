@@ -47,7 +47,7 @@ NEEDS_MEMORY_LIMIT = {"Memory usage of the limit": None, "Resident memory vs con
 # Panels whose data must show activity (some value above zero), not just
 # series at zero.
 MUST_BE_POSITIVE = {"Request rate by code", "Request rate by method", "Request rate by route and code",
-                    "Load shed rate", "Non-OK codes by method", "Messages sent by streams", "Streams started by type"}
+                    "Load shed rate", "Non-OK codes by method", "Client calls by target and code", "Messages sent by streams", "Streams started by type"}
 MAX_CONCURRENT = 2
 
 
