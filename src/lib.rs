@@ -31,6 +31,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod database;
 #[doc(hidden)]
@@ -47,6 +48,7 @@ pub mod secret_file;
 pub mod services;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod users;
 
 /// Generated from `proto/` by `build.rs`; never edited by hand. Every

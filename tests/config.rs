@@ -170,22 +170,22 @@ fn an_unknown_nested_section_names_the_layer_that_set_it() -> Result<()> {
     let scratch = Scratch::new("nested")?;
     let sources = ConfigSources {
         dir: scratch.0.clone(),
-        env_vars: vars(&[("KEEL__GRPC__TLS__CERT_FILE", "x")]),
+        env_vars: vars(&[("KEEL__GRPC__QUIC__CERT_FILE", "x")]),
         ..Default::default()
     };
     match Settings::load(&sources) {
         Err(ConfigError::UnknownKey { key, origin }) => {
-            assert_eq!(key, "grpc.tls");
-            assert_eq!(origin, "environment variable KEEL__GRPC__TLS__CERT_FILE");
+            assert_eq!(key, "grpc.quic");
+            assert_eq!(origin, "environment variable KEEL__GRPC__QUIC__CERT_FILE");
         }
         other => panic!("expected an unknown key error, got {other:?}"),
     }
 
-    let file = scratch.write("nested.yaml", "grpc:\n  tls:\n    cert_file: x\n")?;
+    let file = scratch.write("nested.yaml", "grpc:\n  quic:\n    cert_file: x\n")?;
     let sources = ConfigSources { dir: scratch.0.clone(), file: Some(file.clone()), ..Default::default() };
     match Settings::load(&sources) {
         Err(ConfigError::UnknownKey { key, origin }) => {
-            assert_eq!(key, "grpc.tls");
+            assert_eq!(key, "grpc.quic");
             assert_eq!(origin, format!("file {}", file.display()));
         }
         other => panic!("expected an unknown key error, got {other:?}"),
@@ -290,8 +290,8 @@ mod binary {
     #[test]
     fn an_unknown_nested_env_key_names_its_variable() -> Result<()> {
         let scratch = Scratch::new("bin-nested")?;
-        let output = keel(&["config"], &[("KEEL__GRPC__TLS__CERT_FILE", "x")], &scratch.0)?;
-        assert_config_error(&output, "grpc.tls", "environment variable KEEL__GRPC__TLS__CERT_FILE");
+        let output = keel(&["config"], &[("KEEL__GRPC__QUIC__CERT_FILE", "x")], &scratch.0)?;
+        assert_config_error(&output, "grpc.quic", "environment variable KEEL__GRPC__QUIC__CERT_FILE");
         Ok(())
     }
 

@@ -54,18 +54,26 @@ pub enum GrpcError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("gRPC server failed")]
     Transport(#[from] tonic::transport::Error),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::JwtError),
 }
 
-/// Registers health and both reflection versions. Reflection lists every
-/// service registered before it, itself included, and describes only the
-/// files those services need.
+/// Registers health and, with `grpc.reflection` on, both reflection
+/// versions. Reflection lists every service registered before it, itself
+/// included, and describes only the files those services need.
 pub fn register_infrastructure(
     registry: &mut ServiceRegistry,
     health: &Health,
     streams: &StreamSpawner,
     shutdown: &Shutdown,
+    reflection_on: bool,
 ) -> Result<(), GrpcError> {
     registry.add_with_policy(health.service(streams.clone()), ServicePolicy::INFRASTRUCTURE).shed_exempt();
+    if !reflection_on {
+        return Ok(());
+    }
     let mut names = registry.names();
     names.extend([REFLECTION_V1.to_owned(), REFLECTION_V1ALPHA.to_owned()]);
     let files = registry.file_descriptor_set_for(&names);
@@ -116,11 +124,13 @@ impl GrpcServer {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let incoming = Incoming::new(listener, close_tcp);
+        let tls = crate::tls::server_config(&settings.tls, crate::tls::TlsKeys::GRPC, crate::tls::ALPN_GRPC)?;
+        let incoming = Incoming::new(listener, tls, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
-        let auth = Authenticator::new(auth);
+        let jwt = if auth.disabled { None } else { crate::auth::JwtAuth::new(&auth.jwt).await? };
+        let auth = Authenticator::new(auth, jwt);
         if !auth.enabled() {
-            tracing::warn!("authentication is off: no auth.tokens configured or auth.disabled is set");
+            tracing::warn!("authentication is off: no auth.tokens or auth.jwt configured, or auth.disabled is set");
         }
         let layers = stack(settings, methods, auth);
         Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })

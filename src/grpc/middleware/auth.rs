@@ -1,8 +1,16 @@
-//! Bearer-token authentication. Tokens come from `auth.tokens` and are
-//! compared in constant time; health and reflection are exempt. A missing
-//! and a wrong token get the same UNAUTHENTICATED answer, so a caller
-//! learns nothing about which it was.
+//! Bearer-token authentication: static tokens from `auth.tokens`, compared
+//! in constant time, and JWTs verified by [`crate::auth::JwtAuth`]; a call
+//! passes if either accepts its token. Health and reflection are exempt. A
+//! missing, wrong or invalid token gets the same UNAUTHENTICATED answer, so
+//! a caller learns nothing about which it was (the debug log says). A valid
+//! JWT without a scope the method requires gets PERMISSION_DENIED, and the
+//! claims of an accepted JWT reach handlers as `Arc<Claims>`.
+//!
+//! Static tokens are the operator's own credentials and are not scoped:
+//! they pass `auth.jwt.required_scopes`.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -12,13 +20,16 @@ use tower::{Layer, Service};
 
 use super::call::ShortCircuit;
 use super::method::method_of;
+use crate::auth::{JwtAuth, Refusal};
 use crate::config::AuthSettings;
 
 /// The accepted tokens. Authentication is off when `auth.disabled` is set
-/// or, outside production, when no token is configured.
+/// or, outside production, when neither tokens nor `auth.jwt` are
+/// configured.
 #[derive(Clone)]
 pub struct Authenticator {
     tokens: Arc<[Box<[u8]>]>,
+    jwt: Option<JwtAuth>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -28,14 +39,15 @@ impl std::fmt::Debug for Authenticator {
 }
 
 impl Authenticator {
-    pub fn new(settings: &AuthSettings) -> Self {
+    pub fn new(settings: &AuthSettings, jwt: Option<JwtAuth>) -> Self {
         let tokens =
             if settings.disabled { Vec::new() } else { settings.tokens.iter().map(|t| t.as_bytes().into()).collect() };
-        Self { tokens: tokens.into() }
+        let jwt = if settings.disabled { None } else { jwt };
+        Self { tokens: tokens.into(), jwt }
     }
 
     pub fn enabled(&self) -> bool {
-        !self.tokens.is_empty()
+        !self.tokens.is_empty() || self.jwt.is_some()
     }
 
     /// Checks an `authorization` header value.
@@ -90,29 +102,84 @@ pub struct Auth<S> {
     auth: Authenticator,
 }
 
+pin_project_lite::pin_project! {
+    /// The auth layer's future: at once for static tokens and rejections,
+    /// boxed for JWTs (whose keys may have to be fetched first).
+    #[project = AuthFutureProj]
+    pub enum AuthFuture<F, B, E> {
+        Now { #[pin] short: ShortCircuit<F, B> },
+        Jwt { boxed: Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>> },
+    }
+}
+
+impl<F, B, E> Future for AuthFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Default,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthFutureProj::Now { short } => short.poll(cx),
+            AuthFutureProj::Jwt { boxed } => boxed.as_mut().poll(cx),
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ShortCircuit<S::Future, ResBody>;
+    type Future = AuthFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let exempt = method_of(&request).is_some_and(|m| m.auth_exempt);
         if exempt || !self.auth.enabled() {
-            return ShortCircuit::Pass { inner: self.inner.call(request) };
+            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
         }
         let header = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
         if self.auth.accepts(header) {
-            ShortCircuit::Pass { inner: self.inner.call(request) }
-        } else {
-            ShortCircuit::reject(Status::unauthenticated("missing or invalid credentials"))
+            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
+        }
+        let token = header.and_then(bearer_token).and_then(|t| std::str::from_utf8(t).ok()).map(str::to_owned);
+        let (Some(jwt), Some(token)) = (self.auth.jwt.clone(), token) else {
+            tracing::debug!("no valid bearer token");
+            let status = Status::unauthenticated("missing or invalid credentials");
+            return AuthFuture::Now { short: ShortCircuit::reject(status) };
+        };
+        // The ready clone serves this call; a fresh clone takes its place
+        // (the usual tower pattern for calls that await first).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        AuthFuture::Jwt {
+            boxed: Box::pin(async move {
+                let method = request.uri().path().to_owned();
+                match jwt.verify(&token, &method).await {
+                    Ok(claims) => {
+                        request.extensions_mut().insert(Arc::new(claims));
+                        inner.call(request).await
+                    }
+                    Err(Refusal::MissingScope) => {
+                        tracing::debug!(method, "JWT lacks a scope the method requires");
+                        Ok(Status::permission_denied("the token lacks a required scope").into_http())
+                    }
+                    Err(Refusal::Invalid(reason)) => {
+                        tracing::debug!(method, reason, "JWT refused");
+                        Ok(Status::unauthenticated("missing or invalid credentials").into_http())
+                    }
+                }
+            }),
         }
     }
 }
@@ -122,7 +189,8 @@ mod tests {
     use super::*;
 
     fn auth(tokens: &[&str]) -> Authenticator {
-        Authenticator::new(&AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), disabled: false })
+        let settings = AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), ..Default::default() };
+        Authenticator::new(&settings, None)
     }
 
     #[test]
@@ -141,7 +209,8 @@ mod tests {
     #[test]
     fn is_off_without_tokens_or_when_disabled() {
         assert!(!auth(&[]).enabled());
-        let disabled = Authenticator::new(&AuthSettings { tokens: vec!["t".into()], disabled: true });
+        let settings = AuthSettings { tokens: vec!["t".into()], disabled: true, ..Default::default() };
+        let disabled = Authenticator::new(&settings, None);
         assert!(!disabled.enabled());
     }
 }
