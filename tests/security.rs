@@ -93,6 +93,7 @@ impl Drop for Dir {
 struct Running {
     grpc: SocketAddr,
     http: SocketAddr,
+    admin: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), keel::app::AppError>>,
 }
@@ -100,12 +101,12 @@ struct Running {
 impl Running {
     async fn start(settings: Settings) -> Result<Self> {
         let app = App::build(settings).await?;
-        let (grpc, http) = (app.grpc_addr(), app.http_addr());
+        let (grpc, http, admin) = (app.grpc_addr(), app.http_addr(), app.admin_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run(async move {
             let _ = stopped.await;
         }));
-        Ok(Self { grpc, http, stop: Some(stop), task })
+        Ok(Self { grpc, http, admin, stop: Some(stop), task })
     }
 
     async fn stop(mut self) -> Result<()> {
@@ -203,7 +204,7 @@ async fn grpc_and_gateway_serve_tls_and_rotated_certificates_without_a_restart()
     let cert_file = dir.write("tls.crt", &cert)?;
     let key_file = dir.write("tls.key", &key)?;
     let mut settings = test_settings();
-    for tls in [&mut settings.grpc.tls, &mut settings.http.tls] {
+    for tls in [&mut settings.grpc.tls, &mut settings.http.tls, &mut settings.admin.tls] {
         tls.cert_file = cert_file.clone();
         tls.key_file = key_file.clone();
     }
@@ -230,6 +231,10 @@ async fn grpc_and_gateway_serve_tls_and_rotated_certificates_without_a_restart()
         assert_eq!(headers.get("x-content-type-options").and_then(|v| v.to_str().ok()), Some("nosniff"));
         assert_eq!(headers.get("cache-control").and_then(|v| v.to_str().ok()), Some("no-store"));
     }
+    // The admin port takes the same settings.
+    let connector = rustls_client(&ca.pem(), &[b"http/1.1"], None)?;
+    let (_, status, _) = https_get(app.admin, &connector, "/livez", None).await?;
+    assert_eq!(status, http::StatusCode::OK);
 
     // Rotation: a certificate from another CA replaces the files; new
     // connections get it, with no restart.
