@@ -99,8 +99,16 @@ struct Running {
 }
 
 impl Running {
+    /// The app with the test echo service too (it echoes the identity).
     async fn start(settings: Settings) -> Result<Self> {
-        let app = App::build(settings).await?;
+        let echo = support::compile_test_proto("echo/v1/echo.proto")?;
+        let pool = prost_reflect::DescriptorPool::decode(echo.as_slice())?;
+        let app = App::build_with(settings, move |services, ctx| {
+            keel::services::register(services, ctx)?;
+            services.add_descriptors(&echo).add(support::echo::EchoBackend { pool });
+            Ok(())
+        })
+        .await?;
         let (grpc, http, admin) = (app.grpc_addr(), app.http_addr(), app.admin_addr());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(app.run(async move {
@@ -290,6 +298,17 @@ async fn mtls_refuses_clients_without_a_certificate() -> Result<()> {
     let with_cert = rustls_client(&ca.pem(), &[b"h2"], Some(&client))?;
     let (_, status, _) = https_get(app.http, &with_cert, "/healthz", None).await?;
     assert_eq!(status, http::StatusCode::OK);
+    // The verified identity reaches the handler, through the gateway and
+    // over gRPC.
+    let (_, status, headers) = https_get(app.http, &with_cert, "/v1/echo/abc", None).await?;
+    assert_eq!(status, http::StatusCode::OK);
+    assert_eq!(headers.get("grpc-metadata-echo-client").and_then(|v| v.to_str().ok()), Some("spiffe://test/orders"));
+    let mut grpc_client = tonic::client::Grpc::new(tls_channel(app.grpc, &ca.pem(), Some(&client)).await?);
+    grpc_client.ready().await?;
+    let path = http::uri::PathAndQuery::from_static("/echo.v1.EchoService/Echo");
+    let response =
+        grpc_client.unary::<(), (), _>(tonic::Request::new(()), path, tonic_prost::ProstCodec::default()).await?;
+    assert_eq!(response.metadata().get("echo-client").and_then(|v| v.to_str().ok()), Some("spiffe://test/orders"));
     let without = rustls_client(&ca.pem(), &[b"h2"], None)?;
     assert!(
         https_get(app.http, &without, "/healthz", None).await.is_err(),
@@ -558,6 +577,34 @@ async fn the_jwt_matrix_holds() -> Result<()> {
     );
     assert_eq!(status("/v1/users/nobody", http::Method::DELETE, valid.clone()).await?, http::StatusCode::FORBIDDEN);
     assert_eq!(status("/v1/users/nobody", http::Method::DELETE, admin).await?, http::StatusCode::NOT_FOUND);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn verified_claims_reach_the_handler() -> Result<()> {
+    let signer = Signer::new("k1")?;
+    let jwks_server = JwksServer::start(jwks(&[&signer])).await?;
+    let echo = support::compile_test_proto("echo/v1/echo.proto")?;
+    let pool = prost_reflect::DescriptorPool::decode(echo.as_slice())?;
+    let app = support::spawn_app_prepared(
+        |s| {
+            s.auth.jwt.issuer = ISSUER.into();
+            s.auth.jwt.audiences = vec![AUDIENCE.into()];
+            s.auth.jwt.jwks_url = format!("http://{}/jwks", jwks_server.addr);
+        },
+        move |services, _| {
+            services.add_descriptors(&echo).add(support::echo::EchoBackend { pool });
+            Ok(())
+        },
+    )
+    .await?;
+    let token = signer.sign(&with(claims("echo.read echo.write"), "sub", "bob".into()))?;
+    let bearer = format!("Bearer {token}");
+    let response =
+        app.http().send(http::Method::GET, "/v1/echo/abc", &[("authorization", bearer.as_str())], None).await?;
+    assert_eq!(response.status, http::StatusCode::OK, "{}", response.text());
+    assert_eq!(response.header("grpc-metadata-echo-jwt-sub"), Some("bob"));
+    assert_eq!(response.header("grpc-metadata-echo-jwt-scopes"), Some("echo.read echo.write"));
     app.stop().await
 }
 
