@@ -5,7 +5,8 @@
 //! Keys come from `auth.jwt.jwks_url` (fetched at start, refreshed every
 //! `refresh_interval`, and at once when a token names an unknown `kid`, at
 //! most once per `min_refresh_interval`) or `auth.jwt.jwks_file` (re-read
-//! when its content changes). A failed fetch keeps the keys already held.
+//! when its content changes). A failed fetch keeps the keys already held,
+//! and every fetch is counted in `keel_jwks_fetches_total{result}`.
 //!
 //! Only asymmetric algorithms are accepted, and only those configured: a
 //! token with `alg: none`, or HS256 "signed" with the public key, fails
@@ -44,6 +45,22 @@ pub enum JwtError {
     File(#[from] secret_file::SecretFileError),
     #[error("cannot read auth.jwt.ca_file {path}: {reason}")]
     CaFile { path: String, reason: String },
+    #[error("cannot register the JWKS metrics")]
+    Metrics(#[from] crate::metrics::MetricsError),
+}
+
+/// `keel_jwks_fetches_total{result}`, created with its registry.
+pub fn fetches_counter(registry: &crate::metrics::Metrics) -> Result<prometheus::IntCounterVec, JwtError> {
+    let counter = prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "keel_jwks_fetches_total",
+            "JWKS fetches from auth.jwt.jwks_url, by result (ok, error); a failed fetch keeps the keys held.",
+        ),
+        &["result"],
+    )
+    .map_err(crate::metrics::MetricsError::from)?;
+    registry.register(Box::new(counter.clone()))?;
+    Ok(counter)
 }
 
 /// The verified claims of a JWT caller, in the request extensions as
@@ -224,18 +241,22 @@ impl std::fmt::Debug for JwtAuth {
 }
 
 impl JwtAuth {
-    /// Sets up JWT verification from validated settings, or `None` when
+    /// Sets up JWT verification from validated settings (fetches counted in
+    /// `fetches`, see [`fetches_counter`]), or `None` when
     /// `auth.jwt` is not configured. With a URL, the first fetch happens
     /// here; if it fails keel still starts (tokens fail until keys
     /// arrive) and the refresh task keeps trying.
-    pub async fn new(settings: &JwtSettings) -> Result<Option<Self>, JwtError> {
+    pub async fn new(
+        settings: &JwtSettings,
+        fetches: Option<prometheus::IntCounterVec>,
+    ) -> Result<Option<Self>, JwtError> {
         if !settings.enabled() {
             return Ok(None);
         }
         // Installed once per process; a second install is the same one.
         let _ = RING_PROVIDER.install_default();
         let source = if settings.jwks_file.is_empty() {
-            let fetcher = Fetcher::new(settings)?;
+            let fetcher = Fetcher::new(settings, fetches)?;
             let keys = match fetcher.fetch().await {
                 Ok(keys) => keys,
                 Err(reason) => {
@@ -378,12 +399,14 @@ async fn refresh_on_schedule(inner: std::sync::Weak<Inner>, every: Duration) {
 /// Fetches the JWKS over HTTP/1.1 with hyper, TLS by rustls.
 struct Fetcher {
     uri: http::Uri,
+    /// `keel_jwks_fetches_total`.
+    fetches: Option<prometheus::IntCounterVec>,
     /// `None` for plain http (loopback only).
     tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Fetcher {
-    fn new(settings: &JwtSettings) -> Result<Self, JwtError> {
+    fn new(settings: &JwtSettings, fetches: Option<prometheus::IntCounterVec>) -> Result<Self, JwtError> {
         let fail = |reason: String| JwtError::CaFile { path: settings.ca_file.clone(), reason };
         // Validated already; parsed again here for the parts.
         let uri = jwks_url_check(&settings.jwks_url).map_err(fail)?;
@@ -403,10 +426,18 @@ impl Fetcher {
         } else {
             None
         };
-        Ok(Self { uri, tls })
+        Ok(Self { uri, fetches, tls })
     }
 
     async fn fetch(&self) -> Result<KeySet, String> {
+        let fetched = self.fetch_once().await;
+        if let Some(counter) = &self.fetches {
+            counter.with_label_values(&[if fetched.is_ok() { "ok" } else { "error" }]).inc();
+        }
+        fetched
+    }
+
+    async fn fetch_once(&self) -> Result<KeySet, String> {
         let body = tokio::time::timeout(FETCH_TIMEOUT, self.get())
             .await
             .map_err(|_| format!("no answer within {FETCH_TIMEOUT:?}"))??;

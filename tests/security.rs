@@ -542,6 +542,11 @@ async fn the_jwt_matrix_holds() -> Result<()> {
     let from_rotated = rotated.sign(&claims(""))?;
     assert_eq!(get_user_code(&channel, &from_rotated).await, Code::NotFound, "the rotated key was not fetched");
     assert!(jwks_server.fetches.load(Ordering::SeqCst) > fetches);
+    let scrape = app.scrape().await?;
+    assert!(
+        support::sample(&scrape, "keel_jwks_fetches_total", &[("result", "ok")]).is_some_and(|n| n >= 2.0),
+        "the fetches are counted"
+    );
 
     // Per-method scopes: PERMISSION_DENIED without, the call with.
     let mut users = UserServiceClient::new(channel.clone());

@@ -127,7 +127,12 @@ impl GrpcServer {
         let tls = crate::tls::server_config(&settings.tls, crate::tls::TlsKeys::GRPC, crate::tls::ALPN_GRPC)?;
         let incoming = Incoming::new(listener, tls, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
-        let jwt = if auth.disabled { None } else { crate::auth::JwtAuth::new(&auth.jwt).await? };
+        let jwt = if auth.disabled || !auth.jwt.enabled() {
+            None
+        } else {
+            let fetches = (!auth.jwt.jwks_url.is_empty()).then(|| crate::auth::fetches_counter(metrics)).transpose()?;
+            crate::auth::JwtAuth::new(&auth.jwt, fetches).await?
+        };
         let auth = Authenticator::new(auth, jwt);
         if !auth.enabled() {
             tracing::warn!("authentication is off: no auth.tokens or auth.jwt configured, or auth.disabled is set");
