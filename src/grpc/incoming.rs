@@ -38,6 +38,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes finished but not yet taken by the server.
 const HANDSHAKE_QUEUE: usize = 64;
 
+/// Handshakes in progress at once; connections beyond are closed at accept,
+/// so clients that open connections and never finish a handshake cannot
+/// pile up tasks.
+const MAX_HANDSHAKES: usize = 1024;
+
 /// What tonic leaves in each request's extensions about its connection.
 #[derive(Debug, Clone, Default)]
 pub struct GrpcConnectInfo {
@@ -96,6 +101,8 @@ impl AsyncWrite for ServerIo {
 /// The TLS side: the acceptor, and the queue finished handshakes arrive on.
 struct Handshakes {
     acceptor: TlsAcceptor,
+    /// Bounds the handshakes in progress ([`MAX_HANDSHAKES`]).
+    slots: Arc<tokio::sync::Semaphore>,
     done_tx: mpsc::Sender<ServerIo>,
     done_rx: mpsc::Receiver<ServerIo>,
 }
@@ -121,14 +128,21 @@ impl Incoming {
     ) -> Self {
         let tls = tls.map(|config| {
             let (done_tx, done_rx) = mpsc::channel(HANDSHAKE_QUEUE);
-            Handshakes { acceptor: TlsAcceptor::from(config), done_tx, done_rx }
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            Handshakes { acceptor: TlsAcceptor::from(config), slots, done_tx, done_rx }
         });
         Self { tcp: Some(listener), close: Box::pin(close), backoff: None, warned: RateLimit::default(), tls }
     }
 }
 
 /// Completes one TLS handshake and queues the connection.
-async fn handshake(acceptor: TlsAcceptor, stream: TcpStream, peer: SocketAddr, done: mpsc::Sender<ServerIo>) {
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    done: mpsc::Sender<ServerIo>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let client = ClientIdentity::of(&tls);
@@ -171,7 +185,19 @@ impl Stream for Incoming {
                     // Small unary frames must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
                     if let Some(tls) = &this.tls {
-                        tokio::spawn(handshake(tls.acceptor.clone(), stream, peer, tls.done_tx.clone()));
+                        match tls.slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                tokio::spawn(handshake(tls.acceptor.clone(), stream, peer, tls.done_tx.clone(), slot));
+                            }
+                            Err(_) => {
+                                if this.warned.allow() {
+                                    tracing::warn!(
+                                        max = MAX_HANDSHAKES,
+                                        "too many TLS handshakes in progress; closing new gRPC connections"
+                                    );
+                                }
+                            }
+                        }
                         continue;
                     }
                     let info = GrpcConnectInfo { remote_addr: Some(peer), client: None };
