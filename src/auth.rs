@@ -33,6 +33,9 @@ use tokio::net::TcpStream;
 use crate::config::JwtSettings;
 use crate::secret_file::{self, Watched};
 
+/// The method option declaring required scopes (proto/keel/auth/v1).
+pub const REQUIRED_SCOPES_OPTION: &str = "keel.auth.v1.required_scopes";
+
 /// The largest JWKS document accepted.
 const MAX_JWKS_BYTES: usize = 1024 * 1024;
 /// The bound on one JWKS fetch, connect to last byte.
@@ -241,13 +244,44 @@ impl std::fmt::Debug for JwtAuth {
 }
 
 impl JwtAuth {
+    /// The scopes declared with the `keel.auth.v1.required_scopes` method
+    /// option in the descriptors of `services`, by full method name.
+    pub fn declared_scopes<'a>(
+        pool: &prost_reflect::DescriptorPool,
+        services: impl Iterator<Item = &'a str>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let mut declared = BTreeMap::new();
+        let Some(option) = pool.get_extension_by_name(REQUIRED_SCOPES_OPTION) else { return declared };
+        for service in services.filter_map(|name| pool.get_service_by_name(name)) {
+            for method in service.methods() {
+                let options = method.options();
+                if !options.has_extension(&option) {
+                    continue;
+                }
+                let scopes: Vec<String> = match &*options.get_extension(&option) {
+                    prost_reflect::Value::List(items) => {
+                        items.iter().filter_map(|v| v.as_str()).map(str::to_owned).collect()
+                    }
+                    _ => Vec::new(),
+                };
+                if !scopes.is_empty() {
+                    declared.insert(format!("/{}/{}", service.full_name(), method.name()), scopes);
+                }
+            }
+        }
+        declared
+    }
+
     /// Sets up JWT verification from validated settings (fetches counted in
     /// `fetches`, see [`fetches_counter`]), or `None` when
     /// `auth.jwt` is not configured. With a URL, the first fetch happens
     /// here; if it fails keel still starts (tokens fail until keys
     /// arrive) and the refresh task keeps trying.
+    /// `declared` are the scopes of the proto option ([`Self::declared_scopes`]);
+    /// `auth.jwt.required_scopes` overrides them method by method.
     pub async fn new(
         settings: &JwtSettings,
+        declared: BTreeMap<String, Vec<String>>,
         fetches: Option<prometheus::IntCounterVec>,
     ) -> Result<Option<Self>, JwtError> {
         if !settings.enabled() {
@@ -284,7 +318,11 @@ impl JwtAuth {
                 algorithms,
                 leeway: settings.leeway,
                 min_refresh: settings.min_refresh_interval,
-                required_scopes: settings.required_scopes.clone(),
+                required_scopes: {
+                    let mut required = declared;
+                    required.extend(settings.required_scopes.clone());
+                    required
+                },
                 source,
             }),
         };

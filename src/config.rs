@@ -471,6 +471,7 @@ pub struct JwtSettings {
     pub min_refresh_interval: Duration,
     /// Full method name (`/user.v1.UserService/DeleteUser`) → scopes a
     /// token must all hold to call it (PERMISSION_DENIED otherwise).
+    /// Overrides the method's `keel.auth.v1.required_scopes` proto option.
     pub required_scopes: BTreeMap<String, Vec<String>>,
 }
 

@@ -487,14 +487,15 @@ async fn the_jwt_matrix_holds() -> Result<()> {
     let current = Signer::new("k1")?;
     let rotated = Signer::new("k2")?;
     let jwks_server = JwksServer::start(jwks(&[&current])).await?;
-    let delete_method = "/user.v1.UserService/DeleteUser".to_owned();
     let app = support::spawn_app_with(|s| {
         s.auth.jwt.issuer = ISSUER.into();
         s.auth.jwt.audiences = vec![AUDIENCE.into()];
         s.auth.jwt.jwks_url = format!("http://{}/jwks", jwks_server.addr);
         s.auth.jwt.leeway = Duration::ZERO;
         s.auth.jwt.min_refresh_interval = Duration::from_millis(1);
-        s.auth.jwt.required_scopes.insert(delete_method, vec!["users.admin".into()]);
+        // DeleteUser's users.admin comes from its proto option; the config
+        // adds one for GetUser's sibling UpdateUser.
+        s.auth.jwt.required_scopes.insert("/user.v1.UserService/UpdateUser".into(), vec!["users.write".into()]);
     })
     .await?;
     let channel = app.channel()?;
@@ -548,7 +549,8 @@ async fn the_jwt_matrix_holds() -> Result<()> {
         "the fetches are counted"
     );
 
-    // Per-method scopes: PERMISSION_DENIED without, the call with.
+    // Per-method scopes (the proto option of DeleteUser): PERMISSION_DENIED
+    // without, the call with.
     let mut users = UserServiceClient::new(channel.clone());
     let delete = |token: &str| {
         let mut request = tonic::Request::new(DeleteUserRequest { user_id: "nobody".into() });
@@ -562,6 +564,13 @@ async fn the_jwt_matrix_holds() -> Result<()> {
     let admin = current.sign(&claims("users.read users.admin"))?;
     let allowed = users.delete_user(delete(&admin)).await.err().map(|s| s.code());
     assert_eq!(allowed, Some(Code::NotFound));
+    let update = {
+        let mut request = tonic::Request::new(keel::proto::user::v1::UpdateUserRequest::default());
+        request.metadata_mut().insert("authorization", format!("Bearer {admin}").parse()?);
+        request
+    };
+    let denied = users.update_user(update).await.err().map(|s| s.code());
+    assert_eq!(denied, Some(Code::PermissionDenied), "the config's required_scopes");
     let scp = current.sign(&with(claims(""), "scp", serde_json::json!(["users.admin"])))?;
     assert_eq!(users.delete_user(delete(&scp)).await.err().map(|s| s.code()), Some(Code::NotFound));
 

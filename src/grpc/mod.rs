@@ -131,7 +131,9 @@ impl GrpcServer {
             None
         } else {
             let fetches = (!auth.jwt.jwks_url.is_empty()).then(|| crate::auth::fetches_counter(metrics)).transpose()?;
-            crate::auth::JwtAuth::new(&auth.jwt, fetches).await?
+            let declared =
+                crate::auth::JwtAuth::declared_scopes(&services.pool, services.iter().map(|s| s.name.as_str()));
+            crate::auth::JwtAuth::new(&auth.jwt, declared, fetches).await?
         };
         let auth = Authenticator::new(auth, jwt);
         if !auth.enabled() {
