@@ -37,9 +37,14 @@ pub struct AdminServer {
 
 impl AdminServer {
     /// Binds `admin.addr`.
-    pub async fn bind(settings: &AdminSettings, metrics: Metrics, readiness: Readiness) -> Result<Self, BindError> {
+    pub async fn bind(
+        settings: &AdminSettings,
+        metrics: Metrics,
+        readiness: Readiness,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
+    ) -> Result<Self, BindError> {
         let (listener, addr) = net::bind("admin.addr", settings.addr).await?;
-        let limits = HttpLimits::admin(settings, &metrics);
+        let limits = HttpLimits::admin(settings, &metrics).with_tls(tls);
         Ok(Self { listener, addr, router: router(metrics, readiness), limits })
     }
 

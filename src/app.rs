@@ -24,6 +24,7 @@ use crate::metrics::{Metrics, MetricsError};
 use crate::net::BindError;
 use crate::registry::{Dependencies, RegistryError, ServiceContext, ServiceRegistry, SetupError};
 use crate::shutdown::Shutdown;
+use crate::tls::{self, TlsError, TlsKeys};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -51,12 +52,22 @@ pub enum AppError {
     Panicked(&'static str, #[source] tokio::task::JoinError),
     #[error("the {0} server returned before shutdown")]
     Stopped(&'static str),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::JwtError),
 }
 
 impl AppError {
     /// A listener could not be bound (the port is taken, or not ours).
     pub fn is_bind(&self) -> bool {
         matches!(self, Self::Bind(_) | Self::Grpc(GrpcError::Bind(_)) | Self::Gateway(GatewayStartError::Bind(_)))
+    }
+
+    /// A configured file (a certificate, a key, a JWKS) is unusable: a
+    /// config error, exit 78.
+    pub fn is_config(&self) -> bool {
+        matches!(self, Self::Tls(_) | Self::Jwt(_) | Self::Grpc(GrpcError::Tls(_) | GrpcError::Jwt(_)))
     }
 }
 
@@ -130,11 +141,12 @@ impl App {
         };
         register(&mut registry, &context).map_err(AppError::Setup)?;
         let health = Health::new(registry.health_names()).await;
-        grpc::register_infrastructure(&mut registry, &health, &streams, &shutdown)?;
+        grpc::register_infrastructure(&mut registry, &health, &streams, &shutdown, settings.grpc.reflection)?;
         let mut services = registry.finish()?;
 
         let grpc = GrpcServer::bind(&settings.grpc, &settings.auth, &mut services, &metrics, &shutdown).await?;
-        let gateway = GatewayServer::bind(&settings.http, &services, grpc.in_process(), &metrics).await?;
+        let http_tls = tls::server_config(&settings.http.tls, TlsKeys::HTTP, tls::ALPN_HTTP)?;
+        let gateway = GatewayServer::bind(&settings.http, &services, grpc.in_process(), http_tls, &metrics).await?;
         let readiness = Readiness::new(health.clone(), shutdown.clone(), services.take_readiness());
         let dependencies = std::mem::take(&mut services.dependencies);
         let ready = readiness.clone();
@@ -146,7 +158,8 @@ impl App {
         if let Some(filter) = crate::telemetry::log_filter() {
             filter.export(&metrics)?;
         }
-        let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone()).await?;
+        let admin_tls = tls::server_config(&settings.admin.tls, TlsKeys::ADMIN, tls::ALPN_HTTP)?;
+        let admin = AdminServer::bind(&settings.admin, metrics, readiness.clone(), admin_tls).await?;
         Ok(Self {
             settings,
             grpc,

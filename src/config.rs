@@ -116,6 +116,34 @@ pub struct GrpcSettings {
     /// How long a connection past its age may finish its calls.
     #[serde(with = "human_duration")]
     pub max_connection_age_grace: Duration,
+    /// Serves gRPC reflection (v1 and v1alpha), so grpcurl and IDEs can
+    /// list and call the API without its protos. The production overlay
+    /// turns it off: a public pod should not describe its API to anyone.
+    pub reflection: bool,
+    /// TLS (and mTLS) on this listener; plaintext while `cert_file` is empty.
+    pub tls: TlsSettings,
+}
+
+/// `<listener>.tls`: certificate files, re-read when their content changes
+/// (the secrets-from-files convention), so cert-manager rotations need no
+/// restart.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsSettings {
+    /// PEM certificate chain, leaf first. Empty: this listener is plaintext.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: String,
+    /// PEM CA bundle; when set, clients must present a certificate it signed
+    /// (mTLS), and the verified identity reaches auth, handlers and the log.
+    pub client_ca_file: String,
+}
+
+impl TlsSettings {
+    /// True when this listener terminates TLS.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty()
+    }
 }
 
 impl Default for GrpcSettings {
@@ -132,6 +160,8 @@ impl Default for GrpcSettings {
             max_timeout: Duration::from_secs(3600),
             max_connection_age: Duration::from_secs(30 * 60),
             max_connection_age_grace: Duration::from_secs(60),
+            reflection: true,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -184,6 +214,8 @@ pub struct HttpSettings {
     /// Open connections beyond which new ones are closed at once (and
     /// counted in `keel_http_connections_rejected_total`).
     pub max_connections: usize,
+    /// TLS (and mTLS) on the gateway, with ALPN h2 and http/1.1.
+    pub tls: TlsSettings,
 }
 
 /// `http.unknown_fields`: strict (as Envoy) or lenient (as grpc-gateway).
@@ -297,6 +329,7 @@ impl Default for HttpSettings {
             // next to ordinary traffic; the open-file limit is raised to
             // fit at start.
             max_connections: 4096,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -318,6 +351,9 @@ pub struct AdminSettings {
     /// As `http.max_connections`; the admin port serves only probes and
     /// scrapes.
     pub max_connections: usize,
+    /// Off by default: kubelet probes and most Prometheus setups scrape
+    /// plaintext. Takes the same settings as `http.tls`.
+    pub tls: TlsSettings,
 }
 
 impl Default for AdminSettings {
@@ -327,6 +363,7 @@ impl Default for AdminSettings {
             header_read_timeout: Duration::from_secs(5),
             idle_timeout: Duration::from_secs(75),
             max_connections: 128,
+            tls: TlsSettings::default(),
         }
     }
 }
@@ -408,6 +445,8 @@ pub struct AuthSettings {
     pub tokens_file: String,
     /// Runs without authentication; must be set explicitly in production.
     pub disabled: bool,
+    /// JWTs from an OIDC provider; configuring `issuer` turns auth on.
+    pub jwt: JwtSettings,
 }
 
 impl AuthSettings {
@@ -438,7 +477,74 @@ impl fmt::Debug for AuthSettings {
             .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
             .field("tokens_file", &self.tokens_file)
             .field("disabled", &self.disabled)
+            .field("jwt", &self.jwt)
             .finish()
+    }
+}
+
+impl AuthSettings {
+    /// True when some credential is configured (static tokens or JWTs).
+    pub fn configured(&self) -> bool {
+        self.has_tokens() || self.jwt.enabled()
+    }
+}
+
+/// `auth.jwt`: bearer JWTs verified against the issuer's JWKS.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JwtSettings {
+    /// The `iss` every token must carry. Empty: JWT auth is off.
+    pub issuer: String,
+    /// Accepted `aud` values; a token must name at least one. Required
+    /// with `issuer`, since a token meant for another service must fail.
+    pub audiences: Vec<String>,
+    /// Where the JWKS is fetched (`https://idp/.well-known/jwks.json`);
+    /// plain `http://` only on loopback. Exclusive with `jwks_file`.
+    pub jwks_url: String,
+    /// A JWKS file instead (re-read when its content changes).
+    pub jwks_file: String,
+    /// Accepted `alg` values: asymmetric only (`none` and HMAC never, so a
+    /// public key can never serve as a shared secret).
+    pub algorithms: Vec<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "human_duration")]
+    pub leeway: Duration,
+    /// Extra PEM CA bundle for the JWKS endpoint; empty: the webpki roots.
+    pub ca_file: String,
+    /// How often the JWKS is re-fetched.
+    #[serde(with = "human_duration")]
+    pub refresh_interval: Duration,
+    /// The least time between fetches caused by an unknown `kid`, so forged
+    /// kids cannot hammer the identity provider.
+    #[serde(with = "human_duration")]
+    pub min_refresh_interval: Duration,
+    /// Full method name (`/user.v1.UserService/DeleteUser`) → scopes a
+    /// token must all hold to call it (PERMISSION_DENIED otherwise).
+    /// Overrides the method's `keel.auth.v1.required_scopes` proto option.
+    pub required_scopes: BTreeMap<String, Vec<String>>,
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            issuer: String::new(),
+            audiences: Vec::new(),
+            jwks_url: String::new(),
+            jwks_file: String::new(),
+            algorithms: ["RS256", "ES256", "EdDSA"].map(str::to_owned).to_vec(),
+            leeway: Duration::from_secs(30),
+            ca_file: String::new(),
+            refresh_interval: Duration::from_secs(300),
+            min_refresh_interval: Duration::from_secs(10),
+            required_scopes: BTreeMap::new(),
+        }
+    }
+}
+
+impl JwtSettings {
+    /// True when JWTs are accepted.
+    pub fn enabled(&self) -> bool {
+        !self.issuer.is_empty()
     }
 }
 
@@ -992,12 +1098,12 @@ impl Settings {
         let mut settings: Settings = merged.try_deserialize().map_err(|e| invalid_from(e, &tree))?;
         settings.read_database_url(&tree)?;
         settings.validate(&tree)?;
-        if !sources.probe && sources.is_production() && !settings.auth.has_tokens() && !settings.auth.disabled {
+        if !sources.probe && sources.is_production() && !settings.auth.configured() && !settings.auth.disabled {
             return Err(ConfigError::Invalid {
                 key: "auth.tokens".to_owned(),
                 origin: origin_of(&tree, "auth.tokens"),
                 reason: format!(
-                    "{ENV_NAME_VAR}=production requires at least one token in auth.tokens or auth.tokens_file (or auth.disabled: true to run without)"
+                    "{ENV_NAME_VAR}=production requires at least one token in auth.tokens or auth.tokens_file, or auth.jwt (or auth.disabled: true to run without)"
                 ),
             });
         }
@@ -1123,6 +1229,21 @@ impl Settings {
                 ),
             ));
         }
+        for (key, tls) in [("grpc.tls", &self.grpc.tls), ("http.tls", &self.http.tls), ("admin.tls", &self.admin.tls)] {
+            // Named by the key that is set, whose layer is the one to fix.
+            match (tls.cert_file.is_empty(), tls.key_file.is_empty()) {
+                (false, true) => return Err(fail(&format!("{key}.cert_file"), "set without key_file".to_owned())),
+                (true, false) => return Err(fail(&format!("{key}.key_file"), "set without cert_file".to_owned())),
+                _ => {}
+            }
+            if !tls.client_ca_file.is_empty() && tls.cert_file.is_empty() {
+                return Err(fail(
+                    &format!("{key}.client_ca_file"),
+                    "needs cert_file and key_file (mTLS is TLS)".to_owned(),
+                ));
+            }
+        }
+        self.validate_jwt(&fail)?;
         self.validate_database(&fail)?;
         self.validate_clients(&fail)
     }
@@ -1188,6 +1309,59 @@ impl Settings {
                         format!("{} must hold a token of visible ASCII without spaces", client.token_file),
                     ));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// `auth.jwt`: complete, with only asymmetric algorithms, and a JWKS
+    /// URL that cannot be tampered with on the way.
+    fn validate_jwt(&self, fail: &dyn Fn(&str, String) -> ConfigError) -> Result<(), ConfigError> {
+        let jwt = &self.auth.jwt;
+        let set = !jwt.audiences.is_empty()
+            || !jwt.jwks_url.is_empty()
+            || !jwt.jwks_file.is_empty()
+            || !jwt.required_scopes.is_empty();
+        if !jwt.enabled() {
+            if set {
+                return Err(fail("auth.jwt.issuer", "required when any other auth.jwt key is set".to_owned()));
+            }
+            return Ok(());
+        }
+        if jwt.audiences.is_empty() || jwt.audiences.iter().any(|a| a.trim().is_empty()) {
+            return Err(fail("auth.jwt.audiences", "at least one non-empty audience is required".to_owned()));
+        }
+        match (jwt.jwks_url.is_empty(), jwt.jwks_file.is_empty()) {
+            (true, true) => return Err(fail("auth.jwt.jwks_url", "set jwks_url or jwks_file".to_owned())),
+            (false, false) => return Err(fail("auth.jwt.jwks_file", "set together with jwks_url: use one".to_owned())),
+            _ => {}
+        }
+        if !jwt.jwks_url.is_empty() {
+            crate::auth::jwks_url_check(&jwt.jwks_url).map_err(|reason| fail("auth.jwt.jwks_url", reason))?;
+        }
+        if jwt.algorithms.is_empty() {
+            return Err(fail("auth.jwt.algorithms", "at least one algorithm is required".to_owned()));
+        }
+        for name in &jwt.algorithms {
+            crate::auth::parse_algorithm(name).map_err(|reason| fail("auth.jwt.algorithms", reason))?;
+        }
+        for (key, value) in [
+            ("auth.jwt.refresh_interval", jwt.refresh_interval),
+            ("auth.jwt.min_refresh_interval", jwt.min_refresh_interval),
+        ] {
+            if value.is_zero() {
+                return Err(fail(key, "must be greater than zero".to_owned()));
+            }
+        }
+        for (method, scopes) in &jwt.required_scopes {
+            if !method.starts_with('/') || method[1..].split('/').count() != 2 {
+                return Err(fail(
+                    "auth.jwt.required_scopes",
+                    format!("{method:?} is not a full method name such as /user.v1.UserService/DeleteUser"),
+                ));
+            }
+            if scopes.iter().any(|s| s.trim().is_empty() || s.contains(' ')) {
+                return Err(fail("auth.jwt.required_scopes", format!("{method:?}: scopes are non-empty words")));
             }
         }
         Ok(())
@@ -1339,7 +1513,11 @@ fn check_known_keys(tree: &Map<String, Value>, known: &serde_json::Value, prefix
         let Some(expected) = known.get(name) else {
             return Err(ConfigError::UnknownKey { origin: describe_value_origin(value, &key), key });
         };
-        if let (ValueKind::Table(children), serde_json::Value::Object(_)) = (&value.kind, expected) {
+        // An empty table by default is a map whose keys are data
+        // (`auth.jwt.required_scopes`), not settings.
+        if let (ValueKind::Table(children), serde_json::Value::Object(fields)) = (&value.kind, expected)
+            && !fields.is_empty()
+        {
             check_known_keys(children, expected, &key)?;
         }
     }

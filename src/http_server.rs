@@ -17,6 +17,11 @@
 //! connection ends right after its current response instead of being cut
 //! while the client writes its next request. Connections that stay idle
 //! are closed after a short linger; HTTP/2 connections get GOAWAY.
+//!
+//! With TLS (`http.tls`, `admin.tls`) the handshake runs in the
+//! connection's task within the header timeout, ALPN choosing HTTP/2 or
+//! HTTP/1.1; a verified client certificate's identity is put in each
+//! request's extensions as `Arc<ClientIdentity>`.
 
 use std::future::Future;
 use std::io;
@@ -47,6 +52,7 @@ use tower_http::timeout::DeadlineBody;
 use crate::config::{AdminSettings, HttpSettings};
 use crate::metrics::Metrics;
 use crate::net::{ACCEPT_BACKOFF, AcceptError, RateLimit, classify_accept_error};
+use crate::tls::{ClientIdentity, MaybeTls};
 
 /// How long keep-alive connections may stay open once draining began: long
 /// enough for a busy one to get its next response (marked `Connection:
@@ -72,6 +78,8 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Connections closed because the cap was reached.
     pub rejected: IntCounter,
+    /// Set when this server speaks TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl HttpLimits {
@@ -84,6 +92,7 @@ impl HttpLimits {
             idle_timeout: settings.idle_timeout,
             max_connections: settings.max_connections,
             rejected: metrics.http_connections_rejected.with_label_values(&["gateway"]),
+            tls: None,
         }
     }
 
@@ -96,7 +105,14 @@ impl HttpLimits {
             idle_timeout: settings.idle_timeout,
             max_connections: settings.max_connections,
             rejected: metrics.http_connections_rejected.with_label_values(&["admin"]),
+            tls: None,
         }
+    }
+
+    /// The same bounds, serving TLS with `config` when there is one.
+    pub fn with_tls(mut self, config: Option<Arc<rustls::ServerConfig>>) -> Self {
+        self.tls = config;
+        self
     }
 }
 
@@ -198,12 +214,38 @@ pub async fn serve(
         tracing::debug!(server = limits.server, %peer, "connection accepted");
         let connection = Arc::new(ConnectionState::default());
         open.count.fetch_add(1, Ordering::AcqRel);
-        let io = TokioIo::new(WatchedStream { stream, connection: connection.clone(), _open: OpenGuard(open.clone()) });
-        let service = connection_service(router.clone(), peer, limits.body_read_timeout, connection.clone());
+        let watched = WatchedStream { stream, connection: connection.clone(), _open: OpenGuard(open.clone()) };
+        let router = router.clone();
         let builder = builder.clone();
         let limits = limits.clone();
         let closing = closing.clone();
         tokio::spawn(async move {
+            let (io, client) = match &limits.tls {
+                None => (MaybeTls::Plain(watched), None),
+                // The handshake counts against the header timeout: it is
+                // what a client must finish before its first request.
+                Some(config) => match tokio::time::timeout(
+                    limits.header_read_timeout,
+                    tokio_rustls::TlsAcceptor::from(config.clone()).accept(watched),
+                )
+                .await
+                {
+                    Ok(Ok(tls)) => {
+                        let client = ClientIdentity::of(&tls);
+                        (MaybeTls::Tls(Box::new(tls)), client)
+                    }
+                    Ok(Err(error)) => {
+                        tracing::debug!(server = limits.server, %peer, %error, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::debug!(server = limits.server, %peer, "TLS handshake timed out");
+                        return;
+                    }
+                },
+            };
+            let io = TokioIo::new(io);
+            let service = connection_service(router, peer, client, limits.body_read_timeout, connection.clone());
             let conn = builder.serve_connection_with_upgrades(io, TowerToHyperService::new(service));
             let mut conn = pin!(conn);
             let watchdog = watchdog(&connection, limits.header_read_timeout, limits.idle_timeout);
@@ -251,6 +293,7 @@ pub async fn serve(
 fn connection_service(
     router: Router,
     peer: SocketAddr,
+    client: Option<Arc<ClientIdentity>>,
     body_read_timeout: Option<Duration>,
     connection: Arc<ConnectionState>,
 ) -> impl tower::Service<
@@ -263,6 +306,7 @@ fn connection_service(
 + 'static {
     tower::service_fn(move |request: Request<Incoming>| {
         let router = router.clone();
+        let client = client.clone();
         let request_guard = connection.request_started();
         async move {
             let mut request = request.map(|body| match body_read_timeout {
@@ -270,6 +314,9 @@ fn connection_service(
                 None => Body::new(body),
             });
             request.extensions_mut().insert(ConnectInfo(peer));
+            if let Some(client) = client {
+                request.extensions_mut().insert(client);
+            }
             let response = router.oneshot(request).await?;
             // The request counts as in flight until its response body is
             // done (or dropped), so streams are never idle-closed.

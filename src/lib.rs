@@ -36,6 +36,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod auth;
 pub mod clients;
 pub mod config;
 pub mod database;
@@ -53,6 +54,7 @@ pub mod secret_file;
 pub mod services;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod users;
 
 /// Generated from `proto/` by `build.rs`; never edited by hand. Every

@@ -51,6 +51,23 @@ struct HealthcheckArgs {
     /// How long to wait for an answer.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     timeout: std::time::Duration,
+    /// Speak TLS (grpc.tls is set on the server).
+    #[arg(long)]
+    tls: bool,
+    /// PEM CA bundle to verify the server with (with --tls); default: the
+    /// webpki roots.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca_file: Option<std::path::PathBuf>,
+    /// The name the server's certificate must carry; default: the host of
+    /// --addr.
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+    /// Client certificate for mTLS (grpc.tls.client_ca_file is set).
+    #[arg(long, value_name = "FILE", requires = "key_file")]
+    cert_file: Option<std::path::PathBuf>,
+    /// The client certificate's key.
+    #[arg(long, value_name = "FILE", requires = "cert_file")]
+    key_file: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -68,7 +85,12 @@ fn main() -> ExitCode {
         Command::Config => print_stdout(&settings.to_redacted_json()),
         Command::Healthcheck(args) => {
             let addr = args.addr.unwrap_or_else(|| keel::healthcheck::local_target(settings.grpc.addr).to_string());
-            match keel::healthcheck::check(&addr, &args.service, args.timeout) {
+            let tls = args.tls.then(|| keel::healthcheck::ClientTls {
+                ca_file: args.ca_file.clone(),
+                server_name: args.server_name.clone(),
+                identity: args.cert_file.clone().zip(args.key_file.clone()),
+            });
+            match keel::healthcheck::check(&addr, &args.service, args.timeout, tls.as_ref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(reason) => {
                     report(format_args!("keel healthcheck: {addr}: {}", chain(&reason)));
@@ -144,7 +166,12 @@ fn serve(settings: Settings, sources: ConfigSources) -> ExitCode {
         }
         Err(Failure::Run(error)) => {
             let message = chain(error.as_ref());
-            if error.downcast_ref::<AppError>().is_some_and(AppError::is_bind) {
+            let app = error.downcast_ref::<AppError>();
+            if app.is_some_and(AppError::is_config) {
+                report(format_args!("keel: {message}"));
+                return ExitCode::from(EXIT_CONFIG as u8);
+            }
+            if app.is_some_and(AppError::is_bind) {
                 report(format_args!("keel: {message}"));
             }
             ExitCode::FAILURE

@@ -170,22 +170,22 @@ fn an_unknown_nested_section_names_the_layer_that_set_it() -> Result<()> {
     let scratch = Scratch::new("nested")?;
     let sources = ConfigSources {
         dir: scratch.0.clone(),
-        env_vars: vars(&[("KEEL__GRPC__TLS__CERT_FILE", "x")]),
+        env_vars: vars(&[("KEEL__GRPC__QUIC__CERT_FILE", "x")]),
         ..Default::default()
     };
     match Settings::load(&sources) {
         Err(ConfigError::UnknownKey { key, origin }) => {
-            assert_eq!(key, "grpc.tls");
-            assert_eq!(origin, "environment variable KEEL__GRPC__TLS__CERT_FILE");
+            assert_eq!(key, "grpc.quic");
+            assert_eq!(origin, "environment variable KEEL__GRPC__QUIC__CERT_FILE");
         }
         other => panic!("expected an unknown key error, got {other:?}"),
     }
 
-    let file = scratch.write("nested.yaml", "grpc:\n  tls:\n    cert_file: x\n")?;
+    let file = scratch.write("nested.yaml", "grpc:\n  quic:\n    cert_file: x\n")?;
     let sources = ConfigSources { dir: scratch.0.clone(), file: Some(file.clone()), ..Default::default() };
     match Settings::load(&sources) {
         Err(ConfigError::UnknownKey { key, origin }) => {
-            assert_eq!(key, "grpc.tls");
+            assert_eq!(key, "grpc.quic");
             assert_eq!(origin, format!("file {}", file.display()));
         }
         other => panic!("expected an unknown key error, got {other:?}"),
@@ -226,6 +226,62 @@ fn errors_name_the_key_and_its_layer() -> Result<()> {
         }
         other => panic!("expected an invalid value error, got {other:?}"),
     }
+    Ok(())
+}
+
+#[test]
+fn tls_and_jwt_settings_are_validated_and_named() -> Result<()> {
+    let scratch = Scratch::new("security")?;
+    let load = |env: &[(&str, &str)]| {
+        Settings::load(&ConfigSources { dir: scratch.0.clone(), env_vars: vars(env), ..Default::default() })
+    };
+    let jwt = [
+        ("KEEL__AUTH__JWT__ISSUER", "https://idp.example.com"),
+        ("KEEL__AUTH__JWT__AUDIENCES", "api,other"),
+        ("KEEL__AUTH__JWT__JWKS_URL", "https://idp.example.com/jwks"),
+    ];
+    let settings = load(&jwt)?;
+    assert_eq!(settings.auth.jwt.audiences, ["api", "other"]);
+    assert!(settings.auth.configured());
+
+    let cases: [(&[(&str, &str)], &str); 6] = [
+        (&[("KEEL__GRPC__TLS__CERT_FILE", "/tls.crt")], "grpc.tls.cert_file"),
+        (&[("KEEL__HTTP__TLS__CLIENT_CA_FILE", "/ca.crt")], "http.tls.client_ca_file"),
+        (&[("KEEL__AUTH__JWT__AUDIENCES", "api")], "auth.jwt.issuer"),
+        (&[jwt[0], jwt[1], ("KEEL__AUTH__JWT__JWKS_URL", "http://idp.example.com/jwks")], "auth.jwt.jwks_url"),
+        (&[jwt[0], jwt[1], jwt[2], ("KEEL__AUTH__JWT__ALGORITHMS", "RS256,HS256")], "auth.jwt.algorithms"),
+        (&[jwt[0], jwt[1], jwt[2], ("KEEL__AUTH__JWT__ALGORITHMS", "none")], "auth.jwt.algorithms"),
+    ];
+    for (env, expected) in cases {
+        match load(env) {
+            Err(ConfigError::Invalid { key, origin, .. }) => {
+                assert_eq!(key, expected, "{env:?}");
+                assert!(origin.starts_with("environment variable"), "{origin}");
+            }
+            other => panic!("{env:?}: expected an error naming {expected}, got {other:?}"),
+        }
+    }
+
+    // Method names are map keys, case and dots kept.
+    let file = scratch.write(
+        "scopes.yaml",
+        "auth:\n  jwt:\n    required_scopes:\n      /user.v1.UserService/DeleteUser: [users.admin]\n",
+    )?;
+    let sources =
+        ConfigSources { dir: scratch.0.clone(), file: Some(file), env_vars: vars(&jwt), ..Default::default() };
+    let settings = Settings::load(&sources)?;
+    assert_eq!(
+        settings.auth.jwt.required_scopes.get("/user.v1.UserService/DeleteUser").map(Vec::as_slice),
+        Some(&["users.admin".to_owned()][..])
+    );
+    let production = ConfigSources {
+        dir: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("config"),
+        environment: Some("production".into()),
+        env_vars: vars(&jwt),
+        ..Default::default()
+    };
+    let settings = Settings::load(&production).context("production with auth.jwt and no static token")?;
+    assert!(!settings.grpc.reflection, "production turns reflection off");
     Ok(())
 }
 
@@ -290,8 +346,8 @@ mod binary {
     #[test]
     fn an_unknown_nested_env_key_names_its_variable() -> Result<()> {
         let scratch = Scratch::new("bin-nested")?;
-        let output = keel(&["config"], &[("KEEL__GRPC__TLS__CERT_FILE", "x")], &scratch.0)?;
-        assert_config_error(&output, "grpc.tls", "environment variable KEEL__GRPC__TLS__CERT_FILE");
+        let output = keel(&["config"], &[("KEEL__GRPC__QUIC__CERT_FILE", "x")], &scratch.0)?;
+        assert_config_error(&output, "grpc.quic", "environment variable KEEL__GRPC__QUIC__CERT_FILE");
         Ok(())
     }
 

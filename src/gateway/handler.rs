@@ -90,7 +90,10 @@ impl Gateway {
     /// The axum router serving the gateway.
     pub fn into_router(mut self) -> Router {
         let cors = self.cors.take();
-        let router = Router::new().fallback(dispatch).with_state(Arc::new(self));
+        let router = Router::new()
+            .fallback(dispatch)
+            .with_state(Arc::new(self))
+            .layer(tower::util::MapResponseLayer::new(security_headers));
         match cors {
             Some(cors) => router.layer(cors),
             None => router,
@@ -168,7 +171,13 @@ impl Gateway {
         let timeout = self.timeouts.for_request(&parts.headers, binding.streaming)?;
         let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
         let metadata = self.metadata(&parts.headers, peer, parts.uri.authority().map(|a| a.as_str()));
-        let mut call = tonic::Request::from_parts(metadata, tonic::Extensions::default(), message);
+        let mut extensions = tonic::Extensions::default();
+        // The mTLS identity of the HTTP client reaches auth and handlers as
+        // it would on a gRPC connection.
+        if let Some(client) = parts.extensions.get::<std::sync::Arc<crate::tls::ClientIdentity>>() {
+            extensions.insert(client.clone());
+        }
+        let mut call = tonic::Request::from_parts(metadata, extensions, message);
         call.set_timeout(timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let output = binding.transcoding.output.clone();
@@ -450,4 +459,19 @@ fn caused_by<T: std::error::Error + 'static>(error: &(dyn std::error::Error + 's
         current = e.source();
     }
     false
+}
+
+/// `X-Content-Type-Options: nosniff` and `Cache-Control: no-store` on
+/// every response that does not set its own: API answers (and errors) are
+/// per caller and must neither be sniffed into HTML nor cached by a shared
+/// proxy. Streams set `no-cache` themselves, and a handler's headers win.
+fn security_headers(mut response: Response) -> Response {
+    let headers = response.headers_mut();
+    if !headers.contains_key(header::X_CONTENT_TYPE_OPTIONS) {
+        headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    }
+    if !headers.contains_key(header::CACHE_CONTROL) {
+        headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
+    response
 }

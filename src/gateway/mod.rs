@@ -68,6 +68,7 @@ impl GatewayServer {
         settings: &HttpSettings,
         services: &Services,
         grpc: InProcess,
+        tls: Option<std::sync::Arc<rustls::ServerConfig>>,
         metrics: &Metrics,
     ) -> Result<Self, GatewayStartError> {
         let (listener, addr) = net::bind("http.addr", settings.addr).await?;
@@ -77,7 +78,7 @@ impl GatewayServer {
         let client_methods = std::sync::Arc::new(MethodTable::build(called, &metrics.grpc_client));
         let forwarder = Forwarder::new(grpc, GrpcMetricsLayer::client(client_methods));
         let gateway = Gateway::build(services, forwarder, settings, &metrics.http)?;
-        let limits = HttpLimits::gateway(settings, metrics);
+        let limits = HttpLimits::gateway(settings, metrics).with_tls(tls);
         Ok(Self { listener, addr, router: gateway.into_router(), limits })
     }
 

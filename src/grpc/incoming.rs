@@ -7,18 +7,105 @@
 //! once and spin a core on an error that repeats until something closes.
 //! The stream stays pending for [`ACCEPT_BACKOFF`] instead, as the HTTP
 //! listener does, and warns at most once per interval.
+//!
+//! With TLS, each accepted connection's handshake runs in its own task
+//! (bounded by [`HANDSHAKE_TIMEOUT`]), so a slow or silent client never
+//! holds up the accepts; finished handshakes are handed to tonic with the
+//! client's verified identity, which tonic puts in every request's
+//! extensions as [`GrpcConnectInfo`].
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
 use tokio::time::Sleep;
+use tokio_rustls::TlsAcceptor;
 use tokio_stream::Stream;
 
 use crate::net::{ACCEPT_BACKOFF, AcceptError, RateLimit, classify_accept_error};
+use crate::tls::{ClientIdentity, MaybeTls};
+
+/// How long a client may take to complete its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Handshakes finished but not yet taken by the server.
+const HANDSHAKE_QUEUE: usize = 64;
+
+/// Handshakes in progress at once; connections beyond are closed at accept,
+/// so clients that open connections and never finish a handshake cannot
+/// pile up tasks.
+const MAX_HANDSHAKES: usize = 1024;
+
+/// What tonic leaves in each request's extensions about its connection.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcConnectInfo {
+    /// The TCP peer.
+    pub remote_addr: Option<SocketAddr>,
+    /// The verified client certificate's identity (mTLS only).
+    pub client: Option<Arc<ClientIdentity>>,
+}
+
+/// One accepted connection, plaintext or TLS.
+pub struct ServerIo {
+    io: MaybeTls<TcpStream>,
+    info: GrpcConnectInfo,
+}
+
+impl tonic::transport::server::Connected for ServerIo {
+    type ConnectInfo = GrpcConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for ServerIo {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for ServerIo {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// The TLS side: the acceptor, and the queue finished handshakes arrive on.
+struct Handshakes {
+    acceptor: TlsAcceptor,
+    /// Bounds the handshakes in progress ([`MAX_HANDSHAKES`]).
+    slots: Arc<tokio::sync::Semaphore>,
+    done_tx: mpsc::Sender<ServerIo>,
+    done_rx: mpsc::Receiver<ServerIo>,
+}
 
 /// The server's stream of connections. Accepting stops when `close`
 /// resolves (and the waker the close future registered wakes us).
@@ -29,16 +116,48 @@ pub struct Incoming {
     backoff: Option<Pin<Box<Sleep>>>,
     /// Limits the warnings about failed accepts.
     warned: RateLimit,
+    /// Set when the listener speaks TLS.
+    tls: Option<Handshakes>,
 }
 
 impl Incoming {
-    pub fn new(listener: TcpListener, close: impl Future<Output = ()> + Send + 'static) -> Self {
-        Self { tcp: Some(listener), close: Box::pin(close), backoff: None, warned: RateLimit::default() }
+    pub fn new(
+        listener: TcpListener,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        close: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        let tls = tls.map(|config| {
+            let (done_tx, done_rx) = mpsc::channel(HANDSHAKE_QUEUE);
+            let slots = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+            Handshakes { acceptor: TlsAcceptor::from(config), slots, done_tx, done_rx }
+        });
+        Self { tcp: Some(listener), close: Box::pin(close), backoff: None, warned: RateLimit::default(), tls }
+    }
+}
+
+/// Completes one TLS handshake and queues the connection.
+async fn handshake(
+    acceptor: TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    done: mpsc::Sender<ServerIo>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => {
+            let client = ClientIdentity::of(&tls);
+            let info = GrpcConnectInfo { remote_addr: Some(peer), client };
+            let _ = done.send(ServerIo { io: MaybeTls::Tls(Box::new(tls)), info }).await;
+        }
+        // A client's failure (no certificate, an untrusted CA, plaintext
+        // sent to a TLS port): theirs to see, not a server problem.
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "gRPC TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
     }
 }
 
 impl Stream for Incoming {
-    type Item = io::Result<TcpStream>;
+    type Item = io::Result<ServerIo>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
@@ -48,6 +167,11 @@ impl Stream for Incoming {
         // After closing, stay pending: the server's own stop signal, not the
         // end of this stream, starts its graceful shutdown.
         let Some(listener) = &this.tcp else { return Poll::Pending };
+        if let Some(tls) = &mut this.tls
+            && let Poll::Ready(Some(io)) = tls.done_rx.poll_recv(cx)
+        {
+            return Poll::Ready(Some(Ok(io)));
+        }
         if let Some(backoff) = &mut this.backoff {
             if backoff.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
@@ -57,10 +181,27 @@ impl Stream for Incoming {
         loop {
             return match listener.poll_accept(cx) {
                 Poll::Pending => Poll::Pending,
-                Poll::Ready(Ok((stream, _))) => {
+                Poll::Ready(Ok((stream, peer))) => {
                     // Small unary frames must not wait for Nagle.
                     let _ = stream.set_nodelay(true);
-                    Poll::Ready(Some(Ok(stream)))
+                    if let Some(tls) = &this.tls {
+                        match tls.slots.clone().try_acquire_owned() {
+                            Ok(slot) => {
+                                tokio::spawn(handshake(tls.acceptor.clone(), stream, peer, tls.done_tx.clone(), slot));
+                            }
+                            Err(_) => {
+                                if this.warned.allow() {
+                                    tracing::warn!(
+                                        max = MAX_HANDSHAKES,
+                                        "too many TLS handshakes in progress; closing new gRPC connections"
+                                    );
+                                }
+                            }
+                        }
+                        continue;
+                    }
+                    let info = GrpcConnectInfo { remote_addr: Some(peer), client: None };
+                    Poll::Ready(Some(Ok(ServerIo { io: MaybeTls::Plain(stream), info })))
                 }
                 Poll::Ready(Err(error)) => match classify_accept_error(&error) {
                     AcceptError::Skip => Poll::Ready(Some(Err(error))),

@@ -58,18 +58,26 @@ pub enum GrpcError {
     Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot load the bearer tokens")]
     Tokens(#[from] crate::secret_file::SecretFileError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Jwt(#[from] crate::auth::JwtError),
 }
 
-/// Registers health and both reflection versions. Reflection lists every
-/// service registered before it, itself included, and describes only the
-/// files those services need.
+/// Registers health and, with `grpc.reflection` on, both reflection
+/// versions. Reflection lists every service registered before it, itself
+/// included, and describes only the files those services need.
 pub fn register_infrastructure(
     registry: &mut ServiceRegistry,
     health: &Health,
     streams: &StreamSpawner,
     shutdown: &Shutdown,
+    reflection_on: bool,
 ) -> Result<(), GrpcError> {
     registry.add_with_policy(health.service(streams.clone()), ServicePolicy::INFRASTRUCTURE).shed_exempt();
+    if !reflection_on {
+        return Ok(());
+    }
     let mut names = registry.names();
     names.extend([REFLECTION_V1.to_owned(), REFLECTION_V1ALPHA.to_owned()]);
     let files = registry.file_descriptor_set_for(&names);
@@ -120,12 +128,21 @@ impl GrpcServer {
             let shutdown = shutdown.clone();
             async move { shutdown.draining().await }
         };
-        let incoming = Incoming::new(listener, close_tcp);
+        let tls = crate::tls::server_config(&settings.tls, crate::tls::TlsKeys::GRPC, crate::tls::ALPN_GRPC)?;
+        let incoming = Incoming::new(listener, tls, close_tcp);
         let methods = Arc::new(MethodTable::build(services.iter(), &metrics.grpc_server));
-        let auth = Authenticator::new(auth)?;
+        let jwt = if auth.disabled || !auth.jwt.enabled() {
+            None
+        } else {
+            let fetches = (!auth.jwt.jwks_url.is_empty()).then(|| crate::auth::fetches_counter(metrics)).transpose()?;
+            let declared =
+                crate::auth::JwtAuth::declared_scopes(&services.pool, services.iter().map(|s| s.name.as_str()));
+            crate::auth::JwtAuth::new(&auth.jwt, declared, fetches).await?
+        };
+        let auth = Authenticator::new(auth, jwt)?;
         if !auth.enabled() {
             tracing::warn!(
-                "authentication is off: no auth.tokens or auth.tokens_file configured, or auth.disabled is set"
+                "authentication is off: no auth.tokens, auth.tokens_file or auth.jwt configured, or auth.disabled is set"
             );
         }
         let shed = LoadShedLayer::new(settings.max_concurrent_requests, metrics.grpc_shed.clone());

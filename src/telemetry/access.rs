@@ -36,6 +36,7 @@ pub(super) fn install_sink(writer: NonBlocking, mode: AccessLogMode, slow: Durat
 }
 
 /// One finished call.
+#[derive(Clone, Copy)]
 pub struct Entry<'a> {
     /// `/package.Service/Method`.
     pub method: &'a str,
@@ -48,6 +49,8 @@ pub struct Entry<'a> {
     /// shows span fields; the JSON line carries what it needs itself, and
     /// entering a span costs a subscriber round trip per call.
     pub span: Option<&'a tracing::Span>,
+    /// The verified client certificate's name (mTLS only).
+    pub client: Option<&'a str>,
 }
 
 /// Codes that point at the server rather than the caller: logged at WARN.
@@ -88,10 +91,11 @@ fn record_event(entry: &Entry<'_>, fault: bool) {
     let _entered = entry.span.map(tracing::Span::enter);
     let duration_ms = entry.duration.as_secs_f64() * 1000.0;
     let (method, code, peer, request_id) = (entry.method, code_name(entry.code), entry.peer, entry.request_id);
+    let client = entry.client;
     if fault {
-        tracing::warn!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, "rpc finished");
+        tracing::warn!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, client, "rpc finished");
     } else {
-        tracing::info!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, "rpc finished");
+        tracing::info!(grpc.method = method, grpc.code = code, duration_ms, %peer, request_id, client, "rpc finished");
     }
 }
 
@@ -111,6 +115,11 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
     out.push('"');
     out.push_str(",\"request_id\":");
     json_string(out, entry.request_id);
+    // Only with mTLS: plaintext lines stay as short as before.
+    if let Some(client) = entry.client {
+        out.push_str(",\"client\":");
+        json_string(out, client);
+    }
     out.push_str(",\"target\":\"keel::access\"}\n");
 }
 
@@ -203,6 +212,7 @@ mod tests {
             peer: &peer,
             request_id: "rid-1",
             span: None,
+            client: None,
         };
         let at = UNIX_EPOCH + Duration::from_secs(1_796_110_000) + Duration::from_micros(42);
         format_line(&mut line, at, &entry, "INFO");
@@ -217,5 +227,11 @@ mod tests {
         for key in ["grpc.method", "request_id", "peer", "message"] {
             assert_eq!(line.matches(&format!("\"{key}\":")).count(), 1, "{key} twice in {line}");
         }
+        assert!(!line.contains("\"client\""), "{line}");
+
+        let mut line = String::new();
+        format_line(&mut line, at, &Entry { client: Some("spiffe://example/\"orders"), ..entry }, "INFO");
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        assert_eq!(parsed["client"], "spiffe://example/\"orders");
     }
 }

@@ -5,7 +5,9 @@
 //! Request metadata steers it, so the gateway's handling of answers can be
 //! checked too: `echo-status: N` fails the call trailers-only with code N
 //! (and `echo-details: all` attaches error details), `echo-http-code: N`
-//! sets `x-http-code` response metadata.
+//! sets `x-http-code` response metadata. What auth left in the request
+//! extensions comes back too: `echo-jwt-sub`/`echo-jwt-scopes` from the JWT
+//! claims, `echo-client` from the mTLS identity.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -62,6 +64,14 @@ impl tower::Service<http::Request<EchoBody>> for EchoBackend {
                 {
                     response = response.header(format!("echo-{name}"), value);
                 }
+            }
+            if let Some(claims) = parts.extensions.get::<std::sync::Arc<keel::auth::Claims>>() {
+                response = response
+                    .header("echo-jwt-sub", claims.subject.clone().unwrap_or_default())
+                    .header("echo-jwt-scopes", claims.scopes.join(" "));
+            }
+            if let Some(client) = parts.extensions.get::<std::sync::Arc<keel::tls::ClientIdentity>>() {
+                response = response.header("echo-client", client.name());
             }
             if let Some(code) = parts.headers.get("echo-http-code") {
                 response = response.header("x-http-code", code);

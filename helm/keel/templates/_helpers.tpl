@@ -258,7 +258,39 @@ that they cannot be set in two places.
 {{- else if $database.url_file -}}
 {{- fail "config.database.url_file is set but database.existingSecret is not: set database.existingSecret (and database.existingSecretKey) to the Secret holding the URL, and unset config.database.url_file; the chart mounts it and sets url_file." -}}
 {{- end -}}
+{{- if (.Values.tls | default dict).enabled -}}
+{{- $dir := include "keel.tlsDir" . -}}
+{{- $files := dict "cert_file" (printf "%s/tls.crt" $dir) "key_file" (printf "%s/tls.key" $dir) -}}
+{{- if .Values.tls.mtls -}}
+{{- $_ := set $files "client_ca_file" (printf "%s/ca.crt" $dir) -}}
+{{- end -}}
+{{- range $section := list "grpc" "http" -}}
+{{- $values := get $config $section | default dict -}}
+{{- $_ := set $values "tls" $files -}}
+{{- $_ := set $config $section $values -}}
+{{- end -}}
+{{- end -}}
 {{- toYaml $config -}}
+{{- end -}}
+
+{{/*
+TLS: a kubernetes.io/tls Secret, yours or cert-manager's, mounted as files.
+*/}}
+{{- define "keel.tlsDir" -}}/var/run/secrets/keel/tls{{- end -}}
+
+{{- define "keel.tlsSecretName" -}}
+{{- if .Values.tls.existingSecret -}}
+{{- .Values.tls.existingSecret -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-tls" (include "keel.fullname" .) -}}
+{{- else -}}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret) or tls.certManager.enabled." -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when keel terminates TLS on the gRPC port. */}}
+{{- define "keel.grpcTls" -}}
+{{- if (.Values.tls | default dict).enabled -}}true{{- end -}}
 {{- end -}}
 
 {{/*
@@ -364,7 +396,8 @@ the timings come from probes.<name>.
 {{- $root := index . 0 -}}
 {{- $settings := index $root.Values.probes (index . 1) -}}
 {{- $path := index . 2 -}}
-{{- if eq $root.Values.probes.type "grpc" }}
+{{- /* The kubelet's gRPC probe cannot speak TLS: HTTP on admin then. */ -}}
+{{- if and (eq $root.Values.probes.type "grpc") (not (include "keel.grpcTls" $root)) }}
 grpc:
   port: {{ $root.Values.ports.grpc }}
 {{- else }}

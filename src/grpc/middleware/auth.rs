@@ -1,10 +1,19 @@
-//! Bearer-token authentication. Tokens come from `auth.tokens` or from
-//! `auth.tokens_file`, which is watched through [`crate::secret_file`] so a
-//! rotated Secret takes effect without a restart, and are compared in
-//! constant time; health and reflection are exempt. A missing and a wrong
-//! token get the same UNAUTHENTICATED answer, so a caller learns nothing
-//! about which it was.
+//! Bearer-token authentication: static tokens from `auth.tokens` or from
+//! `auth.tokens_file` (watched through [`crate::secret_file`], so a rotated
+//! Secret takes effect without a restart), compared in constant time, and
+//! JWTs verified by [`crate::auth::JwtAuth`]; a call
+//! passes if either accepts its token. Health and reflection are exempt. A
+//! missing, wrong or invalid token gets the same UNAUTHENTICATED answer, so
+//! a caller learns nothing about which it was (the debug log says). A valid
+//! JWT without a scope the method requires gets PERMISSION_DENIED, and the
+//! claims of an accepted JWT reach handlers as `Arc<Claims>`.
+//!
+//! Static tokens are the operator's own credentials and are not scoped:
+//! they pass `auth.jwt.required_scopes`.
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::{Request, Response};
@@ -13,50 +22,57 @@ use tower::{Layer, Service};
 
 use super::call::ShortCircuit;
 use super::method::method_of;
+use crate::auth::{JwtAuth, Refusal};
 use crate::config::{AuthSettings, parse_tokens};
 use crate::secret_file::{self, SecretFileError, Watched};
 
 type TokenSet = Box<[Box<[u8]>]>;
 
 /// The accepted tokens. Authentication is off when `auth.disabled` is set
-/// or, outside production, when no token is configured.
+/// or, outside production, when neither tokens nor `auth.jwt` are
+/// configured.
 #[derive(Clone)]
 pub struct Authenticator {
-    /// The current tokens: fixed for `auth.tokens`, swapped on reload for
-    /// `auth.tokens_file`. Each call reads the set once.
+    /// The current static tokens: fixed for `auth.tokens`, swapped on
+    /// reload for `auth.tokens_file`. Each call reads the set once.
     tokens: Watched<TokenSet>,
-    /// Decided at start: a tokens file never parses to an empty set, so a
-    /// reload cannot switch authentication off.
-    enabled: bool,
-}
-
-impl std::fmt::Debug for Authenticator {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Authenticator({} tokens)", self.tokens.get().len())
-    }
+    /// Whether static tokens are configured, decided at start: a tokens file
+    /// never parses to an empty set, so a reload cannot switch auth off.
+    static_tokens: bool,
+    jwt: Option<JwtAuth>,
 }
 
 fn token_set(tokens: &[String]) -> TokenSet {
     tokens.iter().map(|t| t.as_bytes().into()).collect()
 }
 
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Authenticator({} tokens, jwt: {})", self.tokens.get().len(), self.jwt.is_some())
+    }
+}
+
 impl Authenticator {
-    /// The tokens of `settings`. With `auth.tokens_file`, the file is read
-    /// now and, inside a tokio runtime, polled every
-    /// [`secret_file::DEFAULT_POLL_INTERVAL`] from then on.
-    pub fn new(settings: &AuthSettings) -> Result<Self, SecretFileError> {
-        Self::with_poll_interval(settings, secret_file::DEFAULT_POLL_INTERVAL)
+    /// The tokens of `settings`, and `jwt` when configured. With
+    /// `auth.tokens_file`, the file is read now and, inside a tokio runtime,
+    /// polled every [`secret_file::DEFAULT_POLL_INTERVAL`] from then on.
+    pub fn new(settings: &AuthSettings, jwt: Option<JwtAuth>) -> Result<Self, SecretFileError> {
+        Self::with_poll_interval(settings, jwt, secret_file::DEFAULT_POLL_INTERVAL)
     }
 
     /// As [`Self::new`], polling the tokens file every `interval`.
-    pub fn with_poll_interval(settings: &AuthSettings, interval: std::time::Duration) -> Result<Self, SecretFileError> {
+    pub fn with_poll_interval(
+        settings: &AuthSettings,
+        jwt: Option<JwtAuth>,
+        interval: std::time::Duration,
+    ) -> Result<Self, SecretFileError> {
         if settings.disabled {
-            return Ok(Self { tokens: Watched::fixed(TokenSet::default()), enabled: false });
+            return Ok(Self { tokens: Watched::fixed(TokenSet::default()), static_tokens: false, jwt: None });
         }
         if settings.tokens_file.is_empty() {
             let tokens = token_set(&settings.tokens);
-            let enabled = !tokens.is_empty();
-            return Ok(Self { tokens: Watched::fixed(tokens), enabled });
+            let static_tokens = !tokens.is_empty();
+            return Ok(Self { tokens: Watched::fixed(tokens), static_tokens, jwt });
         }
         let tokens = secret_file::watch(
             "auth.tokens_file",
@@ -67,11 +83,11 @@ impl Authenticator {
                 parse_tokens(first).map(|tokens| token_set(&tokens))
             },
         )?;
-        Ok(Self { tokens, enabled: true })
+        Ok(Self { tokens, static_tokens: true, jwt })
     }
 
     pub fn enabled(&self) -> bool {
-        self.enabled
+        self.static_tokens || self.jwt.is_some()
     }
 
     /// Checks an `authorization` header value.
@@ -126,29 +142,84 @@ pub struct Auth<S> {
     auth: Authenticator,
 }
 
+pin_project_lite::pin_project! {
+    /// The auth layer's future: at once for static tokens and rejections,
+    /// boxed for JWTs (whose keys may have to be fetched first).
+    #[project = AuthFutureProj]
+    pub enum AuthFuture<F, B, E> {
+        Now { #[pin] short: ShortCircuit<F, B> },
+        Jwt { boxed: Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>> },
+    }
+}
+
+impl<F, B, E> Future for AuthFuture<F, B, E>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+    B: Default,
+{
+    type Output = Result<Response<B>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            AuthFutureProj::Now { short } => short.poll(cx),
+            AuthFutureProj::Jwt { boxed } => boxed.as_mut().poll(cx),
+        }
+    }
+}
+
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Send + 'static,
+    ResBody: Default + Send + 'static,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = ShortCircuit<S::Future, ResBody>;
+    type Future = AuthFuture<S::Future, ResBody, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let exempt = method_of(&request).is_some_and(|m| m.auth_exempt);
         if exempt || !self.auth.enabled() {
-            return ShortCircuit::Pass { inner: self.inner.call(request) };
+            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
         }
         let header = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
         if self.auth.accepts(header) {
-            ShortCircuit::Pass { inner: self.inner.call(request) }
-        } else {
-            ShortCircuit::reject(Status::unauthenticated("missing or invalid credentials"))
+            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
+        }
+        let token = header.and_then(bearer_token).and_then(|t| std::str::from_utf8(t).ok()).map(str::to_owned);
+        let (Some(jwt), Some(token)) = (self.auth.jwt.clone(), token) else {
+            tracing::debug!("no valid bearer token");
+            let status = Status::unauthenticated("missing or invalid credentials");
+            return AuthFuture::Now { short: ShortCircuit::reject(status) };
+        };
+        // The ready clone serves this call; a fresh clone takes its place
+        // (the usual tower pattern for calls that await first).
+        let fresh = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, fresh);
+        AuthFuture::Jwt {
+            boxed: Box::pin(async move {
+                let method = request.uri().path().to_owned();
+                match jwt.verify(&token, &method).await {
+                    Ok(claims) => {
+                        request.extensions_mut().insert(Arc::new(claims));
+                        inner.call(request).await
+                    }
+                    Err(Refusal::MissingScope) => {
+                        tracing::debug!(method, "JWT lacks a scope the method requires");
+                        Ok(Status::permission_denied("the token lacks a required scope").into_http())
+                    }
+                    Err(Refusal::Invalid(reason)) => {
+                        tracing::debug!(method, reason, "JWT refused");
+                        Ok(Status::unauthenticated("missing or invalid credentials").into_http())
+                    }
+                }
+            }),
         }
     }
 }
@@ -158,9 +229,8 @@ mod tests {
     use super::*;
 
     fn auth(tokens: &[&str]) -> Authenticator {
-        let settings =
-            AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), ..AuthSettings::default() };
-        Authenticator::new(&settings).unwrap()
+        let settings = AuthSettings { tokens: tokens.iter().map(|t| (*t).to_owned()).collect(), ..Default::default() };
+        Authenticator::new(&settings, None).unwrap()
     }
 
     #[test]
@@ -179,9 +249,8 @@ mod tests {
     #[test]
     fn is_off_without_tokens_or_when_disabled() {
         assert!(!auth(&[]).enabled());
-        let disabled =
-            Authenticator::new(&AuthSettings { tokens: vec!["t".into()], disabled: true, ..AuthSettings::default() })
-                .unwrap();
+        let settings = AuthSettings { tokens: vec!["t".into()], disabled: true, ..Default::default() };
+        let disabled = Authenticator::new(&settings, None).unwrap();
         assert!(!disabled.enabled());
     }
 
@@ -190,14 +259,14 @@ mod tests {
         let path = std::env::temp_dir().join(format!("keel-auth-tokens-{}", std::process::id()));
         std::fs::write(&path, "alpha,beta\n gamma \n\n").unwrap();
         let settings = AuthSettings { tokens_file: path.display().to_string(), ..AuthSettings::default() };
-        let a = Authenticator::new(&settings).unwrap();
+        let a = Authenticator::new(&settings, None).unwrap();
         assert!(a.enabled());
         for token in ["alpha", "beta", "gamma"] {
             assert!(a.accepts(Some(format!("Bearer {token}").as_bytes())), "{token}");
         }
         assert!(!a.accepts(Some(b"Bearer alpha,beta")));
         std::fs::write(&path, " ,\n").unwrap();
-        let error = Authenticator::new(&settings).unwrap_err().to_string();
+        let error = Authenticator::new(&settings, None).unwrap_err().to_string();
         assert!(error.contains("auth.tokens_file") && error.contains("no token"), "{error}");
         std::fs::remove_file(&path).unwrap();
     }

@@ -11,14 +11,15 @@ use std::sync::Arc;
 
 use http::{HeaderValue, Request, Response};
 use tonic::Code;
-use tonic::transport::server::TcpConnectInfo;
 use tower::{Layer, Service};
 use tracing::Span;
 
 use super::call::{ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, method_of};
 use super::request_id::{CallSpan, RequestId};
+use crate::grpc::incoming::GrpcConnectInfo;
 use crate::telemetry::access;
+use crate::tls::ClientIdentity;
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct LoggingLayer;
@@ -44,6 +45,8 @@ pub struct CallLog {
     peer: Peer,
     request_id: Option<RequestId>,
     span: Option<Span>,
+    /// The verified client certificate's identity (mTLS only).
+    client: Option<Arc<ClientIdentity>>,
 }
 
 /// The method's path: shared with the method table when it is known.
@@ -61,10 +64,20 @@ enum Peer {
 }
 
 impl CallLog {
-    fn new<B>(request: &Request<B>) -> Self {
-        let peer = match request.extensions().get::<TcpConnectInfo>().and_then(TcpConnectInfo::remote_addr) {
+    fn new<B>(request: &mut Request<B>) -> Self {
+        let connection = request.extensions().get::<GrpcConnectInfo>();
+        let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
             None => request.headers().get("x-forwarded-for").cloned().map_or(Peer::Unknown, Peer::Forwarded),
+        };
+        // The connection's identity, as the one extension type auth and
+        // handlers read; gateway calls bring theirs from the HTTP side.
+        let client = match connection.and_then(|c| c.client.clone()) {
+            Some(client) => {
+                request.extensions_mut().insert(client.clone());
+                Some(client)
+            }
+            None => request.extensions().get::<Arc<ClientIdentity>>().cloned(),
         };
         let method = match method_of(request).filter(|m| m.metrics.is_some()) {
             Some(known) => Method::Known(known),
@@ -76,6 +89,7 @@ impl CallLog {
             peer,
             request_id: request.extensions().get::<RequestId>().cloned(),
             span: request.extensions().get::<CallSpan>().map(|s| s.0.clone()),
+            client,
         }
     }
 }
@@ -93,6 +107,7 @@ impl OnCallEnd for CallLog {
             peer: &self.peer,
             request_id: self.request_id.as_ref().map_or("", RequestId::as_str),
             span: self.span.as_ref(),
+            client: self.client.as_deref().map(ClientIdentity::name),
         });
     }
 }
@@ -120,7 +135,8 @@ where
     }
 
     fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let log = CallLog::new(&request);
+        let mut request = request;
+        let log = CallLog::new(&mut request);
         ObservedFuture::new(self.inner.call(request), Some(log), Code::Internal)
     }
 }
