@@ -773,6 +773,36 @@ pub struct ClientSettings {
     /// How often a `dns:///` name is re-resolved (also on connection loss).
     #[serde(with = "human_duration")]
     pub resolve_interval: Duration,
+    /// TLS to the downstream: used for `https://` endpoints, and for
+    /// `dns:///` ones when any of its files is set.
+    pub tls: ClientTlsSettings,
+}
+
+/// `clients.<name>.tls`: how keel verifies the downstream and, for mTLS,
+/// which certificate it presents. Read at start.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    /// PEM CA bundle the downstream's certificate must chain to; empty: the
+    /// public web PKI roots (webpki-roots).
+    pub ca_file: String,
+    /// PEM certificate chain keel presents (mTLS); needs `key_file`.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+    /// The name the downstream's certificate must carry; empty: the
+    /// endpoint's host.
+    pub server_name: String,
+}
+
+impl ClientTlsSettings {
+    /// True when any TLS file or name is set.
+    pub fn configured(&self) -> bool {
+        !(self.ca_file.is_empty()
+            && self.cert_file.is_empty()
+            && self.key_file.is_empty()
+            && self.server_name.is_empty())
+    }
 }
 
 impl Default for ClientSettings {
@@ -787,6 +817,7 @@ impl Default for ClientSettings {
             retry: RetrySettings::default(),
             required_for_readiness: false,
             resolve_interval: Duration::from_secs(30),
+            tls: ClientTlsSettings::default(),
         }
     }
 }
@@ -803,6 +834,7 @@ impl fmt::Debug for ClientSettings {
             .field("retry", &self.retry)
             .field("required_for_readiness", &self.required_for_readiness)
             .field("resolve_interval", &self.resolve_interval)
+            .field("tls", &self.tls)
             .finish()
     }
 }
@@ -1264,6 +1296,26 @@ impl Settings {
             if let Err(reason) = check_client_endpoint(&client.endpoint) {
                 return Err(fail(&key("endpoint"), reason));
             }
+            let tls = &client.tls;
+            if tls.configured() && client.endpoint.starts_with("http://") {
+                return Err(fail(&key("tls"), "set for an http:// endpoint: use https://host:port".to_owned()));
+            }
+            match (tls.cert_file.is_empty(), tls.key_file.is_empty()) {
+                (false, true) => return Err(fail(&key("tls.cert_file"), "set without tls.key_file".to_owned())),
+                (true, false) => return Err(fail(&key("tls.key_file"), "set without tls.cert_file".to_owned())),
+                _ => {}
+            }
+            for (field, path) in
+                [("tls.ca_file", &tls.ca_file), ("tls.cert_file", &tls.cert_file), ("tls.key_file", &tls.key_file)]
+            {
+                if path.is_empty() {
+                    continue;
+                }
+                let text = std::fs::read(path).map_err(|e| fail(&key(field), format!("cannot read {path}: {e}")))?;
+                if !text.windows(11).any(|w| w == b"-----BEGIN ") {
+                    return Err(fail(&key(field), format!("{path} holds no PEM block")));
+                }
+            }
             for (field, value) in [
                 ("timeout", client.timeout),
                 ("connect_timeout", client.connect_timeout),
@@ -1466,9 +1518,10 @@ fn invalid_from(error: config::ConfigError, tree: &Map<String, Value>) -> Config
     ConfigError::Invalid { key, origin, reason }
 }
 
-/// Checks a client endpoint's form: `http://host:port` or `dns:///host:port`.
+/// Checks a client endpoint's form: `http://host:port`, `https://host:port`
+/// or `dns:///host:port`.
 fn check_client_endpoint(endpoint: &str) -> Result<(), String> {
-    let example = "expected http://host:port or dns:///host:port";
+    let example = "expected http://host:port, https://host:port or dns:///host:port";
     if endpoint.is_empty() {
         return Err(format!("is required ({example})"));
     }
@@ -1479,13 +1532,8 @@ fn check_client_endpoint(endpoint: &str) -> Result<(), String> {
         }
         return Ok(());
     }
-    if endpoint.starts_with("https://") {
-        return Err(format!(
-            "{endpoint:?}: TLS to downstreams is not built in (in-cluster TLS belongs to the service mesh); {example}"
-        ));
-    }
     let uri: http::Uri = endpoint.parse().map_err(|e| format!("{endpoint:?} is not a URL ({e}); {example}"))?;
-    if uri.scheme_str() != Some("http") || uri.host().is_none() || uri.port_u16().is_none() {
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() || uri.port_u16().is_none() {
         return Err(format!("{endpoint:?}: {example}"));
     }
     if uri.path_and_query().is_some_and(|p| p.as_str() != "/" && !p.as_str().is_empty()) {

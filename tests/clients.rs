@@ -784,7 +784,7 @@ fn bad_client_values_name_their_key() {
     let cases: &[(&[(&str, &str)], &str)] = &[
         (&[("KEEL__CLIENTS__INVENTORY__TIMEOUT", "2s")], "clients.inventory.endpoint"),
         (&[("KEEL__CLIENTS__INVENTORY__ENDPOINT", "inventory:9000")], "clients.inventory.endpoint"),
-        (&[("KEEL__CLIENTS__INVENTORY__ENDPOINT", "https://inventory:9000")], "clients.inventory.endpoint"),
+        (&[("KEEL__CLIENTS__INVENTORY__ENDPOINT", "ftp://inventory:9000")], "clients.inventory.endpoint"),
         (&[("KEEL__CLIENTS__INVENTORY__ENDPOINT", "dns:///inventory")], "clients.inventory.endpoint"),
         (
             &[

@@ -681,3 +681,94 @@ async fn sslmode_verify_full_checks_the_server_against_sslrootcert() -> Result<(
     assert!(with_other.to_lowercase().contains("certificate") || with_other.contains("UnknownIssuer"), "{with_other}");
     Ok(())
 }
+
+/// `/readyz` of `admin` answers `expected`.
+async fn readyz_is(admin: SocketAddr, expected: http::StatusCode) -> bool {
+    support::http::HttpClient::new(admin).get("/readyz").await.is_ok_and(|r| r.status == expected)
+}
+
+#[tokio::test]
+async fn clients_speak_tls_and_mtls_to_their_downstreams() -> Result<()> {
+    let dir = Dir::new("client-tls")?;
+    let ca = Ca::new("downstream CA")?;
+    let (cert, key) = ca.server()?;
+    let (client_cert, client_key) = ca.issue("caller", vec![SanType::URI("spiffe://test/caller".try_into()?)])?;
+    let stranger = Ca::new("stranger CA")?;
+    // The downstream: a keel with gRPC over mTLS.
+    let mut down = test_settings();
+    down.grpc.tls.cert_file = dir.write("down.crt", &cert)?;
+    down.grpc.tls.key_file = dir.write("down.key", &key)?;
+    down.grpc.tls.client_ca_file = dir.write("ca.crt", &ca.pem())?;
+    let down = Running::start(down).await?;
+
+    let caller = |ca_file: String, identity: bool| -> Result<Settings> {
+        let mut settings = test_settings();
+        let mut client = keel::config::ClientSettings {
+            endpoint: format!("https://localhost:{}", down.grpc.port()),
+            required_for_readiness: true,
+            ..Default::default()
+        };
+        client.tls.ca_file = ca_file;
+        if identity {
+            client.tls.cert_file = dir.write("caller.crt", &client_cert)?;
+            client.tls.key_file = dir.write("caller.key", &client_key)?;
+        }
+        settings.clients.insert("peer".to_owned(), client);
+        Ok(settings)
+    };
+
+    // Verified against the CA, with a client certificate: ready.
+    let good = Running::start(caller(dir.write("ca.crt", &ca.pem())?, true)?).await?;
+    eventually(READY_BOUND, || readyz_is(good.admin, http::StatusCode::OK))
+        .await
+        .context("the caller never saw its TLS downstream healthy")?;
+    good.stop().await?;
+
+    // Without a client certificate, the downstream refuses the handshake.
+    let anonymous = Running::start(caller(dir.write("ca.crt", &ca.pem())?, false)?).await?;
+    eventually(READY_BOUND, || readyz_is(anonymous.admin, http::StatusCode::SERVICE_UNAVAILABLE)).await?;
+    assert!(!readyz_is(anonymous.admin, http::StatusCode::OK).await, "mTLS let a caller without a certificate in");
+    anonymous.stop().await?;
+
+    // A downstream certificate from another CA is refused by the caller.
+    let misled = Running::start(caller(dir.write("stranger.crt", &stranger.pem())?, true)?).await?;
+    eventually(READY_BOUND, || readyz_is(misled.admin, http::StatusCode::SERVICE_UNAVAILABLE)).await?;
+    let body = support::http::HttpClient::new(misled.admin).get("/readyz").await?.text();
+    assert!(body.contains("client peer"), "{body}");
+    misled.stop().await?;
+    down.stop().await
+}
+
+#[test]
+fn client_tls_settings_are_validated_naming_the_key() -> Result<()> {
+    let dir = Dir::new("client-tls-config")?;
+    let pem = dir.write("ca.crt", &Ca::new("config CA")?.pem())?;
+    let load = |vars: &[(&str, &str)]| {
+        let sources = keel::config::ConfigSources {
+            dir: PathBuf::from("/nonexistent-keel-config"),
+            env_vars: vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..Default::default()
+        };
+        Settings::load(&sources)
+    };
+    const HTTPS: (&str, &str) = ("KEEL__CLIENTS__PEER__ENDPOINT", "https://localhost:9000");
+    let cases: [(&str, Vec<(&str, &str)>); 4] = [
+        (
+            "clients.peer.tls",
+            vec![
+                ("KEEL__CLIENTS__PEER__ENDPOINT", "http://localhost:9000"),
+                ("KEEL__CLIENTS__PEER__TLS__CA_FILE", &pem),
+            ],
+        ),
+        ("clients.peer.tls.key_file", vec![HTTPS, ("KEEL__CLIENTS__PEER__TLS__KEY_FILE", &pem)]),
+        ("clients.peer.tls.cert_file", vec![HTTPS, ("KEEL__CLIENTS__PEER__TLS__CERT_FILE", &pem)]),
+        ("clients.peer.tls.ca_file", vec![HTTPS, ("KEEL__CLIENTS__PEER__TLS__CA_FILE", "/nonexistent/ca.crt")]),
+    ];
+    for (key, vars) in cases {
+        let error = load(&vars).err().context(format!("{key}: accepted"))?;
+        assert!(error.to_string().contains(key), "{key}: {error}");
+    }
+    let settings = load(&[HTTPS, ("KEEL__CLIENTS__PEER__TLS__CA_FILE", &pem)]).context("a valid client TLS config")?;
+    assert_eq!(settings.clients["peer"].tls.ca_file, pem);
+    Ok(())
+}

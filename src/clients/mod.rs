@@ -112,6 +112,13 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("client {name}: cannot read {file}")]
+    TlsFile {
+        name: String,
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("client {name}: cannot read its token")]
     Token {
         name: String,
@@ -353,12 +360,21 @@ fn transport(
         }
     };
     let Some(target) = settings.endpoint.strip_prefix("dns:///") else {
-        let endpoint = Endpoint::from_shared(settings.endpoint.clone()).map_err(endpoint_error)?;
+        let mut endpoint = Endpoint::from_shared(settings.endpoint.clone()).map_err(endpoint_error)?;
+        if settings.endpoint.starts_with("https://") {
+            let host = endpoint.uri().host().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+            let tls = tls_config(name, &settings.tls, host)?;
+            endpoint = endpoint.tls_config(tls).map_err(endpoint_error)?;
+        }
         return Ok((Transport { channel: configure(endpoint).connect_lazy(), lost: None }, None));
     };
     // Validated by config: `host:port`.
     let (host, port) = target.rsplit_once(':').unwrap_or((target, "0"));
     let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
+    // Every resolved address is dialled by IP; the certificate is checked
+    // against the name.
+    let tls = if settings.tls.configured() { Some(tls_config(name, &settings.tls, &host)?) } else { None };
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let port = port.parse().unwrap_or(0);
     let (channel, changes) = Channel::balance_channel::<SocketAddr>(MAX_ADDRESSES);
     let lost = Arc::new(Notify::new());
@@ -369,11 +385,16 @@ fn transport(
         port,
         interval: settings.resolve_interval,
         resolve,
-        endpoint: Box::new(move |addr: SocketAddr| match Endpoint::from_shared(format!("http://{addr}")) {
-            Ok(endpoint) => Some(configure(endpoint)),
-            Err(error) => {
-                tracing::warn!(client = %client, %addr, %error, "cannot use a resolved address");
-                None
+        endpoint: Box::new(move |addr: SocketAddr| {
+            match Endpoint::from_shared(format!("{scheme}://{addr}")).and_then(|endpoint| match &tls {
+                Some(tls) => endpoint.tls_config(tls.clone()),
+                None => Ok(endpoint),
+            }) {
+                Ok(endpoint) => Some(configure(endpoint)),
+                Err(error) => {
+                    tracing::warn!(client = %client, %addr, %error, "cannot use a resolved address");
+                    None
+                }
             }
         }),
         changes,
@@ -381,6 +402,35 @@ fn transport(
         stop: closed.clone(),
     };
     Ok((Transport { channel, lost: Some(lost) }, Some(resolver)))
+}
+
+/// TLS to a downstream: its CA (or the web PKI roots), keel's own
+/// certificate for mTLS, and the name to verify (the endpoint's host unless
+/// `server_name` is set). ALPN h2 is tonic's.
+fn tls_config(
+    name: &str,
+    tls: &crate::config::ClientTlsSettings,
+    host: &str,
+) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+    use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+    let read = |file: &str| {
+        std::fs::read(file).map_err(|source| ClientError::TlsFile {
+            name: name.to_owned(),
+            file: file.to_owned(),
+            source,
+        })
+    };
+    let server_name = if tls.server_name.is_empty() { host } else { tls.server_name.as_str() };
+    let mut config = ClientTlsConfig::new().domain_name(server_name);
+    config = if tls.ca_file.is_empty() {
+        config.with_webpki_roots()
+    } else {
+        config.ca_certificate(Certificate::from_pem(read(&tls.ca_file)?))
+    };
+    if !tls.cert_file.is_empty() {
+        config = config.identity(Identity::from_pem(read(&tls.cert_file)?, read(&tls.key_file)?));
+    }
+    Ok(config)
 }
 
 /// A client's credentials: its token (inline or from a watched file), the
