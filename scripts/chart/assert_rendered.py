@@ -52,7 +52,7 @@ STANDARD_LABELS = (
     "helm.sh/chart",
 )
 EXPECTED_PORTS = {"grpc": 9000, "http": 8080, "admin": 8081}
-CRD_KINDS = {"ServiceMonitor", "HTTPRoute", "GRPCRoute", "PrometheusRule"}
+CRD_KINDS = {"ServiceMonitor", "HTTPRoute", "GRPCRoute", "PrometheusRule", "Certificate"}
 
 
 class Checks:
@@ -397,7 +397,9 @@ def check_common(checks: Checks, label: str, docs: list[dict], app_version: str)
         tcontainer = test_pod["spec"]["containers"][0]
         checks.check(
             f"{label}: test pod runs `keel healthcheck --addr {FULLNAME}:9000` from the same image",
-            tcontainer.get("args") == ["healthcheck", "--addr", f"{FULLNAME}:9000"]
+            # With TLS on, over TLS: the probe flags follow (see check_tls).
+            (tcontainer.get("args") or [])[:3] == ["healthcheck", "--addr", f"{FULLNAME}:9000"]
+            and (tcontainer.get("args") or [])[3:4] in ([], ["--tls"])
             and tcontainer.get("image") == container.get("image"),
             (tcontainer.get("args"), tcontainer.get("image")),
         )
@@ -1091,6 +1093,51 @@ def check_grpc_probes(checks: Checks, tools: Tools, app_version: str) -> None:
     )
 
 
+def check_tls(checks: Checks, tools: Tools, app_version: str) -> None:
+    """TLS on (issue #17): the Secret mounted as files, keel's config pointing
+    at them, HTTP probes even when gRPC probes were asked for, the
+    cert-manager Certificate, and mTLS wiring the CA."""
+    label = "tls"
+    checks.section("helm template with TLS, mTLS and a cert-manager Certificate")
+    args = [
+        "--set", "tls.enabled=true", "--set", "tls.mtls=true", "--set", "tls.certManager.enabled=true",
+        "--set", "tls.certManager.issuerRef.name=ca-issuer", "--set", "probes.type=grpc",
+        "--set", "commonLabels.team=x", "--set", "namespaceOverride=shop",
+    ]
+    docs = render(checks, tools, label, args)
+    if docs is None:
+        return
+    validate(checks, tools, label, docs)
+    check_common(checks, label, docs, app_version)
+    deployment = named(docs, "Deployment", FULLNAME)
+    container = main_container(deployment)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        spec = container.get(probe, {})
+        checks.check(f"{label}: {probe} is httpGet on admin (the kubelet's gRPC probe cannot do TLS)",
+                     "httpGet" in spec and "grpc" not in spec, spec)
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m for m in container.get("volumeMounts", [])}
+    checks.check(f"{label}: the TLS Secret is mounted whole (no subPath), read-only",
+                 "tls" in volumes and "subPath" not in mounts.get("tls", {"subPath": 1})
+                 and mounts["tls"].get("readOnly") is True, mounts.get("tls"))
+    tls_config = rendered_config(docs).get("grpc", {}).get("tls", {})
+    checks.check(f"{label}: grpc.tls points at the mounted files, with the CA for mTLS",
+                 tls_config.get("cert_file", "").startswith(mounts.get("tls", {}).get("mountPath", "?"))
+                 and tls_config.get("client_ca_file", "").endswith("ca.crt"), tls_config)
+    test_pod = next((p for p in objects(docs, "Pod") if p["metadata"].get("annotations", {}).get("helm.sh/hook") == "test"), {})
+    test_args = (test_pod.get("spec", {}).get("containers") or [{}])[0].get("args", [])
+    checks.check(f"{label}: helm test runs keel healthcheck over mTLS (--tls, the CA, a client certificate)",
+                 "--tls" in test_args and "--ca-file" in test_args and "--cert-file" in test_args, test_args)
+    certificate = next((d for d in docs if d["kind"] == "Certificate"), None)
+    checks.check(f"{label}: a cert-manager Certificate makes the Secret the pod mounts",
+                 certificate is not None
+                 and certificate["spec"]["secretName"] == volumes.get("tls", {}).get("secret", {}).get("secretName"),
+                 certificate and certificate.get("spec"))
+    checks.check(f"{label}: the Certificate carries the namespace and commonLabels",
+                 certificate is not None and certificate["metadata"].get("namespace") == "shop"
+                 and certificate["metadata"].get("labels", {}).get("team") == "x", certificate and certificate["metadata"])
+
+
 def deployment_of(checks: Checks, tools: Tools, label: str, args: list[str]) -> tuple[dict | None, list[dict]]:
     docs = render(checks, tools, label, args)
     if docs is None:
@@ -1572,22 +1619,31 @@ def check_schema_matches_app(checks: Checks) -> None:
                 leaves |= schema_leaves(sub, f"{prefix}{key}.")
             return leaves
         if node.get("type") == "object":
-            return set()
+            # A map (clients, auth.jwt.required_scopes): its keys are data,
+            # so the map itself is the settable key.
+            return {prefix.rstrip(".")} if isinstance(node.get("additionalProperties"), dict) else set()
         return {prefix.rstrip(".")}
 
     def strict(node: dict, path: str = "config") -> list[str]:
         if node.get("type") != "object":
             return []
-        loose = [] if node.get("additionalProperties") is False else [path]
+        extra = node.get("additionalProperties")
+        # A map's entries are checked by the schema of its values.
+        loose = [] if extra is False or isinstance(extra, dict) else [path]
         for key, sub in (node.get("properties") or {}).items():
             loose += strict(sub, f"{path}.{key}")
+        if isinstance(extra, dict):
+            loose += strict(extra, f"{path}.*")
         return loose
 
     config_schema = schema["properties"]["config"]
     allowed = schema_leaves(config_schema)
     defaults = leaf_keys(yaml.safe_load((ROOT / "config" / "default.yaml").read_text()))
     # database.url is a secret: the chart takes it only as a mounted file.
-    chart_owned = {"grpc.addr", "http.addr", "admin.addr", "auth.tokens", "auth.tokens_file", "database.url"}
+    # TLS files come from the chart's tls values (a mounted Secret); the
+    # chart keeps admin plaintext, for the kubelet's probes and scrapers.
+    tls_owned = {f"{server}.tls.{f}" for server in ("grpc", "http", "admin") for f in ("cert_file", "key_file", "client_ca_file")}
+    chart_owned = {"grpc.addr", "http.addr", "admin.addr", "auth.tokens", "auth.tokens_file", "database.url"} | tls_owned
     checks.check(
         "every config key the schema allows exists in config/default.yaml",
         allowed <= defaults,
@@ -1921,6 +1977,7 @@ def main() -> int:
     default_annotations = guarded("default render", check_default, checks, tools, app_version)
     guarded("all-on render", check_all_on, checks, tools, app_version)
     guarded("grpc-probes render", check_grpc_probes, checks, tools, app_version)
+    guarded("tls render", check_tls, checks, tools, app_version)
     guarded("value variations", check_variations, checks, tools, default_annotations)
     guarded("database render", check_database, checks, tools, app_version)
     guarded("commonLabels and namespace", check_common_labels, checks, tools)
