@@ -98,6 +98,7 @@ fn bench(c: &mut Criterion) {
         metrics: Some(metrics.grpc_server.method("unary", "user.v1.UserService", "GetUser")),
         auth_exempt: false,
         shed_exempt: false,
+        served: true,
     });
 
     let mut group = c.benchmark_group("access_log");

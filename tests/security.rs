@@ -354,7 +354,15 @@ async fn reflection_off_is_unimplemented_while_health_answers() -> Result<()> {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
 
-    let app = support::spawn_app_with(|s| s.grpc.reflection = false).await?;
+    // Auth on, and no token sent: an unknown method is still UNIMPLEMENTED
+    // (as grpc-go answers), while a real one demands credentials.
+    let app = support::spawn_app_with(|s| {
+        s.grpc.reflection = false;
+        s.auth.tokens = vec!["secret".into()];
+    })
+    .await?;
+    let denied = app.users()?.get_user(keel::proto::user::v1::GetUserRequest { user_id: "u1".into() }).await;
+    assert_eq!(denied.err().map(|s| s.code()), Some(Code::Unauthenticated));
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),

@@ -80,6 +80,7 @@ impl ClientMethods {
             grpc_type,
             auth_exempt: false,
             shed_exempt: false,
+            served: true,
         });
         let entry = ClientMethod { info, retryable: grpc_type == GrpcType::Unary && is_idempotent(method) };
         if let Ok(mut known) = self.known.write() {

@@ -184,7 +184,11 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let exempt = method_of(&request).is_some_and(|m| m.auth_exempt);
+        // A method no service has is UNIMPLEMENTED for everyone, as grpc-go
+        // answers before its interceptors run: nothing is served, and a
+        // client (grpcurl against a pod with reflection off) gets the true
+        // reason instead of a demand for credentials.
+        let exempt = method_of(&request).is_some_and(|m| m.auth_exempt || !m.served);
         if exempt || !self.auth.enabled() {
             return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
         }

@@ -63,6 +63,9 @@ pub struct MethodInfo {
     pub auth_exempt: bool,
     /// Health checks are never shed, so probes work under load.
     pub shed_exempt: bool,
+    /// A method of a registered service; false for a path no service has,
+    /// which the router answers UNIMPLEMENTED, for every caller alike.
+    pub served: bool,
 }
 
 /// Every method of every registered service, by path.
@@ -90,6 +93,7 @@ impl MethodTable {
                     // for as long as the client likes, so exempt streams
                     // (health Watch) would be an unbounded way in.
                     shed_exempt: service.policy.shed_exempt && grpc_type == GrpcType::Unary,
+                    served: true,
                 };
                 by_path.insert(path, Arc::new(info));
             }
@@ -107,6 +111,7 @@ impl MethodTable {
                 metrics: None,
                 auth_exempt: false,
                 shed_exempt: false,
+                served: false,
             }),
         }
     }
