@@ -435,6 +435,55 @@ async fn a_call_the_client_cancels_is_recorded_as_canceled() -> Result<()> {
     app.stop().await
 }
 
+/// A client that closes its connection in the middle of a request (as a
+/// load tool does when its run ends) went away: `Canceled`, never `Unknown`,
+/// which the error-budget alert counts as a server fault.
+#[tokio::test]
+async fn a_request_cut_off_by_the_client_is_canceled_not_unknown() -> Result<()> {
+    let app = support::spawn_app().await?;
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let (client, connection) = h2::client::handshake(tcp).await?;
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await?;
+    let request = http::Request::post(format!("http://{}/user.v1.UserService/GetUser", app.grpc_addr))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?;
+    let (_response, mut send) = client.send_request(request, false)?;
+    // A prefix announcing 100 bytes, then 3 of them, then the connection
+    // goes away.
+    let mut partial = vec![0u8];
+    partial.extend_from_slice(&100u32.to_be_bytes());
+    partial.extend_from_slice(b"abc");
+    send.send_data(Bytes::from(partial), false)?;
+    let labels =
+        |code: &'static str| [("grpc_service", "user.v1.UserService"), ("grpc_method", "GetUser"), ("grpc_code", code)];
+    // The server has the call once it is counted as started.
+    eventually(READY_BOUND, || async {
+        app.scrape().await.is_ok_and(|s| {
+            support::sample(&s, "grpc_server_started_total", &[("grpc_method", "GetUser")]).is_some_and(|n| n >= 1.0)
+        })
+    })
+    .await?;
+    drop(send);
+    drop(client);
+    connection.abort();
+    let canceled = eventually(READY_BOUND, || async {
+        app.scrape()
+            .await
+            .is_ok_and(|s| support::sample(&s, "grpc_server_handled_total", &labels("Canceled")) == Some(1.0))
+    })
+    .await;
+    let scrape = app.scrape().await?;
+    let recorded: Vec<_> = ["Canceled", "Unknown", "Internal"]
+        .into_iter()
+        .map(|code| (code, support::sample(&scrape, "grpc_server_handled_total", &labels(code))))
+        .collect();
+    assert!(canceled.is_ok(), "the cut-off request was not recorded as Canceled: {recorded:?}");
+    assert_eq!(recorded[1..], [("Unknown", Some(0.0)), ("Internal", Some(0.0))]);
+    app.stop().await
+}
+
 /// A unary call that sends two request messages is a protocol violation:
 /// INTERNAL, as grpc-go answers, never OK. Sent over a raw HTTP/2 client,
 /// since no gRPC client will send it.

@@ -20,6 +20,9 @@ use tower::{Layer, Service};
 use super::call::MessageCounter;
 use super::method::method_of;
 
+/// How a request body that the transport cut off is marked, for `rewrite`.
+const CLIENT_GONE: &str = "the client went away before the request ended";
+
 #[derive(Clone, Copy, Debug)]
 pub struct SizeLimitLayer {
     decoding: usize,
@@ -46,10 +49,21 @@ impl SizeLimitLayer {
     }
 
     /// Replaces tonic's own size violation (a service that kept a limit of
-    /// its own), if that is what `headers` carry.
+    /// its own), and the status of a call whose client went away before its
+    /// request ended, if that is what `headers` carry.
     fn rewrite(&self, headers: &mut HeaderMap) {
-        if headers.get("grpc-status").map(|v| v.as_bytes()) != Some(b"11") {
-            return;
+        match headers.get("grpc-status").map(|v| v.as_bytes()) {
+            Some(b"11") => {}
+            Some(b"2") => {
+                let Some(status) = Status::from_header_map(headers) else { return };
+                if status.message().starts_with(CLIENT_GONE) {
+                    headers.remove("grpc-status");
+                    headers.remove("grpc-message");
+                    let _ = Status::new(Code::Cancelled, status.message()).add_header(headers);
+                }
+                return;
+            }
+            _ => return,
         }
         let Some(status) = Status::from_header_map(headers) else { return };
         let replacement = if status.message().starts_with("Error, decoded message length too large") {
@@ -164,6 +178,19 @@ where
             return Poll::Ready(None);
         }
         let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Err(status)) = &frame {
+            // The transport failed while the request was still arriving: the
+            // client reset the stream or closed the connection. That is the
+            // client going away, CANCELLED as in grpc-go, not the UNKNOWN
+            // tonic would report, which counts against the error budget
+            // (load tools end every run this way). tonic reads a CANCELLED
+            // body error as a clean end (and then fails the call INTERNAL),
+            // so the error is marked here and its status rewritten on the
+            // way out, in `rewrite`.
+            *this.failed = true;
+            let message = format!("{CLIENT_GONE}: {}", status.message());
+            return Poll::Ready(Some(Err(Status::unknown(message))));
+        }
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
