@@ -8,7 +8,6 @@ the channel by name."""
 
 import os
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,7 +15,7 @@ import time
 import urllib.error
 import urllib.request
 
-from keelproc import Checks, Keel
+from keelproc import Checks, Keel, free_port
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
 README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "README.md")
@@ -25,13 +24,6 @@ README = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "R
 NOTICE_SECONDS = 5
 
 check = Checks("clients acceptance")
-
-
-def free_port():
-    """A port B can be restarted on, so A's endpoint stays the same."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url):

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import urllib.request
 
 import grpc
 
-from keelproc import Checks, Keel
+from keelproc import Checks, Keel, ensure_prometheus, free_port, http_get as get
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -49,26 +48,6 @@ NEEDS_MEMORY_LIMIT = {"Memory usage of the limit": None, "Resident memory vs con
 MUST_BE_POSITIVE = {"Request rate by code", "Request rate by method", "Request rate by route and code",
                     "Load shed rate", "Non-OK codes by method", "Client calls by target and code", "Messages sent by streams", "Streams started by type"}
 MAX_CONCURRENT = 2
-
-
-def ensure_prometheus():
-    if shutil.which("promtool") and shutil.which("prometheus"):
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
 
 
 def raw(channel, method, streaming=False):

@@ -100,3 +100,34 @@ class Keel:
         code = self.proc.wait(timeout)
         self.pump.join(5)
         return code, time.monotonic() - started
+
+
+def free_port():
+    """A free loopback port, for a process that must get the same port
+    again (a restarted server) or that takes no port 0 (Prometheus)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url):
+    """The body of a GET, as text."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def ensure_prometheus():
+    """Installs Debian's prometheus package (server and promtool) unless both
+    are on PATH."""
+    import shutil
+
+    if shutil.which("promtool") and shutil.which("prometheus"):
+        return
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, env=env,
+                   stdout=subprocess.DEVNULL)

@@ -5,7 +5,6 @@ port. Installs Debian's prometheus package when it is missing."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -16,30 +15,10 @@ import urllib.request
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from keelproc import Checks, Keel
+from keelproc import Checks, Keel, ensure_prometheus, free_port, http_get as get
 
 BINARY = sys.argv[1] if len(sys.argv) > 1 else "target/debug/keel"
 check = Checks("prometheus acceptance")
-
-
-def ensure_prometheus():
-    if shutil.which("promtool") and shutil.which("prometheus"):
-        return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "prometheus"], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
-
-
-def get(url):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return response.read().decode()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def exercise(keel, n):
