@@ -112,7 +112,15 @@ async fn a_database_outage_is_unavailable_and_unready_then_recovers() -> Result<
             }
         }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Some creates land before the outage, so it interrupts a running load.
+    let acked = |at_least: usize| {
+        let acknowledged = acknowledged.clone();
+        move || {
+            let acknowledged = acknowledged.clone();
+            async move { acknowledged.lock().unwrap().len() >= at_least }
+        }
+    };
+    eventually(Duration::from_secs(10), acked(5)).await.context("no create succeeded before the outage")?;
 
     // The outage.
     tokio::task::spawn_blocking({
@@ -188,7 +196,9 @@ async fn a_database_outage_is_unavailable_and_unready_then_recovers() -> Result<
     })
     .await
     .context("gRPC health never recovered")?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The load runs on until creates succeed again after the outage.
+    let before = acknowledged.lock().unwrap().len();
+    eventually(Duration::from_secs(10), acked(before + 5)).await.context("creates never succeeded again")?;
     stop_load.cancel();
     load.await?;
 
