@@ -43,6 +43,16 @@ impl Shutdown {
         self.aborted.cancelled().await;
     }
 
+    /// True once draining has begun (also after an abort).
+    pub fn is_draining(&self) -> bool {
+        self.draining.is_cancelled()
+    }
+
+    /// True once the drain bound has passed.
+    pub fn is_aborted(&self) -> bool {
+        self.aborted.is_cancelled()
+    }
+
     /// True from the moment shutdown was asked for.
     pub fn is_requested(&self) -> bool {
         self.requested.is_cancelled()

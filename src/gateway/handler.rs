@@ -345,14 +345,23 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     if let Some(value) = &id_header {
         request.headers_mut().insert(request_id::HEADER, value.clone());
     }
-    let span = tracing::info_span!(
-        "http",
-        http.method = %request.method(),
-        request_id = %id.as_str(),
-        trace_id = tracing::field::Empty,
-    );
-    crate::telemetry::continue_trace(&span, request.headers());
-    let (metrics, outcome) = tracing::Instrument::instrument(gateway.handle(request), span).await;
+    // A span only when something reads spans (see `telemetry::call_spans`);
+    // the gateway's JSON log lines name the call from its `Caller`.
+    let span = if crate::telemetry::call_spans() {
+        let span = tracing::info_span!(
+            "http",
+            http.method = %request.method(),
+            request_id = %id.as_str(),
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::continue_trace(&span, request.headers());
+        span
+    } else {
+        tracing::Span::none()
+    };
+    let caller = request_id::Caller { request_id: id, method: None, traceparent: None, authorization: None };
+    let handled = request_id::scope(caller, gateway.handle(request));
+    let (metrics, outcome) = tracing::Instrument::instrument(handled, span).await;
     let mut response = outcome.unwrap_or_else(|error| error.into_response(&gateway.pool));
     metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     if let Some(value) = id_header {

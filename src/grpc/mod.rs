@@ -35,7 +35,6 @@ use middleware::deadline::DeadlineLayer;
 use middleware::limits::SizeLimitLayer;
 use middleware::logging::LoggingLayer;
 use middleware::method::{MethodTable, ResolveMethodLayer};
-use middleware::metrics::GrpcMetricsLayer;
 use middleware::recover::RecoverLayer;
 use middleware::request_id::RequestIdLayer;
 use middleware::shed::LoadShedLayer;
@@ -210,11 +209,8 @@ type Stack = ServiceBuilder<
                         tower::layer::util::Stack<
                             LoggingLayer,
                             tower::layer::util::Stack<
-                                GrpcMetricsLayer,
-                                tower::layer::util::Stack<
-                                    RequestIdLayer,
-                                    tower::layer::util::Stack<ResolveMethodLayer, tower::layer::util::Identity>,
-                                >,
+                                RequestIdLayer,
+                                tower::layer::util::Stack<ResolveMethodLayer, tower::layer::util::Identity>,
                             >,
                         >,
                     >,
@@ -233,9 +229,9 @@ fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator
         // The request id's span wraps everything else, so every log line
         // of the call, rejections included, carries the id.
         .layer(RequestIdLayer)
-        // Metrics and logging sit outside every layer that can reject a
-        // call, so rejected calls are counted and logged with their code.
-        .layer(GrpcMetricsLayer::server())
+        // Metrics and the access line (one layer) sit outside every layer
+        // that can reject a call, so rejected calls are counted and logged
+        // with their code.
         .layer(LoggingLayer)
         // One place enforces the message size limits for every service,
         // whatever its generated server was configured with.

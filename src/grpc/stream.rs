@@ -116,7 +116,9 @@ impl StreamSpawner {
             };
             let _ = status_tx.send(status);
         };
-        // The producer logs within the call's span, request id included.
+        // The producer logs as part of the call (its span, or its `Caller`),
+        // request id included.
+        let task = crate::grpc::middleware::request_id::in_current_call(task);
         self.shutdown.spawn(task.instrument(tracing::Span::current()));
         ResponseStream { messages: rx, status: Some(status_rx) }
     }
@@ -156,8 +158,37 @@ impl<T: Send> StreamSink<T> {
         }
     }
 
+    /// The reason to stop that holds right now, if any: the same checks as
+    /// [`Self::stopped`], without registering a waiter anywhere.
+    fn stop_now(&self) -> Option<StreamEnd> {
+        if self.tx.is_closed() {
+            return Some(StreamEnd::ClientGone);
+        }
+        if self.deadline.is_some_and(|at| Instant::now() >= at) {
+            return Some(StreamEnd::DeadlineExceeded);
+        }
+        let stopping = match self.kind {
+            StreamKind::Endless => self.shutdown.is_draining(),
+            StreamKind::Finite => self.shutdown.is_aborted(),
+        };
+        stopping.then_some(StreamEnd::ShuttingDown)
+    }
+
     /// Waits for buffer space, or for a reason to stop.
     pub async fn reserve(&self) -> Result<Slot<'_, T>, StreamEnd> {
+        // The fast path, for a client that keeps up: free space and no
+        // reason to stop take a few atomic loads and a clock read. Waiting
+        // in `stopped` instead would arm a timer and register with two
+        // cancellation tokens (a mutex each) for every message, only to
+        // undo it at once: that cost more than encoding the message.
+        if let Some(end) = self.stop_now() {
+            return Err(end);
+        }
+        match self.tx.try_reserve() {
+            Ok(slot) => return Ok(slot),
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(StreamEnd::ClientGone),
+            Err(mpsc::error::TrySendError::Full(())) => {}
+        }
         tokio::select! {
             biased;
             end = self.stopped() => Err(end),

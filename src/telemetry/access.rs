@@ -1,5 +1,6 @@
-//! The access log: one JSON line per call, formatted by hand and handed to
-//! the non-blocking writer, so a call never waits on stdout.
+//! The access log: one JSON line per call, formatted by hand into a
+//! per-thread buffer and handed to the batching writer ([`super::sink`]),
+//! so a call never waits on stdout and allocates nothing for its line.
 //!
 //! Written by hand because tracing-subscriber's generic JSON formatter
 //! (field visitors, span lookups, a `serde_json` map per event) costs about
@@ -7,13 +8,13 @@
 //! field appears once. With `log.format: pretty` the line is an ordinary
 //! tracing event instead, for people reading a terminal.
 
+use std::cell::RefCell;
 use std::fmt::{Display, Write as _};
-use std::io::Write as _;
 use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::sink::LogSink;
 use tonic::Code;
-use tracing_appender::non_blocking::NonBlocking;
 
 use crate::config::AccessLogMode;
 use crate::metrics::code_name;
@@ -24,14 +25,14 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 struct Sink {
     /// The same queue the other log lines go through, so lines never
     /// interleave mid-line and all leave in order.
-    writer: NonBlocking,
+    writer: LogSink,
     mode: AccessLogMode,
     slow: Duration,
 }
 
 /// Makes `writer` the destination of JSON access lines. Only the first call
 /// counts: the global subscriber can be installed only once too.
-pub(super) fn install_sink(writer: NonBlocking, mode: AccessLogMode, slow: Duration) {
+pub(super) fn install_sink(writer: LogSink, mode: AccessLogMode, slow: Duration) {
     let _ = SINK.set(Sink { writer, mode, slow });
 }
 
@@ -81,10 +82,17 @@ pub fn record(entry: &Entry<'_>) {
     if !enabled {
         return;
     }
-    let mut line = String::with_capacity(256);
-    format_line(&mut line, SystemTime::now(), entry, if fault { "WARN" } else { "INFO" });
-    let mut writer = sink.writer.clone();
-    let _ = writer.write(line.as_bytes());
+    thread_local! {
+        /// The line being formatted: reused, so a call allocates nothing.
+        static LINE: RefCell<String> = RefCell::new(String::with_capacity(512));
+    }
+    LINE.with(|line| {
+        // Never borrowed twice: formatting calls nothing that logs.
+        let Ok(mut line) = line.try_borrow_mut() else { return };
+        line.clear();
+        format_line(&mut line, SystemTime::now(), entry, if fault { "WARN" } else { "INFO" });
+        sink.writer.write_line(line.as_bytes());
+    });
 }
 
 fn record_event(entry: &Entry<'_>, fault: bool) {
@@ -109,7 +117,14 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
     json_string(out, entry.method);
     out.push_str(",\"grpc.code\":\"");
     out.push_str(code_name(entry.code));
-    let _ = write!(out, "\",\"duration_ms\":{:.3},\"peer\":\"", entry.duration.as_secs_f64() * 1000.0);
+    // Milliseconds with three decimals, from integer microseconds: float
+    // formatting costs more than the rest of the line.
+    let micros = u64::try_from(entry.duration.as_micros()).unwrap_or(u64::MAX);
+    out.push_str("\",\"duration_ms\":");
+    push_padded(out, micros / 1000, 1);
+    out.push('.');
+    push_padded(out, micros % 1000, 3);
+    out.push_str(",\"peer\":\"");
     // Escaped as it is written: no copy of the peer first.
     let _ = write!(JsonEscaped(out), "{}", entry.peer);
     out.push('"');
@@ -142,6 +157,11 @@ impl std::fmt::Write for JsonEscaped<'_> {
 }
 
 fn escape_into(out: &mut String, text: &str) {
+    // Most text (methods, ids, addresses) needs no escaping at all.
+    if !text.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(text);
+        return;
+    }
     for c in text.chars() {
         match c {
             '"' => out.push_str("\\\""),
@@ -164,14 +184,35 @@ fn rfc3339(out: &mut String, now: SystemTime) {
     let days = i64::try_from(secs / 86_400).unwrap_or(0);
     let rem = secs % 86_400;
     let (year, month, day) = civil_from_days(days);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60,
-        since.subsec_micros()
-    );
+    push_padded(out, u64::try_from(year).unwrap_or(0), 4);
+    out.push('-');
+    push_padded(out, u64::from(month), 2);
+    out.push('-');
+    push_padded(out, u64::from(day), 2);
+    out.push('T');
+    push_padded(out, rem / 3600, 2);
+    out.push(':');
+    push_padded(out, (rem % 3600) / 60, 2);
+    out.push(':');
+    push_padded(out, rem % 60, 2);
+    out.push('.');
+    push_padded(out, u64::from(since.subsec_micros()), 6);
+    out.push('Z');
+}
+
+/// `value` in decimal, zero-padded to at least `width` digits; what
+/// `write!("{:0w$}")` does, without the formatting machinery.
+fn push_padded(out: &mut String, mut value: u64, width: usize) {
+    let mut digits = [b'0'; 20];
+    let mut start = digits.len();
+    while value > 0 || start == digits.len() {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
+    let start = start.min(digits.len().saturating_sub(width));
+    // Only ASCII digits were written.
+    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (the
@@ -192,6 +233,18 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn numbers_are_zero_padded_like_format() {
+        for (value, width) in [(0u64, 1usize), (0, 3), (7, 3), (42, 2), (999, 3), (1000, 3), (123_456, 6), (2026, 4)] {
+            let mut out = String::new();
+            push_padded(&mut out, value, width);
+            assert_eq!(out, format!("{value:0width$}"));
+        }
+        let mut out = String::new();
+        push_padded(&mut out, u64::MAX, 1);
+        assert_eq!(out, u64::MAX.to_string());
+    }
 
     #[test]
     fn dates_convert_across_leap_years_and_eras() {

@@ -3,8 +3,8 @@
 //! set; and, with the `otel` feature and `tracing.otlp_endpoint`, the same
 //! spans exported over OTLP with W3C `traceparent` propagation, so a call
 //! through the gateway and the gRPC server is one trace. Every line goes
-//! through one non-blocking writer (tracing-appender); the per-call access
-//! line is formatted in [`access`].
+//! through one non-blocking, batching writer ([`sink`]); the per-call
+//! access line is formatted in [`access`].
 //!
 //! The level filter sits behind tracing-subscriber's reload layer, so
 //! [`LogFilter`] (`PUT /log/level`, SIGHUP) swaps it without a restart. The
@@ -13,11 +13,11 @@
 //! line never passes through the filter layer at all.
 
 pub mod access;
+pub mod sink;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
-use tracing_appender::non_blocking::{ErrorCounter, WorkerGuard};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
@@ -31,6 +31,8 @@ pub enum TelemetryError {
     Filter(#[source] tracing_subscriber::filter::ParseError),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
+    #[error("cannot start the log writer thread")]
+    Writer(#[source] std::io::Error),
     #[error("telemetry must be set up inside the tokio runtime")]
     NoRuntime,
     #[cfg(feature = "otel")]
@@ -94,30 +96,24 @@ pub fn chain(error: &dyn std::error::Error) -> String {
 
 /// The log writer thread; dropping its guard writes out every queued line.
 /// Global, so an immediate exit (a second signal) can flush too.
-static LOG_WORKER: Mutex<Option<WorkerGuard>> = Mutex::new(None);
+static LOG_WORKER: Mutex<Option<sink::SinkGuard>> = Mutex::new(None);
 
 /// Writes out every queued log line and stops the writer thread; later
-/// lines are lost. Blocks for at most about a second (tracing-appender's
-/// own bound). Call right before the process exits.
+/// lines are dropped (and counted). Blocks for at most about a second
+/// ([`sink::SinkGuard`]'s bound). Call right before the process exits.
 pub fn flush_logs() {
     let worker = LOG_WORKER.lock().map(|mut w| w.take()).unwrap_or_else(|poisoned| poisoned.into_inner().take());
     drop(worker);
 }
 
-/// Lines dropped because the log queue was full, for
-/// `keel_log_lines_dropped_total`.
-static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+/// The installed writer, for `keel_log_lines_dropped_total`.
+static SINK: OnceLock<sink::LogSink> = OnceLock::new();
 
 /// How many log lines were dropped since start because the writer fell
 /// behind.
 pub fn dropped_lines() -> u64 {
-    DROPPED.get().map_or(0, |counter| u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX))
+    SINK.get().map_or(0, sink::LogSink::dropped)
 }
-
-/// Log lines the queue holds before new ones are dropped. The channel
-/// allocates and touches its slots up front, so this is idle memory; the
-/// writer drains about a million lines a second, so 8k is ample.
-const QUEUE_LINES: usize = 8 * 1024;
 
 /// The filter the configuration asks for: `RUST_LOG` when set, otherwise
 /// `log.level`. What startup installs and SIGHUP restores.
@@ -129,9 +125,8 @@ pub fn configured_filter(log: &LogSettings) -> String {
 /// replaces `log.level`. Call from within the tokio runtime.
 pub fn init(log: &LogSettings, tracing: &TracingSettings) -> Result<TelemetryGuard, TelemetryError> {
     let directives = configured_filter(log);
-    // Batched: the writer thread flushes when its queue runs empty.
-    let stdout = std::io::BufWriter::with_capacity(64 * 1024, std::io::stdout());
-    install(log, tracing, Some(&directives), stdout)
+    // Unbuffered: the sink hands over whole batches.
+    install(log, tracing, Some(&directives), std::io::stdout())
 }
 
 /// A log filter longer than this is refused: no sane one comes close, and
@@ -223,10 +218,72 @@ impl LogFilter {
     }
 }
 
+/// Whether each call gets a tracing span (see [`call_spans`]).
+static CALL_SPANS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether the gRPC server and the gateway open a span per call: only when
+/// something reads spans, the OTLP exporter or the pretty format (which
+/// prints span fields). Otherwise JSON lines take the call's request id and
+/// method from the call itself ([`CallFields`]), and a call costs no span.
+pub fn call_spans() -> bool {
+    CALL_SPANS.load(Ordering::Relaxed)
+}
+
+/// The JSON event format, plus the request id and method of the call the
+/// event happens in (from the task-local `Caller`), unless a span of the
+/// event already names them. Events are rare next to calls (the access
+/// line does not come through here), so the line is formatted into a
+/// buffer and the fields added before its closing brace.
+struct CallFields<F>(F);
+
+impl<S, N, F> tracing_subscriber::fmt::FormatEvent<S, N> for CallFields<F>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+    F: tracing_subscriber::fmt::FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use crate::grpc::middleware::request_id::with_caller;
+        let call = with_caller(|caller| {
+            (caller.request_id.clone(), caller.method.as_ref().map(|m| m.path.clone()).filter(|p| !p.is_empty()))
+        });
+        let Some((id, method)) = call else {
+            return self.0.format_event(ctx, writer, event);
+        };
+        let mut line = String::with_capacity(256);
+        self.0.format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        match body.strip_suffix('}') {
+            Some(open) if !line.contains("\"request_id\":") => {
+                writer.write_str(open)?;
+                writer.write_str(",\"request_id\":")?;
+                writer.write_str(&serde_json::Value::from(id.as_str()).to_string())?;
+                if let Some(method) = method {
+                    writer.write_str(",\"grpc.method\":")?;
+                    writer.write_str(&serde_json::Value::from(method).to_string())?;
+                }
+                writer.write_str("}\n")
+            }
+            _ => writer.write_str(&line),
+        }
+    }
+}
+
+/// The JSON event format of every line but the access line: event fields
+/// at the top level, and the innermost span's fields (when there is one).
+fn json_format() -> tracing_subscriber::fmt::format::Format<tracing_subscriber::fmt::format::Json> {
+    tracing_subscriber::fmt::format().json().flatten_event(true).with_current_span(true).with_span_list(false)
+}
+
 /// Installs the global subscriber with an explicit filter and writer (tests
 /// capture the production log format this way). Lines go through a bounded
-/// queue to a writer thread, so no caller ever blocks on the writer; when
-/// the queue is full, new lines are dropped and counted.
+/// buffer to a writer thread ([`sink`]), so no caller ever blocks on the
+/// writer; when the buffer is full, new lines are dropped and counted.
 pub fn install<W>(
     log: &LogSettings,
     tracing: &TracingSettings,
@@ -239,12 +296,8 @@ where
     let directives = directives.unwrap_or(&log.level).trim().to_owned();
     let filter = EnvFilter::try_new(&directives).map_err(TelemetryError::Filter)?;
     let (filter, handle) = reload::Layer::new(filter);
-    let (writer, worker) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(true)
-        .buffered_lines_limit(QUEUE_LINES)
-        .thread_name("keel-log-writer")
-        .finish(writer);
-    let _ = DROPPED.set(writer.error_counter());
+    let (writer, worker) = sink::LogSink::start(writer).map_err(TelemetryError::Writer)?;
+    let _ = SINK.set(writer.clone());
     if let Ok(mut slot) = LOG_WORKER.lock() {
         *slot = Some(worker);
     }
@@ -252,13 +305,9 @@ where
         access::install_sink(writer.clone(), log.access, log.access_slow);
     }
     let logs = match log.format {
-        LogFormat::Json => tracing_subscriber::fmt::layer()
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .with_writer(writer)
-            .boxed(),
+        LogFormat::Json => {
+            tracing_subscriber::fmt::layer().json().event_format(CallFields(json_format())).with_writer(writer).boxed()
+        }
         LogFormat::Pretty => tracing_subscriber::fmt::layer().pretty().with_writer(writer).boxed(),
     };
     let registry = tracing_subscriber::registry().with(filter).with(logs);
@@ -266,6 +315,7 @@ where
     #[cfg(feature = "otel")]
     {
         let (layer, provider) = otel::layer(tracing)?;
+        CALL_SPANS.store(layer.is_some() || log.format == LogFormat::Pretty, Ordering::Relaxed);
         registry.with(layer).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
         let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard { provider })
@@ -273,6 +323,7 @@ where
     #[cfg(not(feature = "otel"))]
     {
         let _ = tracing;
+        CALL_SPANS.store(log.format == LogFormat::Pretty, Ordering::Relaxed);
         registry.try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
         let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard {})
@@ -453,5 +504,88 @@ mod chain_tests {
         assert_eq!(chain(&inlined), "cannot listen on x: Address in use");
         let plain = link("cannot read config file a.yaml", Some(link("permission denied", None)));
         assert_eq!(chain(&plain), "cannot read config file a.yaml: permission denied");
+    }
+}
+
+#[cfg(test)]
+mod call_fields_tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing_subscriber::layer::SubscriberExt;
+
+    use super::CallFields;
+    use crate::grpc::middleware::method::{GrpcType, MethodInfo};
+    use crate::grpc::middleware::request_id::{self, Caller, RequestId};
+
+    #[derive(Clone, Default)]
+    struct Lines(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Lines {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn caller(id: &str, path: &str) -> Caller {
+        let method = MethodInfo {
+            path: path.to_owned(),
+            grpc_type: GrpcType::Unary,
+            metrics: None,
+            auth_exempt: false,
+            shed_exempt: false,
+            served: true,
+        };
+        Caller {
+            request_id: RequestId(Arc::from(id)),
+            method: Some(Arc::new(method)),
+            traceparent: None,
+            authorization: None,
+        }
+    }
+
+    /// Lines logged inside a call carry its request id and method once,
+    /// as top-level fields, without any span; lines outside carry neither.
+    #[test]
+    fn a_line_inside_a_call_names_the_call_without_a_span() {
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let format = super::json_format();
+        let layer = tracing_subscriber::fmt::layer()
+            .json()
+            .event_format(CallFields(format))
+            .with_writer(move || writer.clone());
+        let subscriber = tracing_subscriber::registry().with(layer);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(async {
+                tracing::info!("before");
+                request_id::scope(caller("rid-\"7", "/user.v1.UserService/GetUser"), async {
+                    tracing::info!(user = "u1", "inside");
+                    // A span of the handler's own that names the id already.
+                    let span = tracing::info_span!("own", request_id = "rid-\"7");
+                    span.in_scope(|| tracing::info!("in own span"));
+                })
+                .await;
+            });
+        });
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        let parsed: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(parsed.len(), 3, "{text}");
+        assert_eq!(parsed[0]["message"], "before");
+        assert!(parsed[0].get("request_id").is_none(), "{text}");
+        assert_eq!(parsed[1]["message"], "inside");
+        assert_eq!(parsed[1]["user"], "u1");
+        assert_eq!(parsed[1]["request_id"], "rid-\"7");
+        assert_eq!(parsed[1]["grpc.method"], "/user.v1.UserService/GetUser");
+        assert!(parsed[1].get("span").is_none(), "{text}");
+        for line in text.lines() {
+            assert!(line.matches("\"request_id\":").count() <= 1, "{line}");
+        }
+        assert_eq!(parsed[2]["span"]["request_id"], "rid-\"7");
     }
 }

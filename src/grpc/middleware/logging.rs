@@ -2,6 +2,10 @@
 //! when its last message and status have gone out), with the method, the
 //! gRPC code, the duration, the peer and the request id. The line itself is
 //! formatted and queued by [`crate::telemetry::access`].
+//!
+//! The same layer records the server's `grpc_server_*` metrics (through
+//! [`super::metrics::start_call`]): one clock reading, one response body
+//! wrapper and one end-of-call callback serve both.
 
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -16,6 +20,7 @@ use tracing::Span;
 
 use super::call::{ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, method_of};
+use super::metrics::{CallMetrics, start_call};
 use super::request_id::{CallSpan, RequestId};
 use crate::grpc::incoming::GrpcConnectInfo;
 use crate::telemetry::access;
@@ -47,6 +52,8 @@ pub struct CallLog {
     span: Option<Span>,
     /// The verified client certificate's identity (mTLS only).
     client: Option<Arc<ClientIdentity>>,
+    /// The call's metrics; `None` for a method no service has.
+    metrics: Option<CallMetrics>,
 }
 
 /// The method's path: shared with the method table when it is known.
@@ -64,7 +71,12 @@ enum Peer {
 }
 
 impl CallLog {
-    fn new<B>(request: &mut Request<B>) -> Self {
+    fn new<B>(
+        request: &mut Request<B>,
+        start: Instant,
+        info: Option<Arc<MethodInfo>>,
+        metrics: Option<CallMetrics>,
+    ) -> Self {
         let connection = request.extensions().get::<GrpcConnectInfo>();
         let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
@@ -79,13 +91,14 @@ impl CallLog {
             }
             None => request.extensions().get::<Arc<ClientIdentity>>().cloned(),
         };
-        let method = match method_of(request).filter(|m| m.metrics.is_some()) {
+        let method = match info.filter(|m| m.metrics.is_some()) {
             Some(known) => Method::Known(known),
             None => Method::Unknown(request.uri().path().to_owned()),
         };
         Self {
             method,
-            start: Instant::now(),
+            start,
+            metrics,
             peer,
             request_id: request.extensions().get::<RequestId>().cloned(),
             span: request.extensions().get::<CallSpan>().map(|s| s.0.clone()),
@@ -95,7 +108,17 @@ impl CallLog {
 }
 
 impl OnCallEnd for CallLog {
-    fn call_ended(self, code: Code) {
+    fn data(&mut self, bytes: &[u8]) {
+        if let Some(metrics) = &mut self.metrics {
+            metrics.data(bytes);
+        }
+    }
+
+    fn call_ended(mut self, code: Code) {
+        let duration = self.start.elapsed();
+        if let Some(metrics) = self.metrics.take() {
+            metrics.finish(code, duration);
+        }
         let method = match &self.method {
             Method::Known(info) => info.path.as_str(),
             Method::Unknown(path) => path.as_str(),
@@ -103,7 +126,7 @@ impl OnCallEnd for CallLog {
         access::record(&access::Entry {
             method,
             code,
-            duration: self.start.elapsed(),
+            duration,
             peer: &self.peer,
             request_id: self.request_id.as_ref().map_or("", RequestId::as_str),
             span: self.span.as_ref(),
@@ -122,9 +145,9 @@ impl std::fmt::Display for Peer {
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Logging<S>
+impl<S, ResBody> Service<Request<tonic::body::Body>> for Logging<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
 {
     type Response = Response<ObservedBody<ResBody, CallLog>>;
     type Error = S::Error;
@@ -134,9 +157,11 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: Request<ReqBody>) -> Self::Future {
-        let mut request = request;
-        let log = CallLog::new(&mut request);
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        let start = Instant::now();
+        let info = method_of(&request);
+        let (mut request, metrics) = start_call(request, info.as_deref(), false, start);
+        let log = CallLog::new(&mut request, start, info, metrics);
         ObservedFuture::new(self.inner.call(request), Some(log), Code::Internal)
     }
 }

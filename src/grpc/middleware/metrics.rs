@@ -16,31 +16,22 @@ use tonic::Code;
 use tower::{Layer, Service};
 
 use super::call::{MessageCounter, ObservedBody, ObservedFuture, OnCallEnd};
-use super::method::{MethodInfo, MethodLookup, method_of};
+use super::method::{MethodInfo, MethodLookup};
 use crate::metrics::MethodMetrics;
 
-/// Which side of a call is measured, and so where its method comes from.
-#[derive(Clone, Debug)]
-enum MethodSource {
-    /// The server: the method layer has resolved it already.
-    Server,
-    /// A client: resolved here from the request path.
-    Client(Arc<dyn MethodLookup>),
-}
-
+/// The client side's metrics layer (the server's metrics are recorded by
+/// its logging layer, through [`start_call`]).
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
-    side: MethodSource,
+    /// Resolves the method from the request path; holds its
+    /// `grpc_client_*` series.
+    methods: Arc<dyn MethodLookup>,
 }
 
 impl GrpcMetricsLayer {
-    pub fn server() -> Self {
-        Self { side: MethodSource::Server }
-    }
-
     /// For a client channel; `table` holds its `grpc_client_*` series.
     pub fn client<L: MethodLookup>(table: Arc<L>) -> Self {
-        Self { side: MethodSource::Client(table) }
+        Self { methods: table }
     }
 }
 
@@ -48,14 +39,14 @@ impl<S> Layer<S> for GrpcMetricsLayer {
     type Service = GrpcMetrics<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner, side: self.side.clone() }
+        GrpcMetrics { inner, methods: self.methods.clone() }
     }
 }
 
 #[derive(Clone, Debug)]
 pub struct GrpcMetrics<S> {
     inner: S,
-    side: MethodSource,
+    methods: Arc<dyn MethodLookup>,
 }
 
 impl<S, ResBody> Service<Request<tonic::body::Body>> for GrpcMetrics<S>
@@ -71,29 +62,39 @@ where
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let info: Option<Arc<MethodInfo>> = match &self.side {
-            MethodSource::Server => method_of(&request),
-            MethodSource::Client(table) => Some(table.lookup(request.uri().path())),
-        };
-        let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
-            return ObservedFuture::new(self.inner.call(request), None, Code::Unavailable);
-        };
-        metrics.started();
-        let client = matches!(self.side, MethodSource::Client(_));
-        // The request side: what a server receives, or a client sends.
-        let request = if info.grpc_type.single_request() {
-            record_outgoing(&metrics, !client, 1);
-            request
-        } else {
-            let metrics = metrics.clone();
-            request.map(|body| {
-                tonic::body::Body::new(CountedBody { inner: body, metrics, counter: MessageCounter::default(), client })
-            })
-        };
-        let call = CallMetrics { metrics, start: Instant::now(), counter: MessageCounter::default(), client };
+        let info = self.methods.lookup(request.uri().path());
+        let (request, call) = start_call(request, Some(&info), true, Instant::now());
         // A failing inner service is a transport failure on the client side.
-        ObservedFuture::new(self.inner.call(request), Some(call), Code::Unavailable)
+        ObservedFuture::new(self.inner.call(request), call, Code::Unavailable)
     }
+}
+
+/// Counts a call of `info` as started, and its request messages as they
+/// pass: the request back (its body counted when it streams) and what
+/// records the rest when the call ends. `None` for calls of no measured
+/// method. The server's logging layer calls this too, so a call's metrics
+/// and its access line share one clock reading and one body wrapper.
+pub fn start_call(
+    request: Request<tonic::body::Body>,
+    info: Option<&MethodInfo>,
+    client: bool,
+    start: Instant,
+) -> (Request<tonic::body::Body>, Option<CallMetrics>) {
+    let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
+        return (request, None);
+    };
+    metrics.started();
+    // The request side: what a server receives, or a client sends.
+    let request = if info.grpc_type.single_request() {
+        record_outgoing(&metrics, !client, 1);
+        request
+    } else {
+        let metrics = metrics.clone();
+        request.map(|body| {
+            tonic::body::Body::new(CountedBody { inner: body, metrics, counter: MessageCounter::default(), client })
+        })
+    };
+    (request, Some(CallMetrics { metrics, start, counter: MessageCounter::default(), client }))
 }
 
 /// Records `n` messages flowing from the client to the server.
@@ -115,13 +116,21 @@ impl OnCallEnd for CallMetrics {
     }
 
     fn call_ended(self, code: Code) {
+        let elapsed = self.start.elapsed();
+        self.finish(code, elapsed);
+    }
+}
+
+impl CallMetrics {
+    /// Records the end of the call, `elapsed` after it started.
+    pub fn finish(self, code: Code, elapsed: std::time::Duration) {
         // Server to client: sent by a server, received by a client.
         if self.client {
             self.metrics.received(self.counter.messages);
         } else {
             self.metrics.sent(self.counter.messages);
         }
-        self.metrics.handled(code, self.start.elapsed().as_secs_f64());
+        self.metrics.handled(code, elapsed.as_secs_f64());
     }
 }
 

@@ -1,6 +1,7 @@
 //! Request ids: taken from `x-request-id` or generated, echoed in the
-//! response metadata, and carried by a tracing span so every log line of
-//! the call, in every layer and in the handler, names it.
+//! response metadata, and carried by the call's [`Caller`] (and its span,
+//! when spans are on) so every log line of the call, in every layer and in
+//! the handler, names it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,8 @@ use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use tower::{Layer, Service};
 use tracing::Span;
+
+use super::method::{MethodInfo, method_of};
 use tracing::instrument::Instrumented;
 
 pub const HEADER: &str = "x-request-id";
@@ -95,37 +98,60 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let id = RequestId::from_header(request.headers().get(HEADER));
-        let span = tracing::info_span!(
-            "rpc",
-            request_id = %id.as_str(),
-            grpc.method = %request.uri().path(),
-            trace_id = tracing::field::Empty,
-        );
-        // A call through the gateway continues the gateway's trace.
-        crate::telemetry::continue_trace(&span, request.headers());
-        let header = HeaderValue::from_str(id.as_str()).ok();
+        // A span per call only when something reads spans: the OTLP
+        // exporter, or the pretty format, which prints span fields. JSON
+        // lines take the id and method from the call's `Caller` instead
+        // (see `telemetry`), so the common production setup pays for no
+        // span: creating, entering and closing one was about a tenth of a
+        // call's CPU.
+        let span = if crate::telemetry::call_spans() {
+            let span = tracing::info_span!(
+                "rpc",
+                request_id = %id.as_str(),
+                grpc.method = %request.uri().path(),
+                trace_id = tracing::field::Empty,
+            );
+            // A call through the gateway continues the gateway's trace.
+            crate::telemetry::continue_trace(&span, request.headers());
+            request.extensions_mut().insert(CallSpan(span.clone()));
+            span
+        } else {
+            Span::none()
+        };
+        // Never indexed by HPACK: an id is unique per call, so adding it to
+        // the connection's header table would only evict the entries that
+        // do repeat (grpc-status, content-type) and cost a table update
+        // per response.
+        let header = HeaderValue::from_str(id.as_str()).ok().map(|mut value| {
+            value.set_sensitive(true);
+            value
+        });
         let caller = Caller {
             request_id: id.clone(),
+            method: method_of(&request),
             traceparent: request.headers().get("traceparent").cloned(),
             authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
         };
         request.extensions_mut().insert(id);
-        request.extensions_mut().insert(CallSpan(span.clone()));
-        let inner = {
+        // The layers' own `call` code logs within the call too.
+        let inner = CALLER.sync_scope(caller.clone(), || {
             let _entered = span.enter();
             self.inner.call(request)
-        };
+        });
         RequestIdFuture { inner: tracing::Instrument::instrument(CALLER.scope(caller, inner), span), header }
     }
 }
 
 /// What the handler of a call hands on to the calls it makes downstream
 /// (see [`crate::clients`]): its request id, its caller's trace context and
-/// credentials.
+/// credentials. The JSON log lines written while the call runs name its
+/// request id and method from here too.
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// Sent on as `x-request-id`, so one id follows a request across hops.
     pub request_id: RequestId,
+    /// The method being served, when a registered service has it.
+    pub method: Option<Arc<MethodInfo>>,
     /// The caller's `traceparent`, passed on when no span of ours exports.
     pub traceparent: Option<HeaderValue>,
     /// The caller's `authorization`, for clients that propagate it.
@@ -135,6 +161,25 @@ pub struct Caller {
 tokio::task_local! {
     /// The call handled on this task, for the clients it calls through.
     static CALLER: Caller;
+}
+
+/// Runs `future` as part of the call this code runs for, if any: for work
+/// a call spawns onto another task (stream producers), so its log lines
+/// still name the call.
+pub fn in_current_call<F: Future>(future: F) -> impl Future<Output = F::Output> {
+    let caller = with_caller(Caller::clone);
+    async move {
+        match caller {
+            Some(caller) => CALLER.scope(caller, future).await,
+            None => future.await,
+        }
+    }
+}
+
+/// Runs `future` with `caller` as its call (the gateway, for the log lines
+/// it writes before and after its in-process call).
+pub fn scope<F: Future>(caller: Caller, future: F) -> impl Future<Output = F::Output> {
+    CALLER.scope(caller, future)
 }
 
 /// Reads the call this code runs for, inside a unary handler.
