@@ -74,8 +74,8 @@ where
                 slot.release();
             });
         }
-        let sleep = (!streams_out).then(|| tokio::time::sleep_until(at));
-        DeadlineFuture { inner: CALL_DEADLINE.scope(at, self.inner.call(request)), sleep }
+        let timed = (!streams_out).then_some(at);
+        DeadlineFuture { inner: CALL_DEADLINE.scope(at, self.inner.call(request)), timed, sleep: None }
     }
 }
 
@@ -83,6 +83,11 @@ pin_project! {
     pub struct DeadlineFuture<F> {
         #[pin]
         inner: F,
+        // The deadline this future enforces (unary and client-streaming
+        // calls; a stream's response watches its own).
+        timed: Option<Instant>,
+        // The timer, made only once the call has to wait: most calls
+        // answer on their first poll and never need one.
         #[pin]
         sleep: Option<Sleep>,
     }
@@ -96,9 +101,14 @@ where
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result);
+        }
+        if this.sleep.is_none()
+            && let Some(at) = *this.timed
+        {
+            this.sleep.set(Some(tokio::time::sleep_until(at)));
         }
         match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Ok(Status::deadline_exceeded("deadline exceeded").into_http())),

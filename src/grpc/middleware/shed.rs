@@ -58,18 +58,33 @@ pub struct LoadShed<S> {
 }
 
 /// One unit of the concurrency budget, returned when dropped.
-pub struct Permit(Option<ShedSlot>);
+pub struct Permit(Option<Held>);
+
+/// How a call holds its unit.
+enum Held {
+    /// A unary or client-streaming call: only its permit returns the unit,
+    /// so the count itself is enough (no allocation per call).
+    Count(Arc<AtomicUsize>),
+    /// A call that streams its response: a timer may return the unit
+    /// first, so the permit and the timer share a slot.
+    Slot(ShedSlot),
+}
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        if let Some(slot) = self.0.take() {
-            slot.release();
+        match self.0.take() {
+            Some(Held::Count(in_flight)) => {
+                in_flight.fetch_sub(1, Ordering::AcqRel);
+            }
+            Some(Held::Slot(slot)) => slot.release(),
+            None => {}
         }
     }
 }
 
-/// A call's slot in the budget, returned once: by the permit when the body
-/// ends, or earlier by a timer. In the request extensions of shed calls.
+/// A streaming call's slot in the budget, returned once: by the permit when
+/// the body ends, or earlier by a timer. In the request extensions of shed
+/// calls that stream their response.
 #[derive(Clone, Debug)]
 pub struct ShedSlot(Arc<SlotState>);
 
@@ -110,7 +125,8 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        if method_of(&request).is_some_and(|m| m.shed_exempt) {
+        let method = method_of(&request);
+        if method.as_ref().is_some_and(|m| m.shed_exempt) {
             return LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(None)) };
         }
         if self.in_flight.fetch_add(1, Ordering::AcqRel) >= self.limit {
@@ -118,9 +134,15 @@ where
             self.shed.inc();
             return LoadShedFuture { inner: None, permit: None };
         }
-        let slot = ShedSlot::new(self.in_flight.clone());
-        request.extensions_mut().insert(slot.clone());
-        LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(Some(slot))) }
+        // Unknown methods are answered at once, like unary calls.
+        let held = if method.is_none_or(|m| m.grpc_type.single_response()) {
+            Held::Count(self.in_flight.clone())
+        } else {
+            let slot = ShedSlot::new(self.in_flight.clone());
+            request.extensions_mut().insert(slot.clone());
+            Held::Slot(slot)
+        };
+        LoadShedFuture { inner: Some(self.inner.call(request)), permit: Some(Permit(Some(held))) }
     }
 }
 
