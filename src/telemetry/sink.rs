@@ -19,7 +19,9 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// Bytes the buffer holds before new lines are dropped: about 13,000
-/// access lines, several seconds of a stalled stdout at full load.
+/// access lines, several seconds of a stalled stdout at full load. The
+/// batch being written is apart, so a stalled writer holds at most twice
+/// this.
 pub const CAPACITY: usize = 4 << 20;
 /// Queued bytes that wake the writer at once.
 pub const BATCH: usize = 64 << 10;
