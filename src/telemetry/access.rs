@@ -140,7 +140,7 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
 
 /// A JSON string literal: quotes, backslashes and control characters
 /// escaped.
-fn json_string(out: &mut String, text: &str) {
+pub(super) fn json_string(out: &mut String, text: &str) {
     out.push('"');
     escape_into(out, text);
     out.push('"');

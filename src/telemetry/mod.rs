@@ -249,25 +249,25 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         use crate::grpc::middleware::request_id::with_caller;
-        let call = with_caller(|caller| {
-            (caller.request_id.clone(), caller.method.as_ref().map(|m| m.path.clone()).filter(|p| !p.is_empty()))
-        });
+        let call = with_caller(|caller| (caller.request_id.clone(), caller.method.clone()));
         let Some((id, method)) = call else {
             return self.0.format_event(ctx, writer, event);
         };
         let mut line = String::with_capacity(256);
         self.0.format_event(ctx, tracing_subscriber::fmt::format::Writer::new(&mut line), event)?;
-        let body = line.trim_end_matches('\n');
-        match body.strip_suffix('}') {
+        let open = line.trim_end_matches('\n').strip_suffix('}').map(str::len);
+        match open {
             Some(open) if !line.contains("\"request_id\":") => {
-                writer.write_str(open)?;
-                writer.write_str(",\"request_id\":")?;
-                writer.write_str(&serde_json::Value::from(id.as_str()).to_string())?;
-                if let Some(method) = method {
-                    writer.write_str(",\"grpc.method\":")?;
-                    writer.write_str(&serde_json::Value::from(method).to_string())?;
+                // The same escaping as the access line's fields.
+                line.truncate(open);
+                line.push_str(",\"request_id\":");
+                access::json_string(&mut line, id.as_str());
+                if let Some(method) = method.filter(|m| !m.path.is_empty()) {
+                    line.push_str(",\"grpc.method\":");
+                    access::json_string(&mut line, &method.path);
                 }
-                writer.write_str("}\n")
+                line.push_str("}\n");
+                writer.write_str(&line)
             }
             _ => writer.write_str(&line),
         }
