@@ -3,12 +3,13 @@
 //! `log.format: json` at `info`) into a writer that discards the bytes, so
 //! only the formatting is timed, not the terminal or the disk.
 //!
-//! - `logging_layer` drives keel's real `LoggingLayer` around a service that
-//!   answers at once (trailers-only `grpc-status: 0`), so it times whatever
-//!   the layer does today (the line, queued to the batching writer, and the
-//!   call's metrics).
-//! - `no_logging_layer` is the same call without the layer: the difference
-//!   is the layer's cost per call.
+//! - `call_layer` drives keel's real server call layer (every step: method
+//!   lookup, request id, metrics, the access line queued to the batching
+//!   writer, size limits, shedding, a static token, the deadline, panic
+//!   recovery) around a service that answers at once (trailers-only
+//!   `grpc-status: 0`).
+//! - `no_layer` is the same call without the layer: the difference is the
+//!   layer's cost per call.
 //! - `event_in_span` emits the line's event through tracing-subscriber's
 //!   JSON formatter inside a span: what the line would cost as an ordinary
 //!   tracing event.
@@ -21,13 +22,17 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
-use keel::config::{LogSettings, TracingSettings};
-use keel::grpc::middleware::logging::LoggingLayer;
-use keel::grpc::middleware::method::{GrpcType, MethodInfo};
-use keel::grpc::middleware::request_id::RequestId;
+use keel::config::{AuthSettings, LogSettings, TracingSettings};
+use keel::grpc::middleware::auth::Authenticator;
+use keel::grpc::middleware::deadline::DeadlinePolicy;
+use keel::grpc::middleware::limits::SizeLimits;
+use keel::grpc::middleware::method::{GrpcType, MethodInfo, MethodTable};
+use keel::grpc::middleware::server::{CallLayer, CallPolicy};
+use keel::grpc::middleware::shed::Shedder;
 use keel::metrics::Metrics;
 use tonic::body::Body;
 use tower::{Layer, Service, ServiceExt};
@@ -50,18 +55,16 @@ impl std::io::Write for Counting {
     }
 }
 
-/// A call as it reaches the logging layer: the method resolved and a
-/// request id in the extensions (the layers above put them there; with
-/// JSON logs and no exporter there is no span).
-fn request(method: &Arc<MethodInfo>) -> Request<Body> {
-    let mut request = Request::builder()
+/// A call as a client sends it (with JSON logs and no exporter there is
+/// no span).
+fn request() -> Request<Body> {
+    Request::builder()
         .uri("/user.v1.UserService/GetUser")
         .header("x-forwarded-for", "203.0.113.7")
+        .header("authorization", "Bearer bench-token")
+        .header("grpc-timeout", "5S")
         .body(Body::empty())
-        .unwrap_or_default();
-    request.extensions_mut().insert(method.clone());
-    request.extensions_mut().insert(RequestId::generate());
-    request
+        .unwrap_or_default()
 }
 
 /// Runs one call to completion; every future here is ready at once.
@@ -75,8 +78,8 @@ where
     ready && matches!(future.poll(&mut cx), Poll::Ready(Ok(_)))
 }
 
-fn answer(_: Request<Body>) -> std::future::Ready<Result<Response<()>, Infallible>> {
-    let mut response = Response::new(());
+fn answer(_: Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>> {
+    let mut response = Response::new(Body::empty());
     response.headers_mut().insert("grpc-status", http::HeaderValue::from_static("0"));
     std::future::ready(Ok(response))
 }
@@ -88,20 +91,38 @@ fn bench(c: &mut Criterion) {
         eprintln!("cannot install the subscriber or build the metrics");
         return;
     };
-    let method = Arc::new(MethodInfo {
+    let method = MethodInfo {
         path: "/user.v1.UserService/GetUser".to_owned(),
         grpc_type: GrpcType::Unary,
         metrics: Some(metrics.grpc_server.method("unary", "user.v1.UserService", "GetUser")),
         auth_exempt: false,
         shed_exempt: false,
         served: true,
+    };
+    let auth = AuthSettings { tokens: vec!["bench-token".to_owned()], ..AuthSettings::default() };
+    let Ok(auth) = Authenticator::new(&auth, None) else {
+        eprintln!("cannot build the authenticator");
+        return;
+    };
+    let layer = CallLayer::new(CallPolicy {
+        methods: Arc::new(MethodTable::of([method])),
+        auth,
+        shed: Shedder::new(1024, metrics.grpc_shed.clone()),
+        limits: SizeLimits::new(4 << 20, 4 << 20),
+        deadlines: DeadlinePolicy::new(Duration::from_secs(30), Duration::from_secs(300)),
     });
+    // The layer reads tokio's clock for deadlines.
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {
+        eprintln!("cannot build a runtime");
+        return;
+    };
+    let _runtime = runtime.enter();
 
     let mut group = c.benchmark_group("access_log");
-    let mut logged = LoggingLayer.layer(tower::service_fn(answer));
-    group.bench_function("logging_layer", |b| b.iter(|| black_box(call(&mut logged, request(&method)))));
+    let mut layered = layer.layer(tower::service_fn(answer));
+    group.bench_function("call_layer", |b| b.iter(|| black_box(call(&mut layered, request()))));
     let mut bare = tower::service_fn(answer).boxed();
-    group.bench_function("no_logging_layer", |b| b.iter(|| black_box(call(&mut bare, request(&method)))));
+    group.bench_function("no_layer", |b| b.iter(|| black_box(call(&mut bare, request()))));
     let span = tracing::info_span!(
         "rpc",
         request_id = "0b7f3c1e-8d2a-4f5b-9c6d-1e2f3a4b5c6d",

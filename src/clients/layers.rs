@@ -304,10 +304,8 @@ impl<S: Service<Req, Response = Res, Error = Status>> Service<Req> for Propagate
             crate::telemetry::propagate(headers);
         }
         with_caller(|caller| {
-            if !headers.contains_key(request_id::HEADER)
-                && let Ok(id) = HeaderValue::from_str(caller.request_id.as_str())
-            {
-                headers.insert(request_id::HEADER, id);
+            if !headers.contains_key(request_id::HEADER) {
+                headers.insert(request_id::HEADER, caller.request_id.header().clone());
             }
             if !headers.contains_key("traceparent")
                 && let Some(traceparent) = &caller.traceparent

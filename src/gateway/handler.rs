@@ -341,10 +341,8 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     // Every call gets an id here, passed on to gRPC as metadata and echoed
     // back, so one id follows the request through both servers' logs.
     let id = RequestId::from_header(request.headers().get(request_id::HEADER));
-    let id_header = HeaderValue::from_str(id.as_str()).ok();
-    if let Some(value) = &id_header {
-        request.headers_mut().insert(request_id::HEADER, value.clone());
-    }
+    let id_header = id.header().clone();
+    request.headers_mut().insert(request_id::HEADER, id_header.clone());
     // A span only when something reads spans (see `telemetry::call_spans`);
     // the gateway's JSON log lines name the call from its `Caller`.
     let span = if crate::telemetry::call_spans() {
@@ -359,14 +357,13 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     } else {
         tracing::Span::none()
     };
-    let caller = request_id::Caller { request_id: id, method: None, traceparent: None, authorization: None };
+    let caller =
+        request_id::Caller { request_id: id, method: None, deadline: None, traceparent: None, authorization: None };
     let handled = request_id::scope(caller, gateway.handle(request));
     let (metrics, outcome) = tracing::Instrument::instrument(handled, span).await;
     let mut response = outcome.unwrap_or_else(|error| error.into_response(&gateway.pool));
     metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
-    if let Some(value) = id_header {
-        response.headers_mut().insert(request_id::HEADER, value);
-    }
+    response.headers_mut().insert(request_id::HEADER, id_header);
     response
 }
 

@@ -1,9 +1,10 @@
 //! The gRPC server component: it owns its listener, builds the method table
 //! from the service registry, registers the infrastructure services (health,
 //! reflection v1 and v1alpha) and serves every registered service behind
-//! one ordered layer stack.
+//! one call layer ([`middleware::server`]), which runs every step a call
+//! passes in a fixed order.
 //!
-//! The same stack is also handed out as an in-process tower service
+//! The same layer is also handed out as an in-process tower service
 //! ([`GrpcServer::in_process`]): the gateway calls it with an
 //! `http::Request` and gets an `http::Response` back, with no HTTP/2
 //! framing, no pipe and no connection limit between them, while every layer
@@ -20,7 +21,7 @@ use std::sync::Arc;
 
 use tonic::body::Body;
 use tonic::transport::Server;
-use tower::ServiceBuilder;
+use tower::Layer;
 use tower::util::BoxCloneSyncService;
 
 use crate::config::{AuthSettings, GrpcSettings};
@@ -30,14 +31,12 @@ use crate::net::{self, BindError};
 use crate::registry::{ServicePolicy, ServiceRegistry, Services};
 use crate::shutdown::Shutdown;
 use incoming::Incoming;
-use middleware::auth::{AuthLayer, Authenticator};
-use middleware::deadline::DeadlineLayer;
-use middleware::limits::SizeLimitLayer;
-use middleware::logging::LoggingLayer;
-use middleware::method::{MethodTable, ResolveMethodLayer};
-use middleware::recover::RecoverLayer;
-use middleware::request_id::RequestIdLayer;
-use middleware::shed::LoadShedLayer;
+use middleware::auth::Authenticator;
+use middleware::deadline::DeadlinePolicy;
+use middleware::limits::SizeLimits;
+use middleware::method::MethodTable;
+use middleware::server::{CallLayer, CallPolicy};
+use middleware::shed::Shedder;
 use stream::StreamSpawner;
 
 /// The standard health service's name.
@@ -94,8 +93,7 @@ pub fn register_infrastructure(
     Ok(())
 }
 
-/// Every registered service behind the whole layer stack, callable in
-/// process. Cheap to clone; clones share the stack's state (the load
+/// Every registered service behind the call layer, callable in process. Cheap to clone; clones share the stack's state (the load
 /// shedding count, the method table, the metric series).
 pub type InProcess = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, std::convert::Infallible>;
 
@@ -106,8 +104,8 @@ pub struct GrpcServer {
     /// The address actually bound; port 0 resolves here.
     addr: SocketAddr,
     settings: GrpcSettings,
-    /// The ordered layers every call passes, shared with [`Self::in_process`].
-    layers: Stack,
+    /// The call layer every call passes, shared with [`Self::in_process`].
+    layers: CallLayer,
     /// The routes of every registered service.
     routes: tonic::service::Routes,
 }
@@ -144,7 +142,7 @@ impl GrpcServer {
                 "authentication is off: no auth.tokens, auth.tokens_file or auth.jwt configured, or auth.disabled is set"
             );
         }
-        let shed = LoadShedLayer::new(settings.max_concurrent_requests, metrics.grpc_shed.clone());
+        let shed = Shedder::new(settings.max_concurrent_requests, metrics.grpc_shed.clone());
         let in_flight = shed.in_flight();
         // Read at scrape time: the request path keeps only its one atomic.
         metrics.export_gauge_fn(
@@ -157,7 +155,13 @@ impl GrpcServer {
             "grpc.max_concurrent_requests: calls in flight past which new calls are shed.",
             settings.max_concurrent_requests as f64,
         )?;
-        let layers = stack(settings, methods, auth, shed);
+        let layers = CallLayer::new(CallPolicy {
+            methods,
+            auth,
+            shed,
+            limits: SizeLimits::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0),
+            deadlines: DeadlinePolicy::new(settings.default_timeout, settings.max_timeout),
+        });
         Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })
     }
 
@@ -170,7 +174,7 @@ impl GrpcServer {
     /// they are not limited by `grpc.max_concurrent_streams` and do not
     /// hold up its GOAWAY; they end with the gateway's drain.
     pub fn in_process(&self) -> InProcess {
-        let service = self.layers.clone().service(self.routes.clone());
+        let service = self.layers.layer(self.routes.clone());
         BoxCloneSyncService::new(tower::util::MapResponse::new(service, |response: http::Response<_>| {
             response.map(Body::new)
         }))
@@ -192,55 +196,4 @@ impl GrpcServer {
             .await?;
         Ok(())
     }
-}
-
-/// The layer stack's type, spelled once.
-type Stack = ServiceBuilder<
-    tower::layer::util::Stack<
-        RecoverLayer,
-        tower::layer::util::Stack<
-            DeadlineLayer,
-            tower::layer::util::Stack<
-                AuthLayer,
-                tower::layer::util::Stack<
-                    LoadShedLayer,
-                    tower::layer::util::Stack<
-                        SizeLimitLayer,
-                        tower::layer::util::Stack<
-                            LoggingLayer,
-                            tower::layer::util::Stack<
-                                RequestIdLayer,
-                                tower::layer::util::Stack<ResolveMethodLayer, tower::layer::util::Identity>,
-                            >,
-                        >,
-                    >,
-                >,
-            >,
-        >,
-    >,
->;
-
-/// The ordered layer stack, outermost first; each layer sees what the ones
-/// below it produce.
-fn stack(settings: &GrpcSettings, methods: Arc<MethodTable>, auth: Authenticator, shed: LoadShedLayer) -> Stack {
-    ServiceBuilder::new()
-        // Look the method up once; every layer below reads the result.
-        .layer(ResolveMethodLayer::new(methods))
-        // The request id's span wraps everything else, so every log line
-        // of the call, rejections included, carries the id.
-        .layer(RequestIdLayer)
-        // Metrics and the access line (one layer) sit outside every layer
-        // that can reject a call, so rejected calls are counted and logged
-        // with their code.
-        .layer(LoggingLayer)
-        // One place enforces the message size limits for every service,
-        // whatever its generated server was configured with.
-        .layer(SizeLimitLayer::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0))
-        // Shed before authenticating: refusing is the cheapest answer.
-        .layer(shed)
-        .layer(AuthLayer::new(auth))
-        // Timers start only for calls that will run.
-        .layer(DeadlineLayer::new(settings.default_timeout, settings.max_timeout))
-        // Innermost, around the handlers: a panic becomes INTERNAL.
-        .layer(RecoverLayer)
 }

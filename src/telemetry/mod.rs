@@ -541,8 +541,9 @@ mod call_fields_tests {
             served: true,
         };
         Caller {
-            request_id: RequestId(Arc::from(id)),
+            request_id: RequestId::new(id).unwrap_or_else(RequestId::generate),
             method: Some(Arc::new(method)),
+            deadline: None,
             traceparent: None,
             authorization: None,
         }

@@ -1,4 +1,5 @@
-//! Bearer-token authentication: static tokens from `auth.tokens` or from
+//! Bearer-token authentication, one step of the server's call layer
+//! ([`super::server`]): static tokens from `auth.tokens` or from
 //! `auth.tokens_file` (watched through [`crate::secret_file`], so a rotated
 //! Secret takes effect without a restart), compared in constant time, and
 //! JWTs verified by [`crate::auth::JwtAuth`]; a call
@@ -11,17 +12,9 @@
 //! Static tokens are the operator's own credentials and are not scoped:
 //! they pass `auth.jwt.required_scopes`.
 
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll};
-
-use http::{Request, Response};
 use tonic::Status;
-use tower::{Layer, Service};
 
-use super::call::ShortCircuit;
-use super::method::method_of;
+use super::method::MethodInfo;
 use crate::auth::{JwtAuth, Refusal};
 use crate::config::{AuthSettings, parse_tokens};
 use crate::secret_file::{self, SecretFileError, Watched};
@@ -117,113 +110,57 @@ fn constant_time_eq(known: &[u8], given: &[u8]) -> bool {
     std::hint::black_box(difference) == 0
 }
 
-#[derive(Clone, Debug)]
-pub struct AuthLayer {
-    auth: Authenticator,
+/// What authentication decided about a call.
+pub enum Verdict {
+    Pass,
+    Refuse(Status),
+    /// A bearer token that is no static token, for the JWT verifier (whose
+    /// keys may have to be fetched first, so the call waits for it).
+    VerifyJwt(JwtAuth, String),
 }
 
-impl AuthLayer {
-    pub fn new(auth: Authenticator) -> Self {
-        Self { auth }
-    }
-}
-
-impl<S> Layer<S> for AuthLayer {
-    type Service = Auth<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Auth { inner, auth: self.auth.clone() }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Auth<S> {
-    inner: S,
-    auth: Authenticator,
-}
-
-pin_project_lite::pin_project! {
-    /// The auth layer's future: at once for static tokens and rejections,
-    /// boxed for JWTs (whose keys may have to be fetched first).
-    #[project = AuthFutureProj]
-    pub enum AuthFuture<F, B, E> {
-        Now { #[pin] short: ShortCircuit<F, B> },
-        Jwt { boxed: Pin<Box<dyn Future<Output = Result<Response<B>, E>> + Send>> },
-    }
-}
-
-impl<F, B, E> Future for AuthFuture<F, B, E>
-where
-    F: Future<Output = Result<Response<B>, E>>,
-    B: Default,
-{
-    type Output = Result<Response<B>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            AuthFutureProj::Now { short } => short.poll(cx),
-            AuthFutureProj::Jwt { boxed } => boxed.as_mut().poll(cx),
+impl Authenticator {
+    /// Decides a call of `method` with `headers`. A method no service has
+    /// is UNIMPLEMENTED for everyone, as grpc-go answers before its
+    /// interceptors run: nothing is served, and a client (grpcurl against a
+    /// pod with reflection off) gets the true reason instead of a demand
+    /// for credentials.
+    pub fn check(&self, method: &MethodInfo, headers: &http::HeaderMap) -> Verdict {
+        if method.auth_exempt || !method.served || !self.enabled() {
+            return Verdict::Pass;
+        }
+        let header = headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        if self.accepts(header) {
+            return Verdict::Pass;
+        }
+        let token = header.and_then(bearer_token).and_then(|t| std::str::from_utf8(t).ok());
+        match (&self.jwt, token) {
+            (Some(jwt), Some(token)) => Verdict::VerifyJwt(jwt.clone(), token.to_owned()),
+            _ => {
+                tracing::debug!("no valid bearer token");
+                Verdict::Refuse(unauthenticated())
+            }
         }
     }
 }
 
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Auth<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Send + 'static,
-    ReqBody: Send + 'static,
-    ResBody: Default + Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = AuthFuture<S::Future, ResBody, S::Error>;
+/// The one answer to a missing, wrong or invalid token.
+fn unauthenticated() -> Status {
+    Status::unauthenticated("missing or invalid credentials")
+}
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        // A method no service has is UNIMPLEMENTED for everyone, as grpc-go
-        // answers before its interceptors run: nothing is served, and a
-        // client (grpcurl against a pod with reflection off) gets the true
-        // reason instead of a demand for credentials.
-        let exempt = method_of(&request).is_some_and(|m| m.auth_exempt || !m.served);
-        if exempt || !self.auth.enabled() {
-            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
+/// Verifies a JWT for a call of `path`: its claims, or the status to refuse
+/// the call with.
+pub async fn verify_jwt(jwt: &JwtAuth, token: &str, path: &str) -> Result<crate::auth::Claims, Status> {
+    match jwt.verify(token, path).await {
+        Ok(claims) => Ok(claims),
+        Err(Refusal::MissingScope) => {
+            tracing::debug!(method = path, "JWT lacks a scope the method requires");
+            Err(Status::permission_denied("the token lacks a required scope"))
         }
-        let header = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
-        if self.auth.accepts(header) {
-            return AuthFuture::Now { short: ShortCircuit::Pass { inner: self.inner.call(request) } };
-        }
-        let token = header.and_then(bearer_token).and_then(|t| std::str::from_utf8(t).ok()).map(str::to_owned);
-        let (Some(jwt), Some(token)) = (self.auth.jwt.clone(), token) else {
-            tracing::debug!("no valid bearer token");
-            let status = Status::unauthenticated("missing or invalid credentials");
-            return AuthFuture::Now { short: ShortCircuit::reject(status) };
-        };
-        // The ready clone serves this call; a fresh clone takes its place
-        // (the usual tower pattern for calls that await first).
-        let fresh = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, fresh);
-        AuthFuture::Jwt {
-            boxed: Box::pin(async move {
-                let method = request.uri().path().to_owned();
-                match jwt.verify(&token, &method).await {
-                    Ok(claims) => {
-                        request.extensions_mut().insert(Arc::new(claims));
-                        inner.call(request).await
-                    }
-                    Err(Refusal::MissingScope) => {
-                        tracing::debug!(method, "JWT lacks a scope the method requires");
-                        Ok(Status::permission_denied("the token lacks a required scope").into_http())
-                    }
-                    Err(Refusal::Invalid(reason)) => {
-                        tracing::debug!(method, reason, "JWT refused");
-                        Ok(Status::unauthenticated("missing or invalid credentials").into_http())
-                    }
-                }
-            }),
+        Err(Refusal::Invalid(reason)) => {
+            tracing::debug!(method = path, reason, "JWT refused");
+            Err(unauthenticated())
         }
     }
 }

@@ -195,40 +195,6 @@ where
     }
 }
 
-pin_project! {
-    /// A future that answers at once with a ready response, or runs the
-    /// inner service: how a layer rejects a call.
-    #[project = ShortCircuitProj]
-    pub enum ShortCircuit<F, B> {
-        Pass { #[pin] inner: F },
-        Reject { response: Option<http::Response<B>> },
-    }
-}
-
-impl<F, B> ShortCircuit<F, B> {
-    pub fn reject(status: tonic::Status) -> Self
-    where
-        B: Default,
-    {
-        Self::Reject { response: Some(status.into_http()) }
-    }
-}
-
-impl<F, B, E> Future for ShortCircuit<F, B>
-where
-    F: Future<Output = Result<http::Response<B>, E>>,
-    B: Default,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            ShortCircuitProj::Pass { inner } => inner.poll(cx),
-            ShortCircuitProj::Reject { response } => Poll::Ready(Ok(response.take().unwrap_or_default())),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,23 +1,19 @@
 //! Call deadlines: the `grpc-timeout` header, or `grpc.default_timeout`
 //! when a unary call has none, capped at `grpc.max_timeout`, turned into an
-//! instant that handlers and stream producers race against. Unary calls are
-//! cut off here with DEADLINE_EXCEEDED; streams end themselves at it.
+//! instant that handlers and stream producers race against. The server's
+//! call layer ([`super::server`]) cuts unary calls off at it with
+//! DEADLINE_EXCEEDED; streams end themselves at it.
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use http::{Request, Response};
-use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
-use tonic::Status;
-use tower::{Layer, Service};
+use http::HeaderMap;
+use tokio::time::Instant;
 
-use super::method::method_of;
 use super::shed::ShedSlot;
 
+/// `grpc.default_timeout` and `grpc.max_timeout`.
 #[derive(Clone, Copy, Debug)]
-pub struct DeadlineLayer {
+pub struct DeadlinePolicy {
     /// For unary and client-streaming calls that name no deadline.
     default: Duration,
     /// No call may run longer; also the deadline of a server stream that
@@ -25,116 +21,44 @@ pub struct DeadlineLayer {
     max: Duration,
 }
 
-impl DeadlineLayer {
+impl DeadlinePolicy {
     pub fn new(default: Duration, max: Duration) -> Self {
         Self { default: default.min(max), max }
     }
-}
 
-impl<S> Layer<S> for DeadlineLayer {
-    type Service = DeadlineService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DeadlineService { inner, limits: *self }
+    /// The deadline of a call that arrived at `now` with `headers`;
+    /// `streams_out` for a call that streams its response.
+    pub fn deadline(&self, headers: &HeaderMap, streams_out: bool, now: Instant) -> Instant {
+        let asked = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let fallback = if streams_out { self.max } else { self.default };
+        now + asked.unwrap_or(fallback).min(self.max)
     }
 }
 
-#[derive(Clone, Debug)]
-pub struct DeadlineService<S> {
-    inner: S,
-    limits: DeadlineLayer,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for DeadlineService<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-    ResBody: Default,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = DeadlineFuture<tokio::task::futures::TaskLocalFuture<Instant, S::Future>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let streams_out = method_of(&request).is_some_and(|m| !m.grpc_type.single_response());
-        let asked = request.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
-        let fallback = if streams_out { self.limits.max } else { self.limits.default };
-        let at = Instant::now() + asked.unwrap_or(fallback).min(self.limits.max);
-        request.extensions_mut().insert(Deadline(at));
-        // A stream's response future ends with its headers; the stream
-        // itself watches the deadline from the extensions. Its shedding slot
-        // comes back shortly after the deadline even if its final status
-        // never goes out (a client that does not read).
-        if streams_out && let Some(slot) = request.extensions().get::<ShedSlot>().cloned() {
-            tokio::spawn(async move {
-                tokio::time::sleep_until(at + STREAM_GRACE).await;
-                slot.release();
-            });
-        }
-        let timed = (!streams_out).then_some(at);
-        DeadlineFuture { inner: CALL_DEADLINE.scope(at, self.inner.call(request)), timed, sleep: None }
-    }
-}
-
-pin_project! {
-    pub struct DeadlineFuture<F> {
-        #[pin]
-        inner: F,
-        // The deadline this future enforces (unary and client-streaming
-        // calls; a stream's response watches its own).
-        timed: Option<Instant>,
-        // The timer, made only once the call has to wait: most calls
-        // answer on their first poll and never need one.
-        #[pin]
-        sleep: Option<Sleep>,
-    }
-}
-
-impl<F, ResBody, E> Future for DeadlineFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-    ResBody: Default,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        if let Poll::Ready(result) = this.inner.poll(cx) {
-            return Poll::Ready(result);
-        }
-        if this.sleep.is_none()
-            && let Some(at) = *this.timed
-        {
-            this.sleep.set(Some(tokio::time::sleep_until(at)));
-        }
-        match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-            Some(Poll::Ready(())) => Poll::Ready(Ok(Status::deadline_exceeded("deadline exceeded").into_http())),
-            _ => Poll::Pending,
-        }
-    }
+/// A stream's response future ends with its headers; the stream itself
+/// watches the deadline from the extensions. Its shedding slot comes back
+/// shortly after the deadline even if its final status never goes out (a
+/// client that does not read).
+pub fn release_after_deadline(slot: ShedSlot, at: Instant) {
+    tokio::spawn(async move {
+        tokio::time::sleep_until(at + STREAM_GRACE).await;
+        slot.release();
+    });
 }
 
 /// How long after its deadline a stream may still hold its shedding slot
 /// while its final status waits to be sent.
 pub const STREAM_GRACE: Duration = Duration::from_millis(500);
 
-tokio::task_local! {
-    /// The deadline of the call being handled on this task, for code far
-    /// from the request (a store bounding its queries by it).
-    static CALL_DEADLINE: Instant;
-}
-
-/// The deadline of the call this code runs for, when it runs inside a
-/// unary handler (stream producers run on their own tasks and race their
-/// deadline themselves).
+/// The deadline of the call this code runs for (from its
+/// [`super::request_id::Caller`]), for code far from the request: a store
+/// bounding its queries by it, a client passing it downstream. Stream
+/// producers inherit their stream's.
 pub fn current_deadline() -> Option<Instant> {
-    CALL_DEADLINE.try_with(|at| *at).ok()
+    super::request_id::with_caller(|caller| caller.deadline).flatten()
 }
 
-/// The deadline of a call, stored in the request extensions by the deadline
+/// The deadline of a call, stored in the request extensions by the call
 /// layer so handlers need not parse headers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
@@ -160,7 +84,7 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The deadline of a request: the one the deadline layer stored, or the one
+/// The deadline of a request: the one the call layer stored, or the one
 /// its `grpc-timeout` header implies.
 pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
     if let Some(Deadline(at)) = request.extensions().get::<Deadline>() {

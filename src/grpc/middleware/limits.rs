@@ -1,4 +1,5 @@
-//! Message size limits, enforced here for every registered service alike:
+//! Message size limits, enforced by the server's call layer
+//! ([`super::server`]) for every registered service alike:
 //! `grpc.max_decoding_message_size` on each request message and
 //! `grpc.max_encoding_message_size` on each response message, read from the
 //! gRPC length prefixes as the bytes pass. Generated tonic servers only get
@@ -11,27 +12,52 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
-use tower::{Layer, Service};
 
 use super::call::MessageCounter;
-use super::method::method_of;
+use crate::metrics::MethodMetrics;
 
 /// How a request body that the transport cut off is marked, for `rewrite`.
 const CLIENT_GONE: &str = "the client went away before the request ended";
 
+/// `grpc.max_decoding_message_size` and `grpc.max_encoding_message_size`.
 #[derive(Clone, Copy, Debug)]
-pub struct SizeLimitLayer {
+pub struct SizeLimits {
     decoding: usize,
     encoding: usize,
 }
 
-impl SizeLimitLayer {
+impl SizeLimits {
     pub fn new(decoding: usize, encoding: usize) -> Self {
         Self { decoding, encoding }
+    }
+
+    /// Whether a response message of `len` bytes may go out.
+    pub fn response_fits(&self, len: u64) -> bool {
+        len <= self.encoding as u64
+    }
+
+    /// The request body as the service sees it: it fails with
+    /// RESOURCE_EXHAUSTED once a message exceeds the decoding limit, with
+    /// INTERNAL on a second message of a single-request method, and counts
+    /// the messages of a streaming request into `metrics` as they arrive.
+    pub fn request_body(
+        &self,
+        inner: tonic::body::Body,
+        single: bool,
+        metrics: Option<MethodMetrics>,
+    ) -> tonic::body::Body {
+        tonic::body::Body::new(RequestBody {
+            inner,
+            frames: MessageCounter::default(),
+            limits: *self,
+            single,
+            failed: false,
+            metrics,
+        })
     }
 
     fn too_large_request(&self) -> Status {
@@ -41,7 +67,7 @@ impl SizeLimitLayer {
         ))
     }
 
-    fn too_large_response(&self) -> Status {
+    pub fn too_large_response(&self) -> Status {
         Status::resource_exhausted(format!(
             "response message larger than grpc.max_encoding_message_size ({} bytes)",
             self.encoding
@@ -51,7 +77,7 @@ impl SizeLimitLayer {
     /// Replaces tonic's own size violation (a service that kept a limit of
     /// its own), and the status of a call whose client went away before its
     /// request ended, if that is what `headers` carry.
-    fn rewrite(&self, headers: &mut HeaderMap) {
+    pub fn rewrite(&self, headers: &mut HeaderMap) {
         match headers.get("grpc-status").map(|v| v.as_bytes()) {
             Some(b"11") => {}
             Some(b"2") => {
@@ -79,93 +105,24 @@ impl SizeLimitLayer {
     }
 }
 
-impl<S> Layer<S> for SizeLimitLayer {
-    type Service = SizeLimit<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        SizeLimit { inner, limits: *self }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct SizeLimit<S> {
-    inner: S,
-    limits: SizeLimitLayer,
-}
-
-impl<S, ResBody> Service<Request<tonic::body::Body>> for SizeLimit<S>
-where
-    S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
-{
-    type Response = Response<LimitedBody<ResBody>>;
-    type Error = S::Error;
-    type Future = SizeLimitFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let limits = self.limits;
-        let single = method_of(&request).is_some_and(|m| m.grpc_type.single_request());
-        // An oversized request message fails the body before the service's
-        // decoder sees its prefix; tonic turns that error into the status.
-        let request = request.map(|inner| {
-            tonic::body::Body::new(LimitedRequest {
-                inner,
-                frames: MessageCounter::default(),
-                limits,
-                single,
-                failed: false,
-            })
-        });
-        SizeLimitFuture { inner: self.inner.call(request), limits }
-    }
-}
-
-pin_project! {
-    pub struct SizeLimitFuture<F> {
-        #[pin]
-        inner: F,
-        limits: SizeLimitLayer,
-    }
-}
-
-impl<F, ResBody, E> Future for SizeLimitFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = Result<Response<LimitedBody<ResBody>>, E>;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut response = ready!(this.inner.poll(cx))?;
-        this.limits.rewrite(response.headers_mut());
-        let limits = *this.limits;
-        Poll::Ready(Ok(response.map(|inner| LimitedBody {
-            inner,
-            limits,
-            frames: MessageCounter::default(),
-            done: false,
-        })))
-    }
-}
-
 pin_project! {
     /// A request body that fails once a message exceeds the decoding limit.
-    struct LimitedRequest<B> {
+    struct RequestBody<B> {
         #[pin]
         inner: B,
         frames: MessageCounter,
-        limits: SizeLimitLayer,
+        limits: SizeLimits,
         // The method takes exactly one request message (unary or server
         // streaming): a second one is a protocol violation.
         single: bool,
         failed: bool,
+        // A streaming request's series, counting each message received
+        // (a single request is counted when the call starts).
+        metrics: Option<MethodMetrics>,
     }
 }
 
-impl<B> Body for LimitedRequest<B>
+impl<B> Body for RequestBody<B>
 where
     B: Body<Data = Bytes, Error = Status>,
 {
@@ -194,9 +151,13 @@ where
         if let Some(Ok(frame)) = &frame
             && let Some(data) = frame.data_ref()
         {
+            let before = this.frames.messages;
             if this.frames.feed(data) > this.limits.decoding as u64 {
                 *this.failed = true;
                 return Poll::Ready(Some(Err(this.limits.too_large_request())));
+            }
+            if let Some(metrics) = this.metrics {
+                metrics.received(this.frames.messages - before);
             }
             if *this.single && this.frames.messages > 1 {
                 // grpc-go answers the same, with the same code.
@@ -211,65 +172,6 @@ where
 
     fn is_end_stream(&self) -> bool {
         self.failed || self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-pin_project! {
-    /// A response body that ends with RESOURCE_EXHAUSTED trailers instead of
-    /// a message over the encoding limit, and rewrites tonic's own size
-    /// statuses in the trailers.
-    pub struct LimitedBody<B> {
-        #[pin]
-        inner: B,
-        limits: SizeLimitLayer,
-        frames: MessageCounter,
-        done: bool,
-    }
-}
-
-impl<B: Body> Body for LimitedBody<B>
-where
-    B::Data: AsRef<[u8]>,
-{
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
-        let frame = ready!(this.inner.poll_frame(cx));
-        Poll::Ready(frame.map(|frame| {
-            frame.map(|frame| match frame.into_trailers() {
-                Ok(mut trailers) => {
-                    this.limits.rewrite(&mut trailers);
-                    Frame::trailers(trailers)
-                }
-                Err(frame) => {
-                    let too_large = frame
-                        .data_ref()
-                        .is_some_and(|data| this.frames.feed(data.as_ref()) > this.limits.encoding as u64);
-                    if !too_large {
-                        return frame;
-                    }
-                    // tonic writes whole messages per chunk, so what went
-                    // before this one is complete; end the call here.
-                    *this.done = true;
-                    let mut trailers = HeaderMap::new();
-                    let _ = this.limits.too_large_response().add_header(&mut trailers);
-                    Frame::trailers(trailers)
-                }
-            })
-        }))
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.done || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {

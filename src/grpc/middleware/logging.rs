@@ -3,60 +3,39 @@
 //! gRPC code, the duration, the peer and the request id. The line itself is
 //! formatted and queued by [`crate::telemetry::access`].
 //!
-//! The same layer records the server's `grpc_server_*` metrics (through
-//! [`super::metrics::start_call`]): one clock reading, one response body
-//! wrapper and one end-of-call callback serve both.
-
-use std::task::{Context, Poll};
-use std::time::Instant;
+//! The same record keeps the server's `grpc_server_*` metrics: one clock
+//! reading, one response body wrapper and one end-of-call callback (all in
+//! the server's call layer, [`super::server`]) serve both.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
-use http::{HeaderValue, Request, Response};
+use http::{HeaderValue, Request};
 use tonic::Code;
-use tower::{Layer, Service};
 use tracing::Span;
 
-use super::call::{ObservedBody, ObservedFuture, OnCallEnd};
-use super::method::{MethodInfo, method_of};
-use super::metrics::{CallMetrics, start_call};
-use super::request_id::{CallSpan, RequestId};
+use super::method::MethodInfo;
+use super::request_id::RequestId;
 use crate::grpc::incoming::GrpcConnectInfo;
 use crate::telemetry::access;
 use crate::tls::ClientIdentity;
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct LoggingLayer;
-
-impl<S> Layer<S> for LoggingLayer {
-    type Service = Logging<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        Logging { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct Logging<S> {
-    inner: S,
-}
-
-/// The pending log line of one call. It holds what it found on the
-/// request as is; formatting waits until the line is written.
+/// The pending log line and metrics of one call. It holds what it found on
+/// the request as is; formatting waits until the line is written.
 pub struct CallLog {
     method: Method,
     start: Instant,
     peer: Peer,
-    request_id: Option<RequestId>,
+    request_id: RequestId,
+    /// The call's span, when spans are on (for the pretty format).
     span: Option<Span>,
     /// The verified client certificate's identity (mTLS only).
     client: Option<Arc<ClientIdentity>>,
-    /// The call's metrics; `None` for a method no service has.
-    metrics: Option<CallMetrics>,
 }
 
-/// The method's path: shared with the method table when it is known.
+/// The method, shared with the method table when it is known (its path
+/// and series); the path alone for one no service has.
 enum Method {
     Known(Arc<MethodInfo>),
     Unknown(String),
@@ -71,19 +50,23 @@ enum Peer {
 }
 
 impl CallLog {
-    fn new<B>(
+    /// Starts the call's record: counts it as started (and its one request
+    /// message, for a single-request method), and takes the peer and client
+    /// identity from the request, leaving the identity in its extensions as
+    /// the one type auth and handlers read (gateway calls bring theirs from
+    /// the HTTP side).
+    pub fn start<B>(
         request: &mut Request<B>,
         start: Instant,
-        info: Option<Arc<MethodInfo>>,
-        metrics: Option<CallMetrics>,
+        info: &Arc<MethodInfo>,
+        request_id: RequestId,
+        span: Option<Span>,
     ) -> Self {
         let connection = request.extensions().get::<GrpcConnectInfo>();
         let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
             None => request.headers().get("x-forwarded-for").cloned().map_or(Peer::Unknown, Peer::Forwarded),
         };
-        // The connection's identity, as the one extension type auth and
-        // handlers read; gateway calls bring theirs from the HTTP side.
         let client = match connection.and_then(|c| c.client.clone()) {
             Some(client) => {
                 request.extensions_mut().insert(client.clone());
@@ -91,36 +74,31 @@ impl CallLog {
             }
             None => request.extensions().get::<Arc<ClientIdentity>>().cloned(),
         };
-        let method = match info.filter(|m| m.metrics.is_some()) {
-            Some(known) => Method::Known(known),
+        let method = match &info.metrics {
+            Some(series) => {
+                series.started();
+                if info.grpc_type.single_request() {
+                    series.received(1);
+                }
+                Method::Known(info.clone())
+            }
             None => Method::Unknown(request.uri().path().to_owned()),
         };
-        Self {
-            method,
-            start,
-            metrics,
-            peer,
-            request_id: request.extensions().get::<RequestId>().cloned(),
-            span: request.extensions().get::<CallSpan>().map(|s| s.0.clone()),
-            client,
-        }
-    }
-}
-
-impl OnCallEnd for CallLog {
-    fn data(&mut self, bytes: &[u8]) {
-        if let Some(metrics) = &mut self.metrics {
-            metrics.data(bytes);
-        }
+        Self { method, start, peer, request_id, span, client }
     }
 
-    fn call_ended(mut self, code: Code) {
+    /// Ends the call with `code`, after `sent` response messages: records
+    /// its metrics and writes its access line.
+    pub fn finish(self, code: Code, sent: u64) {
         let duration = self.start.elapsed();
-        if let Some(metrics) = self.metrics.take() {
-            metrics.finish(code, duration);
-        }
         let method = match &self.method {
-            Method::Known(info) => info.path.as_str(),
+            Method::Known(info) => {
+                if let Some(metrics) = &info.metrics {
+                    metrics.sent(sent);
+                    metrics.handled(code, duration.as_secs_f64());
+                }
+                info.path.as_str()
+            }
             Method::Unknown(path) => path.as_str(),
         };
         access::record(&access::Entry {
@@ -128,7 +106,7 @@ impl OnCallEnd for CallLog {
             code,
             duration,
             peer: &self.peer,
-            request_id: self.request_id.as_ref().map_or("", RequestId::as_str),
+            request_id: self.request_id.as_str(),
             span: self.span.as_ref(),
             client: self.client.as_deref().map(ClientIdentity::name),
         });
@@ -142,26 +120,5 @@ impl std::fmt::Display for Peer {
             Self::Forwarded(value) => f.write_str(value.to_str().unwrap_or("invalid")),
             Self::Unknown => f.write_str("unknown"),
         }
-    }
-}
-
-impl<S, ResBody> Service<Request<tonic::body::Body>> for Logging<S>
-where
-    S: Service<Request<tonic::body::Body>, Response = Response<ResBody>>,
-{
-    type Response = Response<ObservedBody<ResBody, CallLog>>;
-    type Error = S::Error;
-    type Future = ObservedFuture<S::Future, CallLog>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        let start = Instant::now();
-        let info = method_of(&request);
-        let (mut request, metrics) = start_call(request, info.as_deref(), false, start);
-        let log = CallLog::new(&mut request, start, info, metrics);
-        ObservedFuture::new(self.inner.call(request), Some(log), Code::Internal)
     }
 }

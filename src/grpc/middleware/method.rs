@@ -1,7 +1,6 @@
-//! Which method a call is for, resolved once per call by the outermost
-//! layer and left in the request extensions for the layers inside it: its
-//! labels, its pre-resolved metric series and whether auth and load
-//! shedding apply to it.
+//! Which method a call is for, resolved once per call from its path by the
+//! server's call layer ([`super::server`]): its labels, its pre-resolved
+//! metric series and whether auth and load shedding apply to it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -101,6 +100,13 @@ impl MethodTable {
         Self { by_path, ..Self::empty() }
     }
 
+    /// A table of the given methods, by their paths (benchmarks and tests
+    /// that need no registry).
+    pub fn of(methods: impl IntoIterator<Item = MethodInfo>) -> Self {
+        let by_path = methods.into_iter().map(|info| (info.path.clone(), Arc::new(info))).collect();
+        Self { by_path, ..Self::empty() }
+    }
+
     /// A table that knows no method: nothing through it is measured.
     pub fn empty() -> Self {
         Self {
@@ -132,55 +138,4 @@ impl MethodLookup for MethodTable {
     fn lookup(&self, path: &str) -> Arc<MethodInfo> {
         self.resolve(path)
     }
-}
-
-/// The outermost layer: resolves the method from the path once and leaves
-/// it in the request extensions.
-#[derive(Clone, Debug)]
-pub struct ResolveMethodLayer {
-    methods: Arc<MethodTable>,
-}
-
-impl ResolveMethodLayer {
-    pub fn new(methods: Arc<MethodTable>) -> Self {
-        Self { methods }
-    }
-}
-
-impl<S> tower::Layer<S> for ResolveMethodLayer {
-    type Service = ResolveMethod<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        ResolveMethod { inner, methods: self.methods.clone() }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct ResolveMethod<S> {
-    inner: S,
-    methods: Arc<MethodTable>,
-}
-
-impl<S, B> tower::Service<http::Request<B>> for ResolveMethod<S>
-where
-    S: tower::Service<http::Request<B>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        let method = self.methods.resolve(request.uri().path());
-        request.extensions_mut().insert(method);
-        self.inner.call(request)
-    }
-}
-
-/// The method a request was resolved to by the method layer.
-pub fn method_of<B>(request: &http::Request<B>) -> Option<Arc<MethodInfo>> {
-    request.extensions().get::<Arc<MethodInfo>>().cloned()
 }

@@ -1,5 +1,6 @@
-//! Tower layers of the gRPC server, one concern each. The order they run in
-//! is set in one place, `grpc::serve`.
+//! The gRPC server's middleware: one module per concern, composed in a
+//! fixed order by the one call layer in [`server`]. The client side's
+//! metrics layer ([`metrics`]) shares the call bookkeeping in [`call`].
 
 pub mod auth;
 pub mod call;
@@ -10,4 +11,5 @@ pub mod method;
 pub mod metrics;
 pub mod recover;
 pub mod request_id;
+pub mod server;
 pub mod shed;

@@ -1,38 +1,46 @@
 //! Request ids: taken from `x-request-id` or generated, echoed in the
 //! response metadata, and carried by the call's [`Caller`] (and its span,
-//! when spans are on) so every log line of the call, in every layer and in
-//! the handler, names it.
+//! when spans are on) so every log line of the call, in every step and in
+//! the handler, names it. The [`Caller`] is the call's one task-local: the
+//! downstream clients, the log format and the store read it.
 
-use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::task::{Context, Poll, ready};
 
-use http::{HeaderValue, Request, Response};
-use pin_project_lite::pin_project;
-use tower::{Layer, Service};
-use tracing::Span;
+use bytes::Bytes;
+use http::HeaderValue;
+use tokio::time::Instant;
 
-use super::method::{MethodInfo, method_of};
-use tracing::instrument::Instrumented;
+use super::method::MethodInfo;
 
 pub const HEADER: &str = "x-request-id";
 const MAX_LEN: usize = 128;
 
-/// The id of the current call, in the request extensions.
+/// The id of the current call. It is kept as the header value it is sent
+/// as: a caller's id is the received value itself (no copy), a generated
+/// one is made once, and every clone (the response header, the log line,
+/// downstream calls) shares its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestId(pub Arc<str>);
+pub struct RequestId(HeaderValue);
 
 impl RequestId {
     /// The caller's id when it is sane, otherwise a fresh one.
     pub fn from_header(value: Option<&HeaderValue>) -> Self {
-        let given = value
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| !v.is_empty() && v.len() <= MAX_LEN && v.bytes().all(|b| b.is_ascii_graphic()));
+        let given =
+            value.filter(|v| !v.is_empty() && v.len() <= MAX_LEN && v.as_bytes().iter().all(u8::is_ascii_graphic));
         match given {
-            Some(id) => Self(Arc::from(id)),
+            Some(id) => Self::sensitive(id.clone()),
             None => Self::generate(),
         }
+    }
+
+    /// `id` as given, when it is a sane id (tests and callers that already
+    /// hold one).
+    pub fn new(id: &str) -> Option<Self> {
+        let value = HeaderValue::from_str(id).ok()?;
+        let sane = Self::from_header(Some(&value));
+        (sane.0 == value).then_some(sane)
     }
 
     /// A fresh UUIDv4-shaped id with no syscall: one random seed per
@@ -52,10 +60,29 @@ impl RequestId {
         let uuid =
             uuid::Builder::from_random_bytes(((u128::from(high) << 64) | u128::from(low)).to_be_bytes()).into_uuid();
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        Self(Arc::from(&*uuid.hyphenated().encode_lower(&mut text)))
+        uuid.hyphenated().encode_lower(&mut text);
+        // One allocation, shared by every clone of the value.
+        let value = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+            .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"));
+        Self::sensitive(value)
+    }
+
+    /// Never indexed by HPACK: an id is unique per call, so adding it to a
+    /// connection's header table would only evict the entries that do
+    /// repeat (grpc-status, content-type) and cost a table update per
+    /// response.
+    fn sensitive(mut value: HeaderValue) -> Self {
+        value.set_sensitive(true);
+        Self(value)
     }
 
     pub fn as_str(&self) -> &str {
+        // Only visible ASCII is ever kept, so this never fails.
+        self.0.to_str().unwrap_or_default()
+    }
+
+    /// The id as the header it is sent as, in responses and downstream.
+    pub fn header(&self) -> &HeaderValue {
         &self.0
     }
 }
@@ -68,90 +95,20 @@ fn splitmix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-pub struct RequestIdLayer;
-
-impl<S> Layer<S> for RequestIdLayer {
-    type Service = RequestIdService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RequestIdService { inner }
-    }
-}
-
-#[derive(Clone, Debug)]
-pub struct RequestIdService<S> {
-    inner: S,
-}
-
-impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequestIdService<S>
-where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = RequestIdFuture<S::Future>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let id = RequestId::from_header(request.headers().get(HEADER));
-        // A span per call only when something reads spans: the OTLP
-        // exporter, or the pretty format, which prints span fields. JSON
-        // lines take the id and method from the call's `Caller` instead
-        // (see `telemetry`), so the common production setup pays for no
-        // span: creating, entering and closing one was about a tenth of a
-        // call's CPU.
-        let span = if crate::telemetry::call_spans() {
-            let span = tracing::info_span!(
-                "rpc",
-                request_id = %id.as_str(),
-                grpc.method = %request.uri().path(),
-                trace_id = tracing::field::Empty,
-            );
-            // A call through the gateway continues the gateway's trace.
-            crate::telemetry::continue_trace(&span, request.headers());
-            request.extensions_mut().insert(CallSpan(span.clone()));
-            span
-        } else {
-            Span::none()
-        };
-        // Never indexed by HPACK: an id is unique per call, so adding it to
-        // the connection's header table would only evict the entries that
-        // do repeat (grpc-status, content-type) and cost a table update
-        // per response.
-        let header = HeaderValue::from_str(id.as_str()).ok().map(|mut value| {
-            value.set_sensitive(true);
-            value
-        });
-        let caller = Caller {
-            request_id: id.clone(),
-            method: method_of(&request),
-            traceparent: request.headers().get("traceparent").cloned(),
-            authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
-        };
-        request.extensions_mut().insert(id);
-        // The layers' own `call` code logs within the call too.
-        let inner = CALLER.sync_scope(caller.clone(), || {
-            let _entered = span.enter();
-            self.inner.call(request)
-        });
-        RequestIdFuture { inner: tracing::Instrument::instrument(CALLER.scope(caller, inner), span), header }
-    }
-}
-
 /// What the handler of a call hands on to the calls it makes downstream
-/// (see [`crate::clients`]): its request id, its caller's trace context and
-/// credentials. The JSON log lines written while the call runs name its
-/// request id and method from here too.
+/// (see [`crate::clients`]): its request id, deadline, its caller's trace
+/// context and credentials. The JSON log lines written while the call runs
+/// name its request id and method from here too.
 #[derive(Clone, Debug)]
 pub struct Caller {
     /// Sent on as `x-request-id`, so one id follows a request across hops.
     pub request_id: RequestId,
     /// The method being served, when a registered service has it.
     pub method: Option<Arc<MethodInfo>>,
+    /// The call's deadline, which bounds the work done for it (store
+    /// queries, downstream calls). `None` outside a gRPC call (the
+    /// gateway's own scope).
+    pub deadline: Option<Instant>,
     /// The caller's `traceparent`, passed on when no span of ours exports.
     pub traceparent: Option<HeaderValue>,
     /// The caller's `authorization`, for clients that propagate it.
@@ -162,6 +119,9 @@ tokio::task_local! {
     /// The call handled on this task, for the clients it calls through.
     static CALLER: Caller;
 }
+
+/// The call future with its [`Caller`] in scope.
+pub type InCall<F> = tokio::task::futures::TaskLocalFuture<Caller, F>;
 
 /// Runs `future` as part of the call this code runs for, if any: for work
 /// a call spawns onto another task (stream producers), so its log lines
@@ -176,44 +136,20 @@ pub fn in_current_call<F: Future>(future: F) -> impl Future<Output = F::Output> 
     }
 }
 
-/// Runs `future` with `caller` as its call (the gateway, for the log lines
-/// it writes before and after its in-process call).
-pub fn scope<F: Future>(caller: Caller, future: F) -> impl Future<Output = F::Output> {
+/// Runs `future` with `caller` as its call (the server's call layer, and
+/// the gateway for the log lines it writes around its in-process call).
+pub fn scope<F: Future>(caller: Caller, future: F) -> InCall<F> {
     CALLER.scope(caller, future)
+}
+
+/// Runs `f` with `caller` as its call, synchronously.
+pub fn sync_scope<R>(caller: Caller, f: impl FnOnce() -> R) -> R {
+    CALLER.sync_scope(caller, f)
 }
 
 /// Reads the call this code runs for, inside a unary handler.
 pub fn with_caller<R>(read: impl FnOnce(&Caller) -> R) -> Option<R> {
     CALLER.try_with(read).ok()
-}
-
-/// The call's span, for work that outlives the handler's future (response
-/// bodies, stream producers).
-#[derive(Clone, Debug)]
-pub struct CallSpan(pub Span);
-
-pin_project! {
-    pub struct RequestIdFuture<F> {
-        #[pin]
-        inner: Instrumented<tokio::task::futures::TaskLocalFuture<Caller, F>>,
-        header: Option<HeaderValue>,
-    }
-}
-
-impl<F, ResBody, E> Future for RequestIdFuture<F>
-where
-    F: Future<Output = Result<Response<ResBody>, E>>,
-{
-    type Output = F::Output;
-
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut result = ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(header)) = (&mut result, this.header.take()) {
-            response.headers_mut().insert(HEADER, header);
-        }
-        Poll::Ready(result)
-    }
 }
 
 #[cfg(test)]
@@ -229,6 +165,19 @@ mod tests {
         let long = HeaderValue::from_str(&"x".repeat(200)).unwrap_or(HeaderValue::from_static("x"));
         assert!(RequestId::from_header(Some(&long)).as_str().len() <= MAX_LEN);
         assert_eq!(RequestId::from_header(None).as_str().len(), 36);
+    }
+
+    #[test]
+    fn ids_are_sent_as_never_indexed_headers() {
+        let given = HeaderValue::from_static("abc-123");
+        let kept = RequestId::from_header(Some(&given));
+        assert!(kept.header().is_sensitive());
+        assert_eq!(kept.header().as_bytes(), b"abc-123");
+        let generated = RequestId::generate();
+        assert!(generated.header().is_sensitive());
+        assert_eq!(generated.header().to_str().ok(), Some(generated.as_str()));
+        assert_eq!(RequestId::new("rid-7").map(|id| id.as_str().to_owned()).as_deref(), Some("rid-7"));
+        assert!(RequestId::new("has space").is_none());
     }
 
     #[test]
