@@ -15,9 +15,10 @@
 //! counted in `keel_secret_reloads_total{secret, result="error"}`.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock, RwLock, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use prometheus::IntCounterVec;
 
 /// How often mounted secrets are re-read. The kubelet's own sync period is
@@ -53,7 +54,10 @@ pub enum SecretFileError {
 /// The current value of a secret read from files. Cloning is cheap and
 /// every clone sees reloads.
 pub struct Watched<T> {
-    current: Arc<RwLock<Arc<T>>>,
+    /// Swapped whole on reload. `ArcSwap` rather than a lock: every call
+    /// reads the static tokens, and a read lock, shared by all cores, was a
+    /// contended write to one cache line per call.
+    current: Arc<ArcSwap<T>>,
 }
 
 impl<T> Clone for Watched<T> {
@@ -73,25 +77,22 @@ impl<T> Watched<T> {
     /// A value that never changes (a secret given inline in config, or a
     /// test), so callers handle both cases alike.
     pub fn fixed(value: T) -> Self {
-        Self { current: Arc::new(RwLock::new(Arc::new(value))) }
+        Self { current: Arc::new(ArcSwap::from_pointee(value)) }
     }
 
     /// The value as of the last successful read.
     pub fn get(&self) -> Arc<T> {
-        // A poisoned lock only means a writer panicked between two plain
-        // assignments; the value inside is still a whole value.
-        match self.current.read() {
-            Ok(guard) => guard.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        self.current.load_full()
     }
 
-    fn set(current: &RwLock<Arc<T>>, value: T) {
-        let value = Arc::new(value);
-        match current.write() {
-            Ok(mut guard) => *guard = value,
-            Err(poisoned) => *poisoned.into_inner() = value,
-        }
+    /// The value as of the last successful read, borrowed for a moment (a
+    /// request's check): no reference count is touched.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<T>> {
+        self.current.load()
+    }
+
+    fn set(current: &ArcSwap<T>, value: T) {
+        current.store(Arc::new(value));
     }
 }
 
@@ -135,7 +136,7 @@ async fn poll<T: Send + Sync + 'static>(
     interval: Duration,
     parse: Box<Parser<T>>,
     mut last: Vec<Vec<u8>>,
-    current: Weak<RwLock<Arc<T>>>,
+    current: Weak<ArcSwap<T>>,
 ) {
     let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(10)));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

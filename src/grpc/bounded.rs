@@ -19,7 +19,7 @@ use tonic::body::Body;
 use tonic::server::NamedService;
 use tower::Service;
 
-use super::middleware::deadline::Deadline;
+use super::middleware::deadline::current_deadline;
 use crate::shutdown::Shutdown;
 
 /// Wraps a service so its response streams end at their deadline or when
@@ -56,7 +56,6 @@ where
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        let deadline = request.extensions().get::<Deadline>().map(|d| d.0);
         let shutdown = self.shutdown.clone();
         // Ending the response alone leaves the HTTP/2 stream half open while
         // the service waits for the client's next message, and an open
@@ -69,6 +68,9 @@ where
         };
         let response = self.inner.call(request);
         Box::pin(async move {
+            // Read here, not in `call`: the call's deadline is in scope
+            // while its future runs.
+            let deadline = current_deadline();
             let response = response.await?;
             let ends: Pin<Box<dyn Future<Output = Status> + Send>> = Box::pin(async move {
                 let deadline = async {

@@ -249,7 +249,7 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         use crate::grpc::middleware::request_id::with_caller;
-        let call = with_caller(|caller| (caller.request_id.clone(), caller.method.clone()));
+        let call = with_caller(|caller| (caller.request_id.clone(), caller.method));
         let Some((id, method)) = call else {
             return self.0.format_event(ctx, writer, event);
         };
@@ -542,7 +542,7 @@ mod call_fields_tests {
         };
         Caller {
             request_id: RequestId::new(id).unwrap_or_else(RequestId::generate),
-            method: Some(Arc::new(method)),
+            method: Some(Box::leak(Box::new(method))),
             deadline: None,
             traceparent: None,
             authorization: None,

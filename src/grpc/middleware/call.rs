@@ -7,13 +7,17 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use http::HeaderMap;
+use http::header::HeaderName;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::Code;
 
+/// `grpc-status`, as a constant: a lookup by `&str` parses the name first.
+pub const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// The code in a `grpc-status` header, if there is one.
 pub fn status_code(headers: &HeaderMap) -> Option<Code> {
-    headers.get("grpc-status").map(|v| Code::from_bytes(v.as_bytes()))
+    headers.get(&GRPC_STATUS).map(|v| Code::from_bytes(v.as_bytes()))
 }
 
 /// Receives the final code of a call exactly once, and optionally sees the

@@ -11,6 +11,8 @@ use tokio::time::Instant;
 
 use super::shed::ShedSlot;
 
+const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+
 /// `grpc.default_timeout` and `grpc.max_timeout`.
 #[derive(Clone, Copy, Debug)]
 pub struct DeadlinePolicy {
@@ -29,7 +31,7 @@ impl DeadlinePolicy {
     /// The deadline of a call that arrived at `now` with `headers`;
     /// `streams_out` for a call that streams its response.
     pub fn deadline(&self, headers: &HeaderMap, streams_out: bool, now: Instant) -> Instant {
-        let asked = headers.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let asked = headers.get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let fallback = if streams_out { self.max } else { self.default };
         now + asked.unwrap_or(fallback).min(self.max)
     }
@@ -58,11 +60,6 @@ pub fn current_deadline() -> Option<Instant> {
     super::request_id::with_caller(|caller| caller.deadline).flatten()
 }
 
-/// The deadline of a call, stored in the request extensions by the call
-/// layer so handlers need not parse headers.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline(pub Instant);
-
 /// Parses the gRPC timeout syntax: up to 8 digits and a unit
 /// (`H`, `M`, `S`, `m` for milliseconds, `u`, `n`).
 pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
@@ -84,11 +81,12 @@ pub fn parse_grpc_timeout(value: &str) -> Option<Duration> {
     })
 }
 
-/// The deadline of a request: the one the call layer stored, or the one
-/// its `grpc-timeout` header implies.
+/// The deadline of a request: the call's (set by the call layer, which
+/// runs the handler with it in scope), or, for a handler called without
+/// the layer, the one its `grpc-timeout` header implies.
 pub fn deadline_of<T>(request: &tonic::Request<T>) -> Option<Instant> {
-    if let Some(Deadline(at)) = request.extensions().get::<Deadline>() {
-        return Some(*at);
+    if let Some(at) = current_deadline() {
+        return Some(at);
     }
     let timeout = request.metadata().get("grpc-timeout")?.to_str().ok()?;
     parse_grpc_timeout(timeout).map(|t| Instant::now() + t)

@@ -17,7 +17,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tonic::{Code, Status};
 
-use super::call::MessageCounter;
+use super::call::{GRPC_STATUS, MessageCounter, status_code};
 use crate::metrics::MethodMetrics;
 
 /// How a request body that the transport cut off is marked, for `rewrite`.
@@ -77,31 +77,34 @@ impl SizeLimits {
     /// Replaces tonic's own size violation (a service that kept a limit of
     /// its own), and the status of a call whose client went away before its
     /// request ended, if that is what `headers` carry.
-    pub fn rewrite(&self, headers: &mut HeaderMap) {
-        match headers.get("grpc-status").map(|v| v.as_bytes()) {
-            Some(b"11") => {}
-            Some(b"2") => {
-                let Some(status) = Status::from_header_map(headers) else { return };
-                if status.message().starts_with(CLIENT_GONE) {
-                    headers.remove("grpc-status");
-                    headers.remove("grpc-message");
-                    let _ = Status::new(Code::Cancelled, status.message()).add_header(headers);
-                }
-                return;
+    /// Returns the code `headers` end up with, if they carry one.
+    pub fn rewrite(&self, headers: &mut HeaderMap) -> Option<Code> {
+        let code = status_code(headers)?;
+        let (code, message) = match code {
+            Code::OutOfRange => {
+                let Some(status) = Status::from_header_map(headers) else { return Some(code) };
+                let replacement = if status.message().starts_with("Error, decoded message length too large") {
+                    self.too_large_request()
+                } else if status.message().starts_with("Error, encoded message length too large") {
+                    self.too_large_response()
+                } else {
+                    return Some(code);
+                };
+                (Code::ResourceExhausted, replacement.message().to_owned())
             }
-            _ => return,
-        }
-        let Some(status) = Status::from_header_map(headers) else { return };
-        let replacement = if status.message().starts_with("Error, decoded message length too large") {
-            self.too_large_request()
-        } else if status.message().starts_with("Error, encoded message length too large") {
-            self.too_large_response()
-        } else {
-            return;
+            Code::Unknown => {
+                let Some(status) = Status::from_header_map(headers) else { return Some(code) };
+                if !status.message().starts_with(CLIENT_GONE) {
+                    return Some(code);
+                }
+                (Code::Cancelled, status.message().to_owned())
+            }
+            _ => return Some(code),
         };
-        headers.remove("grpc-status");
+        headers.remove(&GRPC_STATUS);
         headers.remove("grpc-message");
-        let _ = Status::new(Code::ResourceExhausted, replacement.message()).add_header(headers);
+        let _ = Status::new(code, message).add_header(headers);
+        Some(code)
     }
 }
 

@@ -21,6 +21,8 @@ use crate::grpc::incoming::GrpcConnectInfo;
 use crate::telemetry::access;
 use crate::tls::ClientIdentity;
 
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+
 /// The pending log line and metrics of one call. It holds what it found on
 /// the request as is; formatting waits until the line is written.
 pub struct CallLog {
@@ -37,7 +39,7 @@ pub struct CallLog {
 /// The method, shared with the method table when it is known (its path
 /// and series); the path alone for one no service has.
 enum Method {
-    Known(Arc<MethodInfo>),
+    Known(&'static MethodInfo),
     Unknown(String),
 }
 
@@ -58,14 +60,14 @@ impl CallLog {
     pub fn start<B>(
         request: &mut Request<B>,
         start: Instant,
-        info: &Arc<MethodInfo>,
+        info: &'static MethodInfo,
         request_id: RequestId,
         span: Option<Span>,
     ) -> Self {
         let connection = request.extensions().get::<GrpcConnectInfo>();
         let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
-            None => request.headers().get("x-forwarded-for").cloned().map_or(Peer::Unknown, Peer::Forwarded),
+            None => request.headers().get(&X_FORWARDED_FOR).cloned().map_or(Peer::Unknown, Peer::Forwarded),
         };
         let client = match connection.and_then(|c| c.client.clone()) {
             Some(client) => {
@@ -80,7 +82,7 @@ impl CallLog {
                 if info.grpc_type.single_request() {
                     series.received(1);
                 }
-                Method::Known(info.clone())
+                Method::Known(info)
             }
             None => Method::Unknown(request.uri().path().to_owned()),
         };
@@ -105,7 +107,7 @@ impl CallLog {
             method,
             code,
             duration,
-            peer: &self.peer,
+            peer: self.peer.as_entry(),
             request_id: self.request_id.as_str(),
             span: self.span.as_ref(),
             client: self.client.as_deref().map(ClientIdentity::name),
@@ -113,12 +115,12 @@ impl CallLog {
     }
 }
 
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl Peer {
+    fn as_entry(&self) -> access::Peer<'_> {
         match self {
-            Self::Tcp(addr) => addr.fmt(f),
-            Self::Forwarded(value) => f.write_str(value.to_str().unwrap_or("invalid")),
-            Self::Unknown => f.write_str("unknown"),
+            Self::Tcp(addr) => access::Peer::Addr(*addr),
+            Self::Forwarded(value) => access::Peer::Text(value.to_str().unwrap_or("invalid")),
+            Self::Unknown => access::Peer::Text("unknown"),
         }
     }
 }

@@ -67,10 +67,33 @@ pub struct MethodInfo {
     pub served: bool,
 }
 
+/// FNV-1a: the method table hashes every call's path, and SipHash over a
+/// 30-byte path cost more than the rest of the lookup. A keyed hash guards
+/// tables that callers can fill; this one is fixed when the server starts,
+/// so a path chosen to collide can only slow its own lookup.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PathHasher(u64);
+
+impl std::hash::Hasher for PathHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &byte in bytes {
+            hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type PathMap = HashMap<String, Arc<MethodInfo>, std::hash::BuildHasherDefault<PathHasher>>;
+
 /// Every method of every registered service, by path.
 #[derive(Debug)]
 pub struct MethodTable {
-    by_path: HashMap<String, Arc<MethodInfo>>,
+    by_path: PathMap,
     unknown: Arc<MethodInfo>,
 }
 
@@ -78,7 +101,7 @@ impl MethodTable {
     /// Every method of `services`, with its policy and its metric series
     /// (resolved now, so they exist at zero before the first call).
     pub fn build<'a>(services: impl IntoIterator<Item = &'a Service>, families: &GrpcFamilies) -> Self {
-        let mut by_path = HashMap::new();
+        let mut by_path = PathMap::default();
         for service in services {
             for method in service.descriptor.methods() {
                 let grpc_type = GrpcType::of(&method);
@@ -110,7 +133,7 @@ impl MethodTable {
     /// A table that knows no method: nothing through it is measured.
     pub fn empty() -> Self {
         Self {
-            by_path: HashMap::new(),
+            by_path: PathMap::default(),
             unknown: Arc::new(MethodInfo {
                 path: String::new(),
                 grpc_type: GrpcType::Unary,
@@ -120,6 +143,13 @@ impl MethodTable {
                 served: false,
             }),
         }
+    }
+
+    /// The method of `path`, borrowed: the server's table lives for the
+    /// whole process (see `GrpcServer::bind`), so a call holds a plain
+    /// reference and touches no shared reference count.
+    pub fn get(&self, path: &str) -> &MethodInfo {
+        self.by_path.get(path).unwrap_or(&self.unknown)
     }
 
     pub fn resolve(&self, path: &str) -> Arc<MethodInfo> {

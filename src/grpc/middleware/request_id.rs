@@ -4,7 +4,6 @@
 //! the handler, names it. The [`Caller`] is the call's one task-local: the
 //! downstream clients, the log format and the store read it.
 
-use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -104,7 +103,7 @@ pub struct Caller {
     /// Sent on as `x-request-id`, so one id follows a request across hops.
     pub request_id: RequestId,
     /// The method being served, when a registered service has it.
-    pub method: Option<Arc<MethodInfo>>,
+    pub method: Option<&'static MethodInfo>,
     /// The call's deadline, which bounds the work done for it (store
     /// queries, downstream calls). `None` outside a gRPC call (the
     /// gateway's own scope).

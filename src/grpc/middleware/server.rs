@@ -44,8 +44,8 @@ use tower::{Layer, Service};
 use tracing::Span;
 
 use super::auth::{Authenticator, Verdict, verify_jwt};
-use super::call::{MessageCounter, status_code};
-use super::deadline::{Deadline, DeadlinePolicy, release_after_deadline};
+use super::call::MessageCounter;
+use super::deadline::{DeadlinePolicy, release_after_deadline};
 use super::limits::SizeLimits;
 use super::logging::CallLog;
 use super::method::MethodTable;
@@ -62,7 +62,7 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub struct CallPolicy {
     /// Every served method, with its series and its auth and shedding
     /// policy.
-    pub methods: Arc<MethodTable>,
+    pub methods: &'static MethodTable,
     /// Static tokens and JWTs; off when no credential is configured.
     pub auth: Authenticator,
     /// `grpc.max_concurrent_requests`.
@@ -112,7 +112,10 @@ where
 {
     type Response = Response<CallBody<B>>;
     type Error = S::Error;
-    type Future = CallFuture<S::Future, B, S::Error>;
+    /// Boxed here, once: the call's state and the handler's future move
+    /// through tonic's own layers before tonic boxes them anyway, and at
+    /// close to a kilobyte those moves cost more than the allocation.
+    type Future = Pin<Box<CallFuture<S::Future, B, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -121,7 +124,7 @@ where
     fn call(&mut self, mut request: Request<tonic::body::Body>) -> Self::Future {
         let start = std::time::Instant::now();
         let policy = &*self.policy;
-        let method = policy.methods.resolve(request.uri().path());
+        let method = policy.methods.get(request.uri().path());
         let id = RequestId::from_header(request.headers().get(&X_REQUEST_ID));
         // A span per call only when something reads spans: the OTLP
         // exporter, or the pretty format, which prints span fields. JSON
@@ -142,32 +145,33 @@ where
         } else {
             None
         };
-        let log = CallLog::start(&mut request, start, &method, id.clone(), span.clone());
+        let log = CallLog::start(&mut request, start, method, id.clone(), span.clone());
         let header = id.header().clone();
-        let mut call = CallState { log, permit: None, limits: policy.limits };
+        // Boxed: it moves from the future to the response body, and the
+        // body moves through tonic's layers before tonic boxes it.
+        let mut call = Box::new(CallState { log, permit: None, limits: policy.limits });
 
         let single = method.grpc_type.single_request();
         let streamed_in = (!single).then(|| method.metrics.clone()).flatten();
         let mut request = request.map(|body| policy.limits.request_body(body, single, streamed_in));
 
-        let permit = match policy.shed.admit(&method) {
+        let permit = match policy.shed.admit(method) {
             Ok(permit) => permit,
-            Err(status) => return CallFuture::answered(status, call, header, span),
+            Err(status) => return Box::pin(CallFuture::answered(status, call, header, span)),
         };
-        let verdict = policy.auth.check(&method, request.headers());
+        let verdict = policy.auth.check(method, request.headers());
         if let Verdict::Refuse(status) = verdict {
             call.permit = Some(permit);
-            return CallFuture::answered(status, call, header, span);
+            return Box::pin(CallFuture::answered(status, call, header, span));
         }
 
         let streams_out = !method.grpc_type.single_response();
         let at = policy.deadlines.deadline(request.headers(), streams_out, Instant::from_std(start));
-        request.extensions_mut().insert(Deadline(at));
         let slot = if streams_out { permit.slot().cloned() } else { None };
         call.permit = Some(permit);
         let caller = Caller {
             request_id: id,
-            method: method.served.then(|| method.clone()),
+            method: method.served.then_some(method),
             deadline: Some(at),
             traceparent: request.headers().get(&TRACEPARENT).cloned(),
             authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
@@ -208,14 +212,14 @@ where
                 }
             }
         };
-        CallFuture {
+        Box::pin(CallFuture {
             inner,
             timed: (!streams_out).then_some(at),
             sleep: None,
             span,
             header: Some(header),
             call: Some(call),
-        }
+        })
     }
 }
 
@@ -261,7 +265,7 @@ pin_project! {
         span: Option<Span>,
         // The request id, for the response headers.
         header: Option<HeaderValue>,
-        call: Option<CallState>,
+        call: Option<Box<CallState>>,
     }
 
     impl<F, B, E> PinnedDrop for CallFuture<F, B, E> {
@@ -278,7 +282,7 @@ pin_project! {
 
 impl<F, B, E> CallFuture<F, B, E> {
     /// A call answered before its handler runs (shed or refused).
-    fn answered(status: Status, call: CallState, header: HeaderValue, span: Option<Span>) -> Self
+    fn answered(status: Status, call: Box<CallState>, header: HeaderValue, span: Option<Span>) -> Self
     where
         B: Default,
     {
@@ -351,13 +355,13 @@ where
         };
         match result {
             Ok(mut response) => {
-                call.limits.rewrite(response.headers_mut());
+                let code = call.limits.rewrite(response.headers_mut());
                 if let Some(header) = this.header.take() {
                     response.headers_mut().insert(X_REQUEST_ID, header);
                 }
                 // A trailers-only response (every error tonic returns from a
                 // handler) ends the call with its headers.
-                let call = match status_code(response.headers()) {
+                let call = match code {
                     Some(code) => {
                         call.end(code, 0);
                         None
@@ -383,7 +387,7 @@ pin_project! {
     pub struct CallBody<B> {
         #[pin]
         inner: B,
-        call: Option<CallState>,
+        call: Option<Box<CallState>>,
         frames: MessageCounter,
         done: bool,
     }
@@ -401,7 +405,7 @@ pin_project! {
 
 impl<B> CallBody<B> {
     /// `call` is `None` when the call already ended with the headers.
-    fn new(inner: B, call: Option<CallState>) -> Self {
+    fn new(inner: B, call: Option<Box<CallState>>) -> Self {
         Self { inner, call, frames: MessageCounter::default(), done: false }
     }
 }
@@ -426,8 +430,7 @@ where
         let (frame, ended) = match frame {
             Some(Ok(frame)) => match frame.into_trailers() {
                 Ok(mut trailers) => {
-                    limits.rewrite(&mut trailers);
-                    let code = status_code(&trailers).unwrap_or(Code::Unknown);
+                    let code = limits.rewrite(&mut trailers).unwrap_or(Code::Unknown);
                     (Some(Ok(Frame::trailers(trailers))), Some((code, this.frames.messages)))
                 }
                 Err(frame) => {

@@ -19,20 +19,23 @@ use super::method::MethodInfo;
 #[derive(Clone, Debug)]
 pub struct Shedder {
     limit: usize,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: &'static AtomicUsize,
     /// `keel_grpc_requests_shed_total`, touched only when a call is refused.
     shed: IntCounter,
 }
 
 impl Shedder {
     pub fn new(limit: usize, shed: IntCounter) -> Self {
-        Self { limit, in_flight: Arc::new(AtomicUsize::new(0)), shed }
+        // One count per server, for the life of the process: a call's
+        // permit holds a plain reference to it, not a share of a reference
+        // count that every call on every core would touch.
+        Self { limit, in_flight: Box::leak(Box::new(AtomicUsize::new(0))), shed }
     }
 
     /// The count of calls holding a slot; read at scrape time for
     /// `keel_grpc_requests_in_flight`.
-    pub fn in_flight(&self) -> Arc<AtomicUsize> {
-        self.in_flight.clone()
+    pub fn in_flight(&self) -> &'static AtomicUsize {
+        self.in_flight
     }
 
     /// A unit of the budget for a call of `method`, or the status to refuse
@@ -48,9 +51,9 @@ impl Shedder {
         }
         // Unknown methods are answered at once, like unary calls.
         let held = if method.grpc_type.single_response() {
-            Held::Count(self.in_flight.clone())
+            Held::Count(self.in_flight)
         } else {
-            Held::Slot(ShedSlot::new(self.in_flight.clone()))
+            Held::Slot(ShedSlot::new(self.in_flight))
         };
         Ok(Permit(Some(held)))
     }
@@ -74,7 +77,7 @@ impl Permit {
 enum Held {
     /// A unary or client-streaming call: only its permit returns the unit,
     /// so the count itself is enough (no allocation per call).
-    Count(Arc<AtomicUsize>),
+    Count(&'static AtomicUsize),
     /// A call that streams its response: a timer may return the unit
     /// first, so the permit and the timer share a slot.
     Slot(ShedSlot),
@@ -99,12 +102,12 @@ pub struct ShedSlot(Arc<SlotState>);
 
 #[derive(Debug)]
 struct SlotState {
-    in_flight: Arc<AtomicUsize>,
+    in_flight: &'static AtomicUsize,
     released: AtomicBool,
 }
 
 impl ShedSlot {
-    fn new(in_flight: Arc<AtomicUsize>) -> Self {
+    fn new(in_flight: &'static AtomicUsize) -> Self {
         Self(Arc::new(SlotState { in_flight, released: AtomicBool::new(false) }))
     }
 
