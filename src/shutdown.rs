@@ -10,6 +10,8 @@
 //!    is still running is cancelled.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +28,15 @@ pub struct Shutdown {
     /// Owns every task spawned on behalf of a request, so shutdown can wait
     /// for them and no task outlives the process' orderly exit.
     tracker: TaskTracker,
+    /// How far shutdown has got ([`PHASE_REQUESTED`] and on), for the
+    /// checks every stream makes per message: reading a cancellation
+    /// token's state takes its mutex, one shared by every stream.
+    phase: Arc<AtomicU8>,
 }
+
+const PHASE_REQUESTED: u8 = 1;
+const PHASE_DRAINING: u8 = 2;
+const PHASE_ABORTED: u8 = 3;
 
 impl Shutdown {
     pub fn new() -> Self {
@@ -45,17 +55,22 @@ impl Shutdown {
 
     /// True once draining has begun (also after an abort).
     pub fn is_draining(&self) -> bool {
-        self.draining.is_cancelled()
+        self.phase.load(Ordering::Acquire) >= PHASE_DRAINING
     }
 
     /// True once the drain bound has passed.
     pub fn is_aborted(&self) -> bool {
-        self.aborted.is_cancelled()
+        self.phase.load(Ordering::Acquire) >= PHASE_ABORTED
     }
 
     /// True from the moment shutdown was asked for.
     pub fn is_requested(&self) -> bool {
-        self.requested.is_cancelled()
+        self.phase.load(Ordering::Acquire) >= PHASE_REQUESTED
+    }
+
+    /// Moves the phase on (never back), before the tokens wake anyone.
+    fn advance(&self, phase: u8) {
+        self.phase.fetch_max(phase, Ordering::AcqRel);
     }
 
     /// Spawns request-scoped work that shutdown waits for.
@@ -73,15 +88,18 @@ impl Shutdown {
     }
 
     pub(crate) fn request(&self) {
+        self.advance(PHASE_REQUESTED);
         self.requested.cancel();
     }
 
     pub(crate) fn begin_draining(&self) {
+        self.advance(PHASE_DRAINING);
         self.requested.cancel();
         self.draining.cancel();
     }
 
     pub(crate) fn abort(&self) {
+        self.advance(PHASE_ABORTED);
         self.requested.cancel();
         self.draining.cancel();
         self.aborted.cancel();

@@ -7,6 +7,7 @@
 //! shutdown wants it to stop, and ends with a clean status when it must.
 
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll, ready};
 
 use prometheus::IntGauge;
@@ -101,7 +102,14 @@ impl StreamSpawner {
     {
         let (tx, rx) = mpsc::channel(self.buffer);
         let (status_tx, status_rx) = oneshot::channel();
-        let sink = StreamSink { tx, deadline, kind, shutdown: self.shutdown.clone(), _live: self.live.enter() };
+        let sink = StreamSink {
+            tx,
+            deadline,
+            kind,
+            shutdown: self.shutdown.clone(),
+            stop: Mutex::new(Stop::Idle),
+            _live: self.live.enter(),
+        };
         let producer = CatchUnwind::new(produce(sink));
         let task = async move {
             // The sink, and with it the sender, is gone once the producer
@@ -130,7 +138,21 @@ pub struct StreamSink<T> {
     deadline: Option<Instant>,
     kind: StreamKind,
     shutdown: Shutdown,
+    /// The wait for the deadline or shutdown, made the first time the
+    /// producer has to wait and kept for the stream's life: remaking it
+    /// for every wait armed a timer and registered with the shutdown
+    /// tokens each time, for every message once the client fell behind.
+    /// A mutex because the sink is shared by reference; only its producer
+    /// ever locks it.
+    stop: Mutex<Stop>,
     _live: LiveGuard,
+}
+
+/// The stream's wait for a reason to stop outside itself.
+enum Stop {
+    Idle,
+    Waiting(Pin<Box<dyn Future<Output = StreamEnd> + Send>>),
+    Ended(StreamEnd),
 }
 
 /// A reserved slot in the stream's buffer.
@@ -139,23 +161,48 @@ pub type Slot<'a, T> = mpsc::Permit<'a, Result<T, Status>>;
 impl<T: Send> StreamSink<T> {
     /// Resolves when the producer must stop for a reason outside itself.
     pub async fn stopped(&self) -> StreamEnd {
-        let deadline = async {
-            match self.deadline {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
+        let mut closed = std::pin::pin!(self.tx.closed());
+        std::future::poll_fn(|cx| {
+            if closed.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(StreamEnd::ClientGone);
             }
-        };
-        let drain = async {
-            match self.kind {
-                StreamKind::Endless => self.shutdown.draining().await,
-                StreamKind::Finite => self.shutdown.aborted().await,
-            }
-        };
-        tokio::select! {
-            _ = self.tx.closed() => StreamEnd::ClientGone,
-            _ = deadline => StreamEnd::DeadlineExceeded,
-            _ = drain => StreamEnd::ShuttingDown,
+            self.poll_stop(cx)
+        })
+        .await
+    }
+
+    /// Polls the stream's lasting wait for its deadline or shutdown.
+    fn poll_stop(&self, cx: &mut Context<'_>) -> Poll<StreamEnd> {
+        let mut stop = self.stop.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if matches!(*stop, Stop::Idle) {
+            let (deadline, kind, shutdown) = (self.deadline, self.kind, self.shutdown.clone());
+            *stop = Stop::Waiting(Box::pin(async move {
+                let deadline = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let drain = async {
+                    match kind {
+                        StreamKind::Endless => shutdown.draining().await,
+                        StreamKind::Finite => shutdown.aborted().await,
+                    }
+                };
+                tokio::select! {
+                    _ = deadline => StreamEnd::DeadlineExceeded,
+                    _ = drain => StreamEnd::ShuttingDown,
+                }
+            }));
         }
+        let ended = match &mut *stop {
+            Stop::Idle => return Poll::Pending,
+            Stop::Waiting(wait) => ready!(wait.as_mut().poll(cx)),
+            Stop::Ended(end) => return Poll::Ready(*end),
+        };
+        // A finished wait may not be polled again: its answer is kept.
+        *stop = Stop::Ended(ended);
+        Poll::Ready(ended)
     }
 
     /// The reason to stop that holds right now, if any: the same checks as
@@ -189,11 +236,16 @@ impl<T: Send> StreamSink<T> {
             Err(mpsc::error::TrySendError::Closed(())) => return Err(StreamEnd::ClientGone),
             Err(mpsc::error::TrySendError::Full(())) => {}
         }
-        tokio::select! {
-            biased;
-            end = self.stopped() => Err(end),
-            slot = self.tx.reserve() => slot.map_err(|_| StreamEnd::ClientGone),
-        }
+        // The channel's reserve fails once the client is gone; the lasting
+        // wait covers the deadline and shutdown, and is checked first.
+        let mut reserve = std::pin::pin!(self.tx.reserve());
+        std::future::poll_fn(|cx| {
+            if let Poll::Ready(end) = self.poll_stop(cx) {
+                return Poll::Ready(Err(end));
+            }
+            reserve.as_mut().poll(cx).map(|slot| slot.map_err(|_| StreamEnd::ClientGone))
+        })
+        .await
     }
 
     /// Sends one message, waiting while the client is slow.
