@@ -384,7 +384,10 @@ fn mask_field_type(field: &FieldDescriptor) -> Result<MessageDescriptor, Gateway
 
 /// Serializes a message as JSON bytes.
 pub fn encode_json(message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
-    if has_message_fields(&message.descriptor()) {
+    // The detour through a `Value` (a map per message, a string per key)
+    // is only needed to add `null`s; a message with every singular message
+    // field set (a user with both timestamps) is written straight out.
+    if has_message_fields(&message.descriptor()) && has_unset_messages(message) {
         let value = message_to_value(message)?;
         return serde_json::to_vec(&value).map_err(|e| internal(&format!("cannot encode the response: {e}")));
     }
@@ -403,6 +406,30 @@ pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError>
         .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
     emit_null_messages(&message.descriptor(), &mut value);
     Ok(value)
+}
+
+/// Whether [`emit_null_messages`] would add a `null` anywhere in `message`.
+fn has_unset_messages(message: &DynamicMessage) -> bool {
+    let descriptor = message.descriptor();
+    if descriptor.full_name().starts_with("google.protobuf.") {
+        return false;
+    }
+    descriptor.fields().any(|field| {
+        let Kind::Message(_) = field.kind() else { return false };
+        if !message.has_field(&field) {
+            return !field.is_list() && !field.is_map() && field.containing_oneof().is_none();
+        }
+        match &*message.get_field(&field) {
+            prost_reflect::Value::Message(nested) => has_unset_messages(nested),
+            prost_reflect::Value::List(items) => {
+                items.iter().any(|item| matches!(item, prost_reflect::Value::Message(m) if has_unset_messages(m)))
+            }
+            prost_reflect::Value::Map(entries) => {
+                entries.values().any(|value| matches!(value, prost_reflect::Value::Message(m) if has_unset_messages(m)))
+            }
+            _ => false,
+        }
+    })
 }
 
 fn has_message_fields(descriptor: &MessageDescriptor) -> bool {
@@ -647,5 +674,41 @@ fn json_kind(value: &Value) -> &'static str {
         Value::String(_) => "string",
         Value::Array(_) => "array",
         Value::Object(_) => "object",
+    }
+}
+
+#[cfg(test)]
+mod json_tests {
+    use prost_reflect::{DescriptorPool, DynamicMessage, Value};
+
+    use super::{encode_json, has_unset_messages};
+
+    #[test]
+    fn set_messages_are_written_directly_and_unset_ones_as_null() {
+        let Ok(pool) = DescriptorPool::decode(crate::proto::FILE_DESCRIPTOR_SET) else { panic!("descriptor set") };
+        let (Some(user), Some(timestamp)) =
+            (pool.get_message_by_name("user.v1.User"), pool.get_message_by_name("google.protobuf.Timestamp"))
+        else {
+            panic!("user.v1.User and Timestamp are in the descriptor set")
+        };
+        let mut when = DynamicMessage::new(timestamp);
+        when.set_field_by_name("seconds", Value::I64(1_796_110_000));
+        let mut message = DynamicMessage::new(user);
+        message.set_field_by_name("user_id", Value::String("u1".to_owned()));
+        message.set_field_by_name("create_time", Value::Message(when.clone()));
+        assert!(has_unset_messages(&message));
+        let json = |m: &DynamicMessage| -> serde_json::Value {
+            encode_json(m).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
+        };
+        let partial = json(&message);
+        assert_eq!(partial.get("update_time"), Some(&serde_json::Value::Null), "{partial}");
+        assert_eq!(partial["create_time"], "2026-12-01T07:26:40Z");
+
+        message.set_field_by_name("update_time", Value::Message(when));
+        assert!(!has_unset_messages(&message));
+        let full = json(&message);
+        assert_eq!(full["update_time"], "2026-12-01T07:26:40Z", "{full}");
+        assert_eq!(full["user_id"], "u1");
+        assert_eq!(full["roles"], serde_json::json!([]));
     }
 }

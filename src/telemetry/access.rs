@@ -283,8 +283,11 @@ fn push_padded(out: &mut String, mut value: u64, width: usize) {
         value /= 10;
     }
     let start = start.min(digits.len().saturating_sub(width));
-    // Only ASCII digits were written.
-    out.push_str(std::str::from_utf8(&digits[start..]).unwrap_or_default());
+    // Pushed one by one: ASCII, so each is a byte, and no UTF-8 check of
+    // the buffer is needed.
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
+    }
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (the
