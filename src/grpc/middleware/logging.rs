@@ -89,6 +89,16 @@ impl CallLog {
         Self { method, start, peer, request_id, span, client }
     }
 
+    /// The call's request id, for the response headers.
+    pub fn request_id(&self) -> &RequestId {
+        &self.request_id
+    }
+
+    /// The call's span, when spans are on.
+    pub fn span(&self) -> Option<&Span> {
+        self.span.as_ref()
+    }
+
     /// Ends the call with `code`, after `sent` response messages: records
     /// its metrics and writes its access line.
     pub fn finish(self, code: Code, sent: u64) {

@@ -71,12 +71,19 @@ pub struct MethodInfo {
 /// 30-byte path cost more than the rest of the lookup. A keyed hash guards
 /// tables that callers can fill; this one is fixed when the server starts,
 /// so a path chosen to collide can only slow its own lookup.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct PathHasher(u64);
+
+impl Default for PathHasher {
+    /// FNV-1a's offset basis.
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
 
 impl std::hash::Hasher for PathHasher {
     fn write(&mut self, bytes: &[u8]) {
-        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        let mut hash = self.0;
         for &byte in bytes {
             hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
         }

@@ -1,8 +1,10 @@
-//! gRPC metrics, recorded the way go-grpc-middleware does: `started` when a
-//! call arrives, each message received and sent, and `handled` with the
-//! final code and the handling time when it ends. A stream the client
-//! cancels is `Canceled`. The same layer measures the gateway's client
-//! channel (`grpc_client_*`).
+//! Client-side gRPC metrics (`grpc_client_*`, for the gateway's calls and
+//! the downstream clients), recorded the way go-grpc-middleware does:
+//! `started` when a call is sent, each message sent and received, and
+//! `handled` with the final code and the handling time when it ends. A
+//! stream the caller drops is `Canceled`. The server's own series are
+//! recorded by its call layer ([`super::server`], through
+//! [`super::logging`]).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,8 +21,7 @@ use super::call::{MessageCounter, ObservedBody, ObservedFuture, OnCallEnd};
 use super::method::{MethodInfo, MethodLookup};
 use crate::metrics::MethodMetrics;
 
-/// The client side's metrics layer (the server's metrics are recorded by
-/// its logging layer, through [`start_call`]).
+/// The client side's metrics layer.
 #[derive(Clone, Debug)]
 pub struct GrpcMetricsLayer {
     /// Resolves the method from the request path; holds its
@@ -63,43 +64,35 @@ where
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         let info = self.methods.lookup(request.uri().path());
-        let (request, call) = start_call(request, Some(&info), true, Instant::now());
+        let (request, call) = start_call(request, &info, Instant::now());
         // A failing inner service is a transport failure on the client side.
         ObservedFuture::new(self.inner.call(request), call, Code::Unavailable)
     }
 }
 
 /// Counts a call of `info` as started, and its request messages as they
-/// pass: the request back (its body counted when it streams) and what
+/// are sent: the request back (its body counted when it streams) and what
 /// records the rest when the call ends. `None` for calls of no measured
-/// method. The server's logging layer calls this too, so a call's metrics
-/// and its access line share one clock reading and one body wrapper.
-pub fn start_call(
+/// method.
+fn start_call(
     request: Request<tonic::body::Body>,
-    info: Option<&MethodInfo>,
-    client: bool,
+    info: &MethodInfo,
     start: Instant,
 ) -> (Request<tonic::body::Body>, Option<CallMetrics>) {
-    let Some((info, metrics)) = info.and_then(|i| i.metrics.clone().map(|m| (i, m))) else {
+    let Some(metrics) = info.metrics.clone() else {
         return (request, None);
     };
     metrics.started();
-    // The request side: what a server receives, or a client sends.
     let request = if info.grpc_type.single_request() {
-        record_outgoing(&metrics, !client, 1);
+        metrics.sent(1);
         request
     } else {
         let metrics = metrics.clone();
         request.map(|body| {
-            tonic::body::Body::new(CountedBody { inner: body, metrics, counter: MessageCounter::default(), client })
+            tonic::body::Body::new(CountedBody { inner: body, metrics, counter: MessageCounter::default() })
         })
     };
-    (request, Some(CallMetrics { metrics, start, counter: MessageCounter::default(), client }))
-}
-
-/// Records `n` messages flowing from the client to the server.
-fn record_outgoing(metrics: &MethodMetrics, server: bool, n: u64) {
-    if server { metrics.received(n) } else { metrics.sent(n) }
+    (request, Some(CallMetrics { metrics, start, counter: MessageCounter::default() }))
 }
 
 /// The response side of one measured call.
@@ -107,7 +100,6 @@ pub struct CallMetrics {
     metrics: MethodMetrics,
     start: Instant,
     counter: MessageCounter,
-    client: bool,
 }
 
 impl OnCallEnd for CallMetrics {
@@ -116,32 +108,20 @@ impl OnCallEnd for CallMetrics {
     }
 
     fn call_ended(self, code: Code) {
-        let elapsed = self.start.elapsed();
-        self.finish(code, elapsed);
-    }
-}
-
-impl CallMetrics {
-    /// Records the end of the call, `elapsed` after it started.
-    pub fn finish(self, code: Code, elapsed: std::time::Duration) {
-        // Server to client: sent by a server, received by a client.
-        if self.client {
-            self.metrics.received(self.counter.messages);
-        } else {
-            self.metrics.sent(self.counter.messages);
-        }
-        self.metrics.handled(code, elapsed.as_secs_f64());
+        // The response's messages are what the client received.
+        self.metrics.received(self.counter.messages);
+        self.metrics.handled(code, self.start.elapsed().as_secs_f64());
     }
 }
 
 pin_project! {
-    /// A streaming request body whose messages are counted as they arrive.
+    /// A streaming request body whose messages are counted as they are
+    /// sent.
     struct CountedBody<B> {
         #[pin]
         inner: B,
         metrics: MethodMetrics,
         counter: MessageCounter,
-        client: bool,
     }
 }
 
@@ -161,7 +141,7 @@ where
         {
             let before = this.counter.messages;
             this.counter.feed(data.as_ref());
-            record_outgoing(this.metrics, !*this.client, this.counter.messages - before);
+            this.metrics.sent(this.counter.messages - before);
         }
         Poll::Ready(frame)
     }

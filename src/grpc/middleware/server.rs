@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue, Request, Response};
+use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -145,8 +145,7 @@ where
         } else {
             None
         };
-        let log = CallLog::start(&mut request, start, method, id.clone(), span.clone());
-        let header = id.header().clone();
+        let log = CallLog::start(&mut request, start, method, id.clone(), span);
         // Boxed: it moves from the future to the response body, and the
         // body moves through tonic's layers before tonic boxes it.
         let mut call = Box::new(CallState { log, permit: None, limits: policy.limits });
@@ -157,13 +156,16 @@ where
 
         let permit = match policy.shed.admit(method) {
             Ok(permit) => permit,
-            Err(status) => return Box::pin(CallFuture::answered(status, call, header, span)),
+            Err(status) => return Box::pin(CallFuture::answered(status, call)),
         };
-        let verdict = policy.auth.check(method, request.headers());
-        if let Verdict::Refuse(status) = verdict {
-            call.permit = Some(permit);
-            return Box::pin(CallFuture::answered(status, call, header, span));
-        }
+        let jwt = match policy.auth.check(method, request.headers()) {
+            Verdict::Pass => None,
+            Verdict::Refuse(status) => {
+                call.permit = Some(permit);
+                return Box::pin(CallFuture::answered(status, call));
+            }
+            Verdict::VerifyJwt(jwt, token) => Some((jwt, token)),
+        };
 
         let streams_out = !method.grpc_type.single_response();
         let at = policy.deadlines.deadline(request.headers(), streams_out, Instant::from_std(start));
@@ -176,8 +178,8 @@ where
             traceparent: request.headers().get(&TRACEPARENT).cloned(),
             authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
         };
-        let inner = match verdict {
-            Verdict::VerifyJwt(jwt, token) => {
+        let inner = match jwt {
+            Some((jwt, token)) => {
                 // The ready clone serves this call; a fresh clone takes its
                 // place (the usual tower pattern for calls that await first).
                 let fresh = self.inner.clone();
@@ -197,7 +199,7 @@ where
                 });
                 Inner::Verifying { future: request_id::scope(caller, verifying) }
             }
-            _ => {
+            None => {
                 if let Some(slot) = slot {
                     release_after_deadline(slot, at);
                 }
@@ -212,14 +214,7 @@ where
                 }
             }
         };
-        Box::pin(CallFuture {
-            inner,
-            timed: (!streams_out).then_some(at),
-            sleep: None,
-            span,
-            header: Some(header),
-            call: Some(call),
-        })
+        Box::pin(CallFuture { inner, timed: (!streams_out).then_some(at), sleep: None, call: Some(call) })
     }
 }
 
@@ -262,9 +257,8 @@ pin_project! {
         // answer on their first poll and never need one.
         #[pin]
         sleep: Option<Sleep>,
-        span: Option<Span>,
-        // The request id, for the response headers.
-        header: Option<HeaderValue>,
+        // The call's record (its request id and span among it), until the
+        // response carries it on.
         call: Option<Box<CallState>>,
     }
 
@@ -282,7 +276,7 @@ pin_project! {
 
 impl<F, B, E> CallFuture<F, B, E> {
     /// A call answered before its handler runs (shed or refused).
-    fn answered(status: Status, call: Box<CallState>, header: HeaderValue, span: Option<Span>) -> Self
+    fn answered(status: Status, call: Box<CallState>) -> Self
     where
         B: Default,
     {
@@ -290,8 +284,6 @@ impl<F, B, E> CallFuture<F, B, E> {
             inner: Inner::Answered { response: Some(status.into_http()) },
             timed: None,
             sleep: None,
-            span,
-            header: Some(header),
             call: Some(call),
         }
     }
@@ -323,11 +315,14 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.span.as_ref().map(Span::enter);
-        let polled = match this.inner.as_mut().project() {
-            InnerProj::Handler { future } => poll_guarded(future, cx),
-            InnerProj::Verifying { future } => poll_guarded(future, cx),
-            InnerProj::Answered { response } => Poll::Ready(Some(Ok(response.take().unwrap_or_default()))),
+        let polled = {
+            // The handler runs inside the call's span, when there is one.
+            let _entered = this.call.as_ref().and_then(|call| call.log.span()).map(Span::enter);
+            match this.inner.as_mut().project() {
+                InnerProj::Handler { future } => poll_guarded(future, cx),
+                InnerProj::Verifying { future } => poll_guarded(future, cx),
+                InnerProj::Answered { response } => Poll::Ready(Some(Ok(response.take().unwrap_or_default()))),
+            }
         };
         let result = match polled {
             Poll::Ready(Some(result)) => result,
@@ -356,9 +351,7 @@ where
         match result {
             Ok(mut response) => {
                 let code = call.limits.rewrite(response.headers_mut());
-                if let Some(header) = this.header.take() {
-                    response.headers_mut().insert(X_REQUEST_ID, header);
-                }
+                response.headers_mut().insert(X_REQUEST_ID, call.log.request_id().header().clone());
                 // A trailers-only response (every error tonic returns from a
                 // handler) ends the call with its headers.
                 let call = match code {
