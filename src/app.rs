@@ -95,6 +95,9 @@ pub struct App {
     shutdown: Shutdown,
     /// Stream producers still running, for tests and the drain.
     live_streams: LiveStreams,
+    /// Run once every server runs, just before the app reports ready (the
+    /// binary hands back its start-up pages there).
+    when_serving: Option<Box<dyn FnOnce() + Send>>,
 }
 
 impl App {
@@ -172,6 +175,7 @@ impl App {
             clients,
             shutdown,
             live_streams,
+            when_serving: None,
         })
     }
 
@@ -191,6 +195,14 @@ impl App {
         self.health.clone()
     }
 
+    /// Runs `hook` once, when every server runs and just before the app
+    /// reports ready: work that should follow start-up but precede the
+    /// first probe and call. It runs on the runtime, so it must be quick.
+    pub fn when_serving(mut self, hook: impl FnOnce() + Send + 'static) -> Self {
+        self.when_serving = Some(Box::new(hook));
+        self
+    }
+
     /// The number of stream producers still running.
     pub fn live_streams(&self) -> LiveStreams {
         self.live_streams.clone()
@@ -202,7 +214,18 @@ impl App {
     /// cancelled.
     pub async fn run(self, signal: impl Future<Output = ()>) -> Result<(), AppError> {
         let App {
-            settings, grpc, gateway, admin, health, readiness, dependencies, database, clients, shutdown, ..
+            settings,
+            grpc,
+            gateway,
+            admin,
+            health,
+            readiness,
+            dependencies,
+            database,
+            clients,
+            shutdown,
+            when_serving,
+            ..
         } = self;
         let (grpc_addr, http_addr, admin_addr) = (grpc.addr(), gateway.addr(), admin.addr());
 
@@ -224,6 +247,9 @@ impl App {
         ];
 
         health.set_serving().await;
+        if let Some(hook) = when_serving {
+            hook();
+        }
         readiness.mark_started();
         let stop_following = CancellationToken::new();
         let following =

@@ -243,7 +243,14 @@ async fn run(settings: Settings, sources: ConfigSources) -> anyhow::Result<()> {
         Ok(limit) => tracing::debug!(open_file_limit = limit.soft, "open-file limit"),
         Err(error) => tracing::warn!(%error, "cannot raise the open-file limit"),
     }
-    let app = App::build(settings).await?;
+    // Start-up code is not needed again: an idle pod keeps only what its
+    // calls run resident (keel::startup_pages).
+    let app = App::build(settings).await?.when_serving(|| match keel::startup_pages::release() {
+        Ok(released) => {
+            tracing::debug!(mappings = released.mappings, bytes = released.bytes, "start-up pages released")
+        }
+        Err(error) => tracing::debug!(%error, "cannot release the start-up pages"),
+    });
     let stop = CancellationToken::new();
     tokio::spawn(handle_signals(signals, stop.clone(), sources));
     app.run(stop.cancelled_owned()).await?;
