@@ -7,7 +7,7 @@
 //!
 //! Building: [`routes`] (bindings, conflicts, OpenAPI via [`openapi`]).
 //! Serving: [`handler`] → route match ([`route`]) → JSON to protobuf
-//! ([`transcode`]) → the call ([`forward`]) → protobuf to JSON, or a framed
+//! ([`transcode`]) → the call ([`forward`]) → protobuf to JSON ([`json`]), or a framed
 //! stream ([`stream`]). Every failure is a `google.rpc.Status` body
 //! ([`error`]). [`crate::http_server`] owns the listener and its drain. gRPC-Web
 //! ([`grpc_web`]) and CORS ([`cors`]) share the port.
@@ -17,6 +17,7 @@ pub mod error;
 pub mod forward;
 pub mod grpc_web;
 pub mod handler;
+pub mod json;
 pub mod openapi;
 pub mod route;
 pub mod routes;

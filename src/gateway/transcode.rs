@@ -320,10 +320,17 @@ impl Transcoding {
     pub fn response(&self, message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
         match &self.response_body {
             None => encode_json(message),
+            // The field alone; `null` when it is unset and has presence,
+            // as its key would be absent or `null` in the whole message.
             Some(field) => {
-                let value = message_to_value(message)?;
-                let part = value.get(field.json_name()).cloned().unwrap_or(Value::Null);
-                serde_json::to_vec(&part).map_err(|e| internal(&e.to_string()))
+                let mut out = Vec::with_capacity(128);
+                if field.supports_presence() && !message.has_field(field) {
+                    out.extend_from_slice(b"null");
+                } else {
+                    super::json::value(&mut out, &field.kind(), &message.get_field(field))
+                        .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
+                }
+                Ok(out)
             }
         }
     }
@@ -382,20 +389,10 @@ fn mask_field_type(field: &FieldDescriptor) -> Result<MessageDescriptor, Gateway
     }
 }
 
-/// Serializes a message as JSON bytes.
+/// Serializes a message as JSON bytes (see [`super::json`]).
 pub fn encode_json(message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
-    // The detour through a `Value` (a map per message, a string per key)
-    // is only needed to add `null`s; a message with every singular message
-    // field set (a user with both timestamps) is written straight out.
-    if has_message_fields(&message.descriptor()) && has_unset_messages(message) {
-        let value = message_to_value(message)?;
-        return serde_json::to_vec(&value).map_err(|e| internal(&format!("cannot encode the response: {e}")));
-    }
-    let mut out = Vec::with_capacity(128);
-    let mut serializer = serde_json::Serializer::new(&mut out);
-    message
-        .serialize_with_options(&mut serializer, &JSON_OUTPUT)
-        .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
+    let mut out = Vec::with_capacity(256);
+    super::json::write_message(&mut out, message).map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
     Ok(out)
 }
 
@@ -408,41 +405,13 @@ pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError>
     Ok(value)
 }
 
-/// Whether [`emit_null_messages`] would add a `null` anywhere in `message`.
-fn has_unset_messages(message: &DynamicMessage) -> bool {
-    let descriptor = message.descriptor();
-    if descriptor.full_name().starts_with("google.protobuf.") {
-        return false;
-    }
-    descriptor.fields().any(|field| {
-        let Kind::Message(_) = field.kind() else { return false };
-        if !message.has_field(&field) {
-            return !field.is_list() && !field.is_map() && field.containing_oneof().is_none();
-        }
-        match &*message.get_field(&field) {
-            prost_reflect::Value::Message(nested) => has_unset_messages(nested),
-            prost_reflect::Value::List(items) => {
-                items.iter().any(|item| matches!(item, prost_reflect::Value::Message(m) if has_unset_messages(m)))
-            }
-            prost_reflect::Value::Map(entries) => {
-                entries.values().any(|value| matches!(value, prost_reflect::Value::Message(m) if has_unset_messages(m)))
-            }
-            _ => false,
-        }
-    })
-}
-
-fn has_message_fields(descriptor: &MessageDescriptor) -> bool {
-    descriptor.fields().any(|f| matches!(f.kind(), Kind::Message(_)))
-}
-
 /// Writes `"field": null` for every unset singular message field, at every
 /// depth, as grpc-gateway's default marshaler (protojson `EmitUnpopulated`)
 /// does: prost-reflect emits zeros and `[]` but omits unset messages. As in
 /// protojson, members of a oneof (proto3 `optional` included) stay absent,
 /// and well-known types, whose JSON is not an object of fields, are left
 /// alone.
-fn emit_null_messages(descriptor: &MessageDescriptor, value: &mut Value) {
+pub(crate) fn emit_null_messages(descriptor: &MessageDescriptor, value: &mut Value) {
     let Value::Object(object) = value else { return };
     if descriptor.full_name().starts_with("google.protobuf.") {
         return;
@@ -681,7 +650,7 @@ fn json_kind(value: &Value) -> &'static str {
 mod json_tests {
     use prost_reflect::{DescriptorPool, DynamicMessage, Value};
 
-    use super::{encode_json, has_unset_messages};
+    use super::encode_json;
 
     #[test]
     fn set_messages_are_written_directly_and_unset_ones_as_null() {
@@ -696,7 +665,6 @@ mod json_tests {
         let mut message = DynamicMessage::new(user);
         message.set_field_by_name("user_id", Value::String("u1".to_owned()));
         message.set_field_by_name("create_time", Value::Message(when.clone()));
-        assert!(has_unset_messages(&message));
         let json = |m: &DynamicMessage| -> serde_json::Value {
             encode_json(m).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok()).unwrap_or_default()
         };
@@ -705,7 +673,6 @@ mod json_tests {
         assert_eq!(partial["create_time"], "2026-12-01T07:26:40Z");
 
         message.set_field_by_name("update_time", Value::Message(when));
-        assert!(!has_unset_messages(&message));
         let full = json(&message);
         assert_eq!(full["update_time"], "2026-12-01T07:26:40Z", "{full}");
         assert_eq!(full["user_id"], "u1");
