@@ -20,6 +20,7 @@
 use prost_reflect::{DynamicMessage, Kind, MapKey, ReflectMessage, Value};
 
 use super::error::JSON_OUTPUT;
+use crate::telemetry::access::civil_from_days;
 
 /// A message that has no JSON form (a timestamp out of range, an `Any` of an
 /// unknown type), with the mapping's reason.
@@ -328,21 +329,6 @@ fn digits(out: &mut Vec<u8>, mut n: u64, width: usize) {
         *slot = b'0' + (n % 10) as u8;
         n /= 10;
     }
-}
-
-/// The proleptic Gregorian date of a day count from 1970-01-01 (Howard
-/// Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]

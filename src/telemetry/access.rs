@@ -291,8 +291,9 @@ fn push_padded(out: &mut String, mut value: u64, width: usize) {
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (the
-/// well-known era-based conversion).
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+/// well-known era-based conversion; the gateway's JSON timestamps use it
+/// too).
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
