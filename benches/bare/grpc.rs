@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use keel::proto::user::v1::user_service_server::{UserService, UserServiceServer};
 use keel::proto::user::v1::{
@@ -47,7 +48,13 @@ fn status(error: StoreError) -> Status {
 #[tonic::async_trait]
 impl UserService for Bare {
     async fn create_user(&self, request: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
+        // Stamped and checked as keel's service does (the example
+        // service's own logic, not a layer), so both servers store and send
+        // the same users: with no timestamps, every bare response was two
+        // fields shorter than keel's.
         let user = request.into_inner().user.unwrap_or_default();
+        let user = keel::users::validation::new_user(user, SystemTime::now())
+            .map_err(|violation| Status::invalid_argument(violation.to_string()))?;
         self.store.create(user).await.map(Response::new).map_err(status)
     }
 
@@ -65,6 +72,7 @@ impl UserService for Bare {
                 user.display_name = patch.display_name;
                 user.email = patch.email;
                 user.roles = patch.roles;
+                user.update_time = Some(SystemTime::now().into());
                 Ok(user)
             })
             .await

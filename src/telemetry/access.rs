@@ -274,20 +274,16 @@ fn date_time(out: &mut String, secs: u64) {
 
 /// `value` in decimal, zero-padded to at least `width` digits; what
 /// `write!("{:0w$}")` does, without the formatting machinery.
-fn push_padded(out: &mut String, mut value: u64, width: usize) {
-    let mut digits = [b'0'; 20];
-    let mut start = digits.len();
-    while value > 0 || start == digits.len() {
-        start -= 1;
-        digits[start] = b'0' + (value % 10) as u8;
-        value /= 10;
+fn push_padded(out: &mut String, value: u64, width: usize) {
+    // itoa: two digits per step from a table, and its `&str` needs no
+    // UTF-8 check; a digit at a time through `String::push` cost twice as
+    // much, and this runs about ten times per line.
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(value);
+    for _ in digits.len()..width {
+        out.push('0');
     }
-    let start = start.min(digits.len().saturating_sub(width));
-    // Pushed one by one: ASCII, so each is a byte, and no UTF-8 check of
-    // the buffer is needed.
-    for &digit in &digits[start..] {
-        out.push(char::from(digit));
-    }
+    out.push_str(digits);
 }
 
 /// The proleptic Gregorian date of a day count since 1970-01-01 (the
