@@ -125,11 +125,11 @@ impl Authenticator {
     /// interceptors run: nothing is served, and a client (grpcurl against a
     /// pod with reflection off) gets the true reason instead of a demand
     /// for credentials.
-    pub fn check(&self, method: &MethodInfo, headers: &http::HeaderMap) -> Verdict {
+    pub fn check(&self, method: &MethodInfo, authorization: Option<&http::HeaderValue>) -> Verdict {
         if method.auth_exempt || !method.served || !self.enabled() {
             return Verdict::Pass;
         }
-        let header = headers.get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+        let header = authorization.map(|v| v.as_bytes());
         if self.accepts(header) {
             return Verdict::Pass;
         }

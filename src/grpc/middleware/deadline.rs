@@ -6,12 +6,12 @@
 
 use std::time::Duration;
 
-use http::HeaderMap;
+use http::HeaderValue;
 use tokio::time::Instant;
 
 use super::shed::ShedSlot;
 
-const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+pub(super) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// `grpc.default_timeout` and `grpc.max_timeout`.
 #[derive(Clone, Copy, Debug)]
@@ -30,8 +30,8 @@ impl DeadlinePolicy {
 
     /// The deadline of a call that arrived at `now` with `headers`;
     /// `streams_out` for a call that streams its response.
-    pub fn deadline(&self, headers: &HeaderMap, streams_out: bool, now: Instant) -> Instant {
-        let asked = headers.get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+    pub fn deadline(&self, grpc_timeout: Option<&HeaderValue>, streams_out: bool, now: Instant) -> Instant {
+        let asked = grpc_timeout.and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         let fallback = if streams_out { self.max } else { self.default };
         now + asked.unwrap_or(fallback).min(self.max)
     }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::header::HeaderName;
-use http::{HeaderMap, Request, Response};
+use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
@@ -45,7 +45,7 @@ use tracing::Span;
 
 use super::auth::{Authenticator, Verdict, verify_jwt};
 use super::call::MessageCounter;
-use super::deadline::{DeadlinePolicy, release_after_deadline};
+use super::deadline::{DeadlinePolicy, GRPC_TIMEOUT, release_after_deadline};
 use super::limits::SizeLimits;
 use super::logging::CallLog;
 use super::method::MethodTable;
@@ -55,6 +55,40 @@ use super::shed::{Permit, Shedder};
 
 const X_REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// The request headers the call layer reads, found in one walk over the
+/// header map. Looked up by name, each hashed its name and probed the map,
+/// five times a call (the authorization twice); a gRPC request carries a
+/// handful of headers, and comparing names while walking them costs less.
+/// The first value of a repeated header counts, as with `HeaderMap::get`.
+#[derive(Default)]
+struct CallHeaders<'a> {
+    request_id: Option<&'a HeaderValue>,
+    authorization: Option<&'a HeaderValue>,
+    grpc_timeout: Option<&'a HeaderValue>,
+    traceparent: Option<&'a HeaderValue>,
+}
+
+impl<'a> CallHeaders<'a> {
+    fn of(headers: &'a HeaderMap) -> Self {
+        let mut found = Self::default();
+        for (name, value) in headers {
+            let slot = if name == http::header::AUTHORIZATION {
+                &mut found.authorization
+            } else if name == X_REQUEST_ID {
+                &mut found.request_id
+            } else if name == GRPC_TIMEOUT {
+                &mut found.grpc_timeout
+            } else if name == TRACEPARENT {
+                &mut found.traceparent
+            } else {
+                continue;
+            };
+            slot.get_or_insert(value);
+        }
+        found
+    }
+}
 
 /// What the call layer decides with, built once at start and shared by
 /// every clone of the layer.
@@ -125,7 +159,10 @@ where
         let start = std::time::Instant::now();
         let policy = &*self.policy;
         let method = policy.methods.get(request.uri().path());
-        let id = RequestId::from_header(request.headers().get(&X_REQUEST_ID));
+        let headers = CallHeaders::of(request.headers());
+        let id = RequestId::from_header(headers.request_id);
+        let (authorization, traceparent) = (headers.authorization.cloned(), headers.traceparent.cloned());
+        let grpc_timeout = headers.grpc_timeout.cloned();
         // A span per call only when something reads spans: the OTLP
         // exporter, or the pretty format, which prints span fields. JSON
         // lines take the id and method from the call's `Caller` instead
@@ -158,7 +195,7 @@ where
             Ok(permit) => permit,
             Err(status) => return Box::pin(CallFuture::answered(status, call)),
         };
-        let jwt = match policy.auth.check(method, request.headers()) {
+        let jwt = match policy.auth.check(method, authorization.as_ref()) {
             Verdict::Pass => None,
             Verdict::Refuse(status) => {
                 call.permit = Some(permit);
@@ -168,15 +205,15 @@ where
         };
 
         let streams_out = !method.grpc_type.single_response();
-        let at = policy.deadlines.deadline(request.headers(), streams_out, Instant::from_std(start));
+        let at = policy.deadlines.deadline(grpc_timeout.as_ref(), streams_out, Instant::from_std(start));
         let slot = if streams_out { permit.slot().cloned() } else { None };
         call.permit = Some(permit);
         let caller = Caller {
             request_id: id,
             method: method.served.then_some(method),
             deadline: Some(at),
-            traceparent: request.headers().get(&TRACEPARENT).cloned(),
-            authorization: request.headers().get(http::header::AUTHORIZATION).cloned(),
+            traceparent,
+            authorization,
         };
         let inner = match jwt {
             Some((jwt, token)) => {
@@ -461,5 +498,32 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_walk_finds_what_lookups_by_name_find() {
+        let mut headers = HeaderMap::new();
+        headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        headers.append(X_REQUEST_ID, HeaderValue::from_static("first"));
+        headers.append(X_REQUEST_ID, HeaderValue::from_static("second"));
+        headers.insert(http::header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+        headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("5S"));
+        headers.insert(HeaderName::from_static("x-other"), HeaderValue::from_static("no"));
+        let found = CallHeaders::of(&headers);
+        assert_eq!(found.request_id, headers.get(&X_REQUEST_ID), "the first value, as get() gives");
+        assert_eq!(found.request_id.map(HeaderValue::as_bytes), Some(&b"first"[..]));
+        assert_eq!(found.authorization, headers.get(http::header::AUTHORIZATION));
+        assert_eq!(found.grpc_timeout.map(HeaderValue::as_bytes), Some(&b"5S"[..]));
+        assert_eq!(found.traceparent, None);
+
+        headers
+            .insert(TRACEPARENT, HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"));
+        assert_eq!(CallHeaders::of(&headers).traceparent, headers.get(&TRACEPARENT));
+        assert!(CallHeaders::of(&HeaderMap::new()).authorization.is_none());
     }
 }
