@@ -481,13 +481,7 @@ mod tests {
     /// What the gateway wrote before this writer: prost-reflect's JSON with
     /// the `null`s added.
     fn reference(message: &DynamicMessage) -> Result<serde_json::Value, String> {
-        let mut bytes = Vec::new();
-        message
-            .serialize_with_options(&mut serde_json::Serializer::new(&mut bytes), &JSON_OUTPUT)
-            .map_err(|e| e.to_string())?;
-        let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
-        super::super::transcode::emit_null_messages(&message.descriptor(), &mut value);
-        Ok(value)
+        super::super::transcode::message_to_value(message).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -600,6 +594,18 @@ mod tests {
             write_message(&mut out, &wrapper).unwrap();
             assert_eq!(String::from_utf8(out).unwrap(), expected, "{name}");
         }
+    }
+
+    #[test]
+    fn a_float_reads_as_written_in_the_value_form_too() {
+        let pool = pool();
+        let mut message = DynamicMessage::new(pool.get_message_by_name("jsontest.v1.All").unwrap());
+        message.set_field_by_name("f_float", Value::F32(0.1));
+        let value = super::super::transcode::message_to_value(&message).unwrap();
+        assert_eq!(value["fFloat"], serde_json::json!(0.1), "not widened to 0.10000000149011612");
+        let mut out = Vec::new();
+        write_message(&mut out, &message).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("\"fFloat\":0.1,"));
     }
 
     fn inner(pool: &DescriptorPool, name: &str) -> DynamicMessage {

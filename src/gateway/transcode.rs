@@ -397,10 +397,15 @@ pub fn encode_json(message: &DynamicMessage) -> Result<Vec<u8>, GatewayError> {
 }
 
 /// The message in the JSON mapping, unset singular message fields as `null`.
+/// Through JSON text rather than `serde_json`'s value serializer, which
+/// widens a `float` to `f64` (`0.1` would read `0.10000000149011612`).
 pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError> {
-    let mut value = message
-        .serialize_with_options(serde_json::value::Serializer, &JSON_OUTPUT)
+    let mut bytes = Vec::with_capacity(256);
+    message
+        .serialize_with_options(&mut serde_json::Serializer::new(&mut bytes), &JSON_OUTPUT)
         .map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
+    let mut value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| internal(&format!("cannot encode the response: {e}")))?;
     emit_null_messages(&message.descriptor(), &mut value);
     Ok(value)
 }
@@ -411,7 +416,7 @@ pub fn message_to_value(message: &DynamicMessage) -> Result<Value, GatewayError>
 /// protojson, members of a oneof (proto3 `optional` included) stay absent,
 /// and well-known types, whose JSON is not an object of fields, are left
 /// alone.
-pub(crate) fn emit_null_messages(descriptor: &MessageDescriptor, value: &mut Value) {
+fn emit_null_messages(descriptor: &MessageDescriptor, value: &mut Value) {
     let Value::Object(object) = value else { return };
     if descriptor.full_name().starts_with("google.protobuf.") {
         return;
