@@ -42,11 +42,17 @@ pub(super) fn install_sink(writer: LogSink, mode: AccessLogMode, slow: Duration)
 pub struct Entry<'a> {
     /// `/package.Service/Method`.
     pub method: &'a str,
+    /// `method` is a served method's path, built from proto identifiers
+    /// (letters, digits and `_`, as protoc and protox enforce), dots and
+    /// slashes: written without checking it for characters to escape.
+    pub method_is_plain: bool,
     pub code: Code,
     pub duration: Duration,
     /// The TCP peer, or the gateway's client from `x-forwarded-for`.
     pub peer: Peer<'a>,
     pub request_id: &'a str,
+    /// `request_id` was generated here: likewise written unchecked.
+    pub request_id_is_plain: bool,
     /// The call's span: entered only for the pretty fallback, whose event
     /// shows span fields; the JSON line carries what it needs itself, and
     /// entering a span costs a subscriber round trip per call.
@@ -133,7 +139,7 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
     out.push_str("\",\"level\":\"");
     out.push_str(level);
     out.push_str("\",\"message\":\"rpc finished\",\"grpc.method\":");
-    json_string(out, entry.method);
+    plain_or_escaped(out, entry.method, entry.method_is_plain);
     out.push_str(",\"grpc.code\":\"");
     out.push_str(code_name(entry.code));
     // Milliseconds with three decimals, from integer microseconds: float
@@ -165,13 +171,24 @@ fn format_line(out: &mut String, now: SystemTime, entry: &Entry<'_>, level: &str
     }
     out.push('"');
     out.push_str(",\"request_id\":");
-    json_string(out, entry.request_id);
+    plain_or_escaped(out, entry.request_id, entry.request_id_is_plain);
     // Only with mTLS: plaintext lines stay as short as before.
     if let Some(client) = entry.client {
         out.push_str(",\"client\":");
         json_string(out, client);
     }
     out.push_str(",\"target\":\"keel::access\"}\n");
+}
+
+/// A JSON string literal of text known to need no escaping, or escaped.
+fn plain_or_escaped(out: &mut String, text: &str, plain: bool) {
+    out.push('"');
+    if plain {
+        out.push_str(text);
+    } else {
+        escape_into(out, text);
+    }
+    out.push('"');
 }
 
 /// A JSON string literal: quotes, backslashes and control characters
@@ -352,10 +369,12 @@ mod tests {
         let mut line = String::new();
         let entry = Entry {
             method: "/a.v1.S/M",
+            method_is_plain: true,
             code: Code::Ok,
             duration: Duration::from_micros(7),
             peer: Peer::Addr("203.0.113.9:51234".parse().unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)))),
             request_id: "rid-2",
+            request_id_is_plain: true,
             span: None,
             client: None,
         };
@@ -377,10 +396,12 @@ mod tests {
         let peer = "10.0.0.1, 192.0.2.7";
         let entry = Entry {
             method: "/a.v1.S/M\"x",
+            method_is_plain: false,
             code: Code::NotFound,
             duration: Duration::from_micros(1500),
             peer: Peer::Text(peer),
             request_id: "rid-1",
+            request_id_is_plain: false,
             span: None,
             client: None,
         };

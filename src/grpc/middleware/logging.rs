@@ -103,6 +103,7 @@ impl CallLog {
     /// its metrics and writes its access line.
     pub fn finish(self, code: Code, sent: u64) {
         let duration = self.start.elapsed();
+        let method_is_plain = matches!(self.method, Method::Known(_));
         let method = match &self.method {
             Method::Known(info) => {
                 if let Some(metrics) = &info.metrics {
@@ -115,10 +116,12 @@ impl CallLog {
         };
         access::record(&access::Entry {
             method,
+            method_is_plain,
             code,
             duration,
             peer: self.peer.as_entry(),
             request_id: self.request_id.as_str(),
+            request_id_is_plain: self.request_id.is_generated(),
             span: self.span.as_ref(),
             client: self.client.as_deref().map(ClientIdentity::name),
         });

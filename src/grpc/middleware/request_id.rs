@@ -21,7 +21,12 @@ const MAX_LEN: usize = 128;
 /// one is made once, and every clone (the response header, the log line,
 /// downstream calls) shares its bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestId(HeaderValue);
+pub struct RequestId {
+    value: HeaderValue,
+    /// Made here (hex digits and hyphens), so the access line writes it
+    /// without checking it for characters JSON must escape.
+    generated: bool,
+}
 
 impl RequestId {
     /// The caller's id when it is sane, otherwise a fresh one.
@@ -29,7 +34,7 @@ impl RequestId {
         let given =
             value.filter(|v| !v.is_empty() && v.len() <= MAX_LEN && v.as_bytes().iter().all(u8::is_ascii_graphic));
         match given {
-            Some(id) => Self::sensitive(id.clone()),
+            Some(id) => Self::sensitive(id.clone(), false),
             None => Self::generate(),
         }
     }
@@ -39,7 +44,7 @@ impl RequestId {
     pub fn new(id: &str) -> Option<Self> {
         let value = HeaderValue::from_str(id).ok()?;
         let sane = Self::from_header(Some(&value));
-        (sane.0 == value).then_some(sane)
+        (sane.value == value).then_some(sane)
     }
 
     /// A fresh UUIDv4-shaped id with no syscall: one random seed per
@@ -63,26 +68,31 @@ impl RequestId {
         // One allocation, shared by every clone of the value.
         let value = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
             .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"));
-        Self::sensitive(value)
+        Self::sensitive(value, true)
     }
 
     /// Never indexed by HPACK: an id is unique per call, so adding it to a
     /// connection's header table would only evict the entries that do
     /// repeat (grpc-status, content-type) and cost a table update per
     /// response.
-    fn sensitive(mut value: HeaderValue) -> Self {
+    fn sensitive(mut value: HeaderValue, generated: bool) -> Self {
         value.set_sensitive(true);
-        Self(value)
+        Self { value, generated }
+    }
+
+    /// Whether the id was generated here rather than sent by the caller.
+    pub fn is_generated(&self) -> bool {
+        self.generated
     }
 
     pub fn as_str(&self) -> &str {
         // Only visible ASCII is ever kept, so this never fails.
-        self.0.to_str().unwrap_or_default()
+        self.value.to_str().unwrap_or_default()
     }
 
     /// The id as the header it is sent as, in responses and downstream.
     pub fn header(&self) -> &HeaderValue {
-        &self.0
+        &self.value
     }
 }
 
