@@ -194,9 +194,7 @@ fn plain_or_escaped(out: &mut String, text: &str, plain: bool) {
 /// A JSON string literal: quotes, backslashes and control characters
 /// escaped.
 pub(super) fn json_string(out: &mut String, text: &str) {
-    out.push('"');
-    escape_into(out, text);
-    out.push('"');
+    plain_or_escaped(out, text, false);
 }
 
 /// Whether `text` holds a byte JSON strings must escape: a quote, a

@@ -162,7 +162,10 @@ where
         let headers = CallHeaders::of(request.headers());
         let id = RequestId::from_header(headers.request_id);
         let (authorization, traceparent) = (headers.authorization.cloned(), headers.traceparent.cloned());
-        let grpc_timeout = headers.grpc_timeout.cloned();
+        // Read while the headers are borrowed, so `grpc-timeout` is parsed
+        // in place rather than copied out.
+        let streams_out = !method.grpc_type.single_response();
+        let at = policy.deadlines.deadline(headers.grpc_timeout, streams_out, Instant::from_std(start));
         // A span per call only when something reads spans: the OTLP
         // exporter, or the pretty format, which prints span fields. JSON
         // lines take the id and method from the call's `Caller` instead
@@ -204,8 +207,6 @@ where
             Verdict::VerifyJwt(jwt, token) => Some((jwt, token)),
         };
 
-        let streams_out = !method.grpc_type.single_response();
-        let at = policy.deadlines.deadline(grpc_timeout.as_ref(), streams_out, Instant::from_std(start));
         let slot = if streams_out { permit.slot().cloned() } else { None };
         call.permit = Some(permit);
         let caller = Caller {
