@@ -230,6 +230,39 @@ fn errors_name_the_key_and_its_layer() -> Result<()> {
 }
 
 #[test]
+fn keepalive_settings_are_checked_against_the_kernels_bounds() -> Result<()> {
+    let scratch = Scratch::new("keepalive")?;
+    let load = |pairs: &[(&str, &str)]| {
+        Settings::load(&ConfigSources { dir: scratch.0.clone(), env_vars: vars(pairs), ..Default::default() })
+    };
+    for (pairs, bad_key) in [
+        (&[("KEEL__GRPC__TCP_KEEPALIVE_PROBES", "0")][..], "grpc.tcp_keepalive_probes"),
+        (&[("KEEL__GRPC__TCP_KEEPALIVE_PROBES", "128")][..], "grpc.tcp_keepalive_probes"),
+        (&[("KEEL__GRPC__TCP_KEEPALIVE", "500ms")][..], "grpc.tcp_keepalive"),
+        (&[("KEEL__GRPC__TCP_KEEPALIVE", "10h")][..], "grpc.tcp_keepalive"),
+        (&[("KEEL__GRPC__TCP_KEEPALIVE_INTERVAL", "0s")][..], "grpc.tcp_keepalive_interval"),
+        (
+            &[("KEEL__GRPC__KEEPALIVE_INTERVAL", "20s"), ("KEEL__GRPC__KEEPALIVE_TIMEOUT", "0s")][..],
+            "grpc.keepalive_timeout",
+        ),
+    ] {
+        match load(pairs) {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, bad_key, "{pairs:?}"),
+            other => panic!("{pairs:?}: expected an invalid value error, got {other:?}"),
+        }
+    }
+    // Off is off: no probe settings are checked then, and `0s` turns the
+    // HTTP/2 PINGs off whatever their timeout.
+    let settings = load(&[
+        ("KEEL__GRPC__TCP_KEEPALIVE", "0s"),
+        ("KEEL__GRPC__TCP_KEEPALIVE_PROBES", "0"),
+        ("KEEL__GRPC__KEEPALIVE_TIMEOUT", "0s"),
+    ])?;
+    assert!(settings.grpc.tcp_keepalive.is_zero() && settings.grpc.keepalive_interval.is_zero());
+    Ok(())
+}
+
+#[test]
 fn tls_and_jwt_settings_are_validated_and_named() -> Result<()> {
     let scratch = Scratch::new("security")?;
     let load = |env: &[(&str, &str)]| {

@@ -572,3 +572,112 @@ async fn shutdown_ends_watch_streams_with_unavailable() -> Result<()> {
     assert_eq!(live.get(), 0);
     Ok(())
 }
+
+/// The kernel's record of the server's side of the connection from
+/// `client`: its timer kind (`2` is the keepalive timer) and when it fires,
+/// from `/proc/net/tcp` (or `tcp6`), in clock ticks of 1/100 s.
+#[cfg(target_os = "linux")]
+fn server_socket_timer(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Result<Option<(u8, u64)>> {
+    let hex_port = |port: u16| format!("{port:04X}");
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).with_context(|| format!("reading {table}"))?;
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(timer)) = (fields.get(1), fields.get(2), fields.get(5)) else {
+                continue;
+            };
+            if local.ends_with(&format!(":{}", hex_port(server.port())))
+                && remote.ends_with(&format!(":{}", hex_port(client.port())))
+            {
+                let (kind, when) = timer.split_once(':').context("timer field")?;
+                return Ok(Some((u8::from_str_radix(kind, 16)?, u64::from_str_radix(when, 16)?)));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// A raw connection the server has accepted and served: the client
+/// preface sent and the server's SETTINGS read back.
+async fn served_connection(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
+    stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
+    let mut header = [0u8; 9];
+    tokio::time::timeout(READY_BOUND, stream.read_exact(&mut header)).await??;
+    anyhow::ensure!(header[3] == 4, "the server's first frame is type {}, not SETTINGS", header[3]);
+    let mut payload = vec![0u8; usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2])];
+    stream.read_exact(&mut payload).await?;
+    // Acknowledged, as a client must.
+    stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?;
+    Ok(stream)
+}
+
+/// The server socket's timer once no data is in flight (kind 1, the
+/// retransmit timer, shows while an ACK is outstanding).
+#[cfg(target_os = "linux")]
+async fn settled_timer(server: std::net::SocketAddr, client: std::net::SocketAddr) -> Result<(u8, u64)> {
+    let mut timer = None;
+    eventually(READY_BOUND, || {
+        timer = server_socket_timer(server, client).ok().flatten();
+        let settled = timer.is_some_and(|(kind, _)| kind != 1);
+        async move { settled }
+    })
+    .await
+    .with_context(|| format!("the server's socket for {client}: {timer:?}"))?;
+    timer.context("no server socket")
+}
+
+/// Accepted connections carry the kernel's keepalive with the configured
+/// idle time, so dead peers are found at no cost per call; `0s` turns it
+/// off.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn accepted_connections_get_the_configured_tcp_keepalive() -> Result<()> {
+    let app = spawn_app_with(|s| s.grpc.tcp_keepalive = Duration::from_secs(123)).await?;
+    let stream = served_connection(app.grpc_addr).await?;
+    let (kind, when) = settled_timer(app.grpc_addr, stream.local_addr()?).await?;
+    assert_eq!(kind, 2, "not the keepalive timer");
+    assert!((11_000..=12_300).contains(&when), "keepalive fires in {when} ticks, not within 123s");
+    // An open connection would hold the server's drain.
+    drop(stream);
+
+    let off = spawn_app_with(|s| s.grpc.tcp_keepalive = Duration::ZERO).await?;
+    let stream = served_connection(off.grpc_addr).await?;
+    let (kind, _) = settled_timer(off.grpc_addr, stream.local_addr()?).await?;
+    assert_eq!(kind, 0, "a timer on an idle connection with tcp_keepalive 0s");
+    drop(stream);
+    off.stop().await?;
+    app.stop().await
+}
+
+/// With `grpc.keepalive_interval` set, the server sends HTTP/2 PINGs on an
+/// idle connection (read off the wire by a client that only reads frames).
+#[tokio::test]
+async fn http2_pings_go_out_when_keepalive_interval_is_set() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app_with(|s| s.grpc.keepalive_interval = Duration::from_millis(100)).await?;
+    let mut stream = served_connection(app.grpc_addr).await?;
+    let ping = tokio::time::timeout(READY_BOUND, async {
+        loop {
+            let mut header = [0u8; 9];
+            stream.read_exact(&mut header).await?;
+            let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
+            let mut payload = vec![0u8; len];
+            stream.read_exact(&mut payload).await?;
+            match (header[3], header[4]) {
+                // SETTINGS (not an ACK): acknowledged, as a client must.
+                (4, 0) => stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
+                // A PING that is not an ACK.
+                (6, 0) => return Ok::<_, anyhow::Error>(payload),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .context("no PING within the bound")??;
+    assert_eq!(ping.len(), 8, "a PING carries 8 bytes");
+    drop(stream);
+    app.stop().await
+}

@@ -125,7 +125,7 @@ impl GrpcServer {
             async move { shutdown.draining().await }
         };
         let tls = crate::tls::server_config(&settings.tls, crate::tls::TlsKeys::GRPC, crate::tls::ALPN_GRPC)?;
-        let incoming = Incoming::new(listener, tls, close_tcp);
+        let incoming = Incoming::new(listener, tls, incoming::TcpKeepalive::of(settings), close_tcp);
         // Built once per server and kept for the life of the process (a few
         // kilobytes): every call borrows its method from here, so no call
         // touches a reference count shared by all cores.
@@ -188,7 +188,8 @@ impl GrpcServer {
     pub async fn serve(self, stop: impl Future<Output = ()>) -> Result<(), GrpcError> {
         let Self { incoming, settings, layers, routes, .. } = self;
         Server::builder()
-            .http2_keepalive_interval(Some(settings.keepalive_interval))
+            // `0s` is off: hyper would otherwise ping without pause.
+            .http2_keepalive_interval((!settings.keepalive_interval.is_zero()).then_some(settings.keepalive_interval))
             .http2_keepalive_timeout(Some(settings.keepalive_timeout))
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_connection_age(settings.max_connection_age)

@@ -204,6 +204,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn status_code_reads_the_first_grpc_status_in_small_and_large_maps() {
+        for padding in [0, 3, 20] {
+            let mut headers = HeaderMap::new();
+            for i in 0..padding {
+                headers.insert(HeaderName::try_from(format!("x-pad-{i}")).unwrap(), "v".parse().unwrap());
+            }
+            assert_eq!(status_code(&headers), None, "{padding} other headers");
+            headers.append(GRPC_STATUS, "5".parse().unwrap());
+            headers.append(GRPC_STATUS, "13".parse().unwrap());
+            assert_eq!(status_code(&headers), Some(Code::NotFound), "{padding} other headers");
+        }
+    }
+
+    #[test]
     fn counts_messages_across_chunk_boundaries() {
         let mut frames = Vec::new();
         for payload in [&b"abc"[..], b"", b"0123456789"] {

@@ -4,6 +4,7 @@
 //! the handler, names it. The [`Caller`] is the call's one task-local: the
 //! downstream clients, the log format and the store read it.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -47,27 +48,18 @@ impl RequestId {
         (sane.value == value).then_some(sane)
     }
 
-    /// A fresh UUIDv4-shaped id with no syscall: one random seed per
-    /// process (the only getrandom), then a counter mixed through
-    /// SplitMix64, a bijection, so ids never repeat within the process and
-    /// do not reveal the call count.
+    /// A fresh UUIDv4-shaped id with no syscall and no allocation of its
+    /// own: see [`IdBatch`].
     pub fn generate() -> Self {
-        static SEED: OnceLock<u64> = OnceLock::new();
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let seed = *SEED.get_or_init(|| {
-            let random = uuid::Uuid::new_v4().as_u64_pair();
-            random.0 ^ random.1.rotate_left(17)
-        });
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let high = splitmix64(seed.wrapping_add(n));
-        let low = splitmix64(high ^ seed.rotate_left(29) ^ n);
-        let uuid =
-            uuid::Builder::from_random_bytes(((u128::from(high) << 64) | u128::from(low)).to_be_bytes()).into_uuid();
-        let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
-        uuid.hyphenated().encode_lower(&mut text);
-        // One allocation, shared by every clone of the value.
-        let value = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
-            .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"));
+        thread_local! {
+            static BATCH: RefCell<IdBatch> = RefCell::new(IdBatch::new());
+        }
+        let value = BATCH
+            .try_with(|batch| batch.try_borrow_mut().ok().map(|mut batch| batch.next()))
+            .ok()
+            .flatten()
+            // Only while this thread's locals are torn down: a batch of one.
+            .unwrap_or_else(|| IdBatch::new().next());
         Self::sensitive(value, true)
     }
 
@@ -93,6 +85,67 @@ impl RequestId {
     /// The id as the header it is sent as, in responses and downstream.
     pub fn header(&self) -> &HeaderValue {
         &self.value
+    }
+}
+
+/// Ids per batch: one allocation serves this many calls. Small, because a
+/// long stream keeps its id, and with it its batch, alive.
+const BATCH_IDS: usize = 16;
+const ID_LEN: usize = uuid::fmt::Hyphenated::LENGTH;
+
+/// One thread's source of request ids. Ids are formatted [`BATCH_IDS`] at
+/// a time into one shared buffer, and each id is a slice of it, so a call
+/// pays a reference count rather than an allocation and a free. Each
+/// thread draws from its own stream of counter values (a thread number
+/// from one shared counter, taken once per thread, in the high bits), so
+/// calls on different cores never contend for a cache line, and the
+/// values go through SplitMix64, a bijection keyed by one random seed per
+/// process (the only getrandom): ids never repeat within the process and
+/// do not reveal the call count.
+struct IdBatch {
+    ids: Bytes,
+    used: usize,
+    stream: u64,
+    next: u64,
+}
+
+impl IdBatch {
+    fn new() -> Self {
+        static THREADS: AtomicU64 = AtomicU64::new(0);
+        let thread = THREADS.fetch_add(1, Ordering::Relaxed);
+        // 2^40 ids per thread and 2^24 threads before values could repeat.
+        Self { ids: Bytes::new(), used: BATCH_IDS, stream: thread << 40, next: 0 }
+    }
+
+    fn next(&mut self) -> HeaderValue {
+        if self.used == BATCH_IDS {
+            self.refill();
+        }
+        let at = self.used * ID_LEN;
+        self.used += 1;
+        let id = self.ids.slice(at..at + ID_LEN);
+        // Hex digits and hyphens always pass.
+        HeaderValue::from_maybe_shared(id)
+            .unwrap_or_else(|_| HeaderValue::from_static("00000000-0000-4000-8000-000000000000"))
+    }
+
+    fn refill(&mut self) {
+        static SEED: OnceLock<u64> = OnceLock::new();
+        let seed = *SEED.get_or_init(|| {
+            let random = uuid::Uuid::new_v4().as_u64_pair();
+            random.0 ^ random.1.rotate_left(17)
+        });
+        let mut text = vec![0u8; BATCH_IDS * ID_LEN];
+        for slot in text.chunks_exact_mut(ID_LEN) {
+            let n = self.stream | self.next;
+            self.next += 1;
+            let high = splitmix64(seed.wrapping_add(n));
+            let low = splitmix64(high ^ seed.rotate_left(29) ^ n);
+            let bytes = ((u128::from(high) << 64) | u128::from(low)).to_be_bytes();
+            uuid::Builder::from_random_bytes(bytes).into_uuid().hyphenated().encode_lower(slot);
+        }
+        self.ids = Bytes::from(text);
+        self.used = 0;
     }
 }
 
@@ -187,6 +240,22 @@ mod tests {
         assert_eq!(generated.header().to_str().ok(), Some(generated.as_str()));
         assert_eq!(RequestId::new("rid-7").map(|id| id.as_str().to_owned()).as_deref(), Some("rid-7"));
         assert!(RequestId::new("has space").is_none());
+    }
+
+    #[test]
+    fn ids_generated_on_many_threads_never_repeat() {
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                std::thread::spawn(|| (0..1_000).map(|_| RequestId::generate().as_str().to_owned()).collect::<Vec<_>>())
+            })
+            .collect();
+        let mut all = std::collections::HashSet::new();
+        for thread in threads {
+            let ids = thread.join().unwrap_or_default();
+            assert_eq!(ids.len(), 1_000);
+            all.extend(ids);
+        }
+        assert_eq!(all.len(), 4_000);
     }
 
     #[test]
