@@ -600,18 +600,25 @@ fn server_socket_timer(server: std::net::SocketAddr, client: std::net::SocketAdd
 /// A raw connection the server has accepted and served: the client
 /// preface sent and the server's SETTINGS read back.
 async fn served_connection(addr: std::net::SocketAddr) -> Result<tokio::net::TcpStream> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
     stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await?;
     stream.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0]).await?;
-    let mut header = [0u8; 9];
-    tokio::time::timeout(READY_BOUND, stream.read_exact(&mut header)).await??;
-    anyhow::ensure!(header[3] == 4, "the server's first frame is type {}, not SETTINGS", header[3]);
-    let mut payload = vec![0u8; usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2])];
-    stream.read_exact(&mut payload).await?;
+    let (kind, _, _) = tokio::time::timeout(READY_BOUND, read_frame(&mut stream)).await??;
+    anyhow::ensure!(kind == 4, "the server's first frame is type {kind}, not SETTINGS");
     // Acknowledged, as a client must.
     stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?;
     Ok(stream)
+}
+
+/// One HTTP/2 frame: its type, its flags and its payload.
+async fn read_frame(stream: &mut tokio::net::TcpStream) -> Result<(u8, u8, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header).await?;
+    let mut payload = vec![0u8; usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2])];
+    stream.read_exact(&mut payload).await?;
+    Ok((header[3], header[4], payload))
 }
 
 /// The server socket's timer once no data is in flight (kind 1, the
@@ -656,17 +663,13 @@ async fn accepted_connections_get_the_configured_tcp_keepalive() -> Result<()> {
 /// idle connection (read off the wire by a client that only reads frames).
 #[tokio::test]
 async fn http2_pings_go_out_when_keepalive_interval_is_set() -> Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let app = spawn_app_with(|s| s.grpc.keepalive_interval = Duration::from_millis(100)).await?;
     let mut stream = served_connection(app.grpc_addr).await?;
     let ping = tokio::time::timeout(READY_BOUND, async {
         loop {
-            let mut header = [0u8; 9];
-            stream.read_exact(&mut header).await?;
-            let len = usize::from(header[0]) << 16 | usize::from(header[1]) << 8 | usize::from(header[2]);
-            let mut payload = vec![0u8; len];
-            stream.read_exact(&mut payload).await?;
-            match (header[3], header[4]) {
+            let (kind, flags, payload) = read_frame(&mut stream).await?;
+            match (kind, flags) {
                 // SETTINGS (not an ACK): acknowledged, as a client must.
                 (4, 0) => stream.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0]).await?,
                 // A PING that is not an ACK.
