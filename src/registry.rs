@@ -1,6 +1,6 @@
 //! The service registry: the one list of served gRPC services, over one
 //! [`DescriptorPool`] decoded once at startup. Everything that depends on
-//! "which services are there" is derived from it: the tonic routes, the
+//! "which services are there" is derived from it: the gRPC routes, the
 //! method table and its pre-initialised metric series, the gateway's routes
 //! and OpenAPI document, the health names, the reflection listing and each
 //! service's auth and load-shedding policy.
@@ -16,6 +16,7 @@ use prost_reflect::{DescriptorPool, ServiceDescriptor};
 use tonic::server::NamedService;
 
 use crate::config::Settings;
+use crate::grpc::routes::ServiceRoutes;
 use crate::grpc::stream::StreamSpawner;
 use crate::health::ReadinessCheck;
 
@@ -56,13 +57,15 @@ pub enum RegistryError {
     Duplicate(String),
 }
 
-/// What can be served: a tower service over gRPC requests with its proto
-/// name, as tonic generates them (`FooServiceServer`) or written by hand.
+/// What can be served: a tower service over gRPC requests and responses
+/// with its proto name, as tonic generates them (`FooServiceServer`) or
+/// written by hand. Its response body is tonic's, as generated servers'
+/// is, so routing a call re-wraps nothing.
 pub trait GrpcService:
     tower::Service<
         http::Request<tonic::body::Body>,
         Error = Infallible,
-        Response: axum::response::IntoResponse,
+        Response = http::Response<tonic::body::Body>,
         Future: Send + 'static,
     > + NamedService
     + Clone
@@ -76,7 +79,7 @@ impl<S> GrpcService for S where
     S: tower::Service<
             http::Request<tonic::body::Body>,
             Error = Infallible,
-            Response: axum::response::IntoResponse,
+            Response = http::Response<tonic::body::Body>,
             Future: Send + 'static,
         > + NamedService
         + Clone
@@ -130,8 +133,8 @@ pub struct ServiceRegistry {
     /// health and reflection protos, and any set added by
     /// [`ServiceRegistry::add_descriptors`].
     pool: DescriptorPool,
-    /// The tonic routes of every registered service.
-    routes: tonic::service::Routes,
+    /// The gRPC routes of every registered service.
+    routes: ServiceRoutes,
     services: Vec<RegisteredService>,
     /// Dependencies readiness waits on, by name.
     readiness: Vec<(String, Arc<dyn ReadinessCheck>)>,
@@ -192,7 +195,7 @@ impl ServiceRegistry {
         }
         Ok(Self {
             pool,
-            routes: tonic::service::Routes::default(),
+            routes: ServiceRoutes::default(),
             services: Vec::new(),
             readiness: Vec::new(),
             depends_on: Vec::new(),
@@ -217,8 +220,7 @@ impl ServiceRegistry {
 
     /// Serves a service with an explicit policy (the framework's own).
     pub(crate) fn add_with_policy<S: GrpcService>(&mut self, service: S, policy: ServicePolicy) -> ServiceOptions<'_> {
-        let routes = std::mem::take(&mut self.routes);
-        self.routes = routes.add_service(service);
+        self.routes.add(service);
         self.services.push(RegisteredService { name: S::NAME.to_owned(), descriptor: None, policy });
         self.depends_on.push(Vec::new());
         let last = self.services.len() - 1;
@@ -318,8 +320,8 @@ pub struct Service {
 pub struct Services {
     /// The one shared descriptor pool.
     pub pool: DescriptorPool,
-    /// The tonic routes of every service, taken by the gRPC server.
-    routes: tonic::service::Routes,
+    /// The gRPC routes of every service, taken by the gRPC server.
+    routes: ServiceRoutes,
     services: Vec<Service>,
     readiness: Vec<(String, Arc<dyn ReadinessCheck>)>,
     /// The checks each service's health follows, for those with any.
@@ -343,7 +345,7 @@ impl Services {
     }
 
     /// Hands the routes to the gRPC server; called once.
-    pub(crate) fn take_routes(&mut self) -> tonic::service::Routes {
+    pub(crate) fn take_routes(&mut self) -> ServiceRoutes {
         std::mem::take(&mut self.routes)
     }
 }

@@ -13,6 +13,7 @@
 pub mod bounded;
 pub mod incoming;
 pub mod middleware;
+pub mod routes;
 pub mod stream;
 
 use std::future::Future;
@@ -36,6 +37,7 @@ use middleware::limits::SizeLimits;
 use middleware::method::MethodTable;
 use middleware::server::{CallLayer, CallPolicy};
 use middleware::shed::Shedder;
+use routes::{InsteadOfTonicRoutes, ServiceRoutes};
 use stream::StreamSpawner;
 
 /// The standard health service's name.
@@ -106,7 +108,7 @@ pub struct GrpcServer {
     /// The call layer every call passes, shared with [`Self::in_process`].
     layers: CallLayer,
     /// The routes of every registered service.
-    routes: tonic::service::Routes,
+    routes: ServiceRoutes,
 }
 
 impl GrpcServer {
@@ -194,8 +196,8 @@ impl GrpcServer {
             .max_concurrent_streams(settings.max_concurrent_streams)
             .max_connection_age(settings.max_connection_age)
             .max_connection_age_grace(settings.max_connection_age_grace)
-            .layer(layers)
-            .add_routes(routes)
+            .layer(InsteadOfTonicRoutes { layer: layers, routes })
+            .add_routes(tonic::service::Routes::default())
             .serve_with_incoming_shutdown(incoming, stop)
             .await?;
         Ok(())
