@@ -82,16 +82,16 @@ impl ServiceRoutes {
     /// The service a path names: `/package.Service/Method`, with a
     /// non-empty method part.
     fn route(&self, path: &str) -> Result<&dyn Route, Status> {
-        let rest = path.strip_prefix('/').unwrap_or_default().as_bytes();
+        let rest = path.strip_prefix('/').unwrap_or_default();
         let named = self.by_name.iter().find(|(name, _)| {
-            let name = name.as_bytes();
+            let (rest, name) = (rest.as_bytes(), name.as_bytes());
             // `/`, then more than the name: the method part is not empty.
             rest.len() > name.len() + 1 && rest[name.len()] == b'/' && rest.starts_with(name)
         });
         if let Some((_, route)) = named {
             return Ok(route.as_ref());
         }
-        match path.strip_prefix('/').and_then(|rest| rest.split_once('/')) {
+        match path.starts_with('/').then(|| rest.split_once('/')).flatten() {
             Some((service, method)) if !method.is_empty() && !service.is_empty() => {
                 Err(Status::unimplemented(format!("unknown service {service}")))
             }
@@ -124,7 +124,9 @@ impl Service<Request<Body>> for ServiceRoutes {
 /// instead. Tonic's router is never called.
 #[derive(Clone)]
 pub struct InsteadOfTonicRoutes<L> {
+    /// The call layer, which every call passes before its route.
     pub layer: L,
+    /// What the call layer wraps instead of tonic's (empty) routes.
     pub routes: ServiceRoutes,
 }
 
