@@ -97,6 +97,7 @@ fn bench(c: &mut Criterion) {
         auth_exempt: false,
         shed_exempt: false,
         served: true,
+        access_text: keel::telemetry::access::MethodText::new("/user.v1.UserService/GetUser"),
     };
     let auth = AuthSettings { tokens: vec!["bench-token".to_owned()], ..AuthSettings::default() };
     let Ok(auth) = Authenticator::new(&auth, None) else {
@@ -109,6 +110,7 @@ fn bench(c: &mut Criterion) {
         shed: Shedder::new(1024, metrics.grpc_shed.clone()),
         limits: SizeLimits::new(4 << 20, 4 << 20),
         deadlines: DeadlinePolicy::new(Duration::from_secs(30), Duration::from_secs(300)),
+        echo_request_id: false,
     });
     // The layer reads tokio's clock for deadlines.
     let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_time().build() else {

@@ -40,6 +40,11 @@ fn is_change(line: &str, source: &str) -> bool {
     message(line).is_some_and(|(_, m)| m == "log level changed") && line.contains(&format!("\"source\":\"{source}\""))
 }
 
+/// The access line of a call (the REST GET of a missing user: NotFound, INFO).
+fn is_access(line: &str) -> bool {
+    message(line).is_some_and(|(level, m)| level == "INFO" && m == "rpc finished")
+}
+
 fn debug_lines(lines: &[String]) -> usize {
     lines.iter().filter(|l| message(l).is_some_and(|(level, m)| level == "DEBUG" && m == DEBUG_LINE)).count()
 }
@@ -106,11 +111,18 @@ async fn put_changes_what_is_logged_a_bad_filter_is_refused_and_sighup_restores_
         }
         assert_eq!(current_level(&keel).await?, "info,keel::http_server=debug", "after {bad:?}");
     }
+    // An access line at info first, so the access log has asked the filter.
+    let before_call = keel.logs().len();
+    fresh_get(keel.http, "/v1/users/nobody").await?;
+    wait_for_line(&keel, before_call, is_access)?;
     let json = HttpClient::new(keel.admin)
         .send(Method::PUT, "/log/level", &[], Some(r#"{"level":"warn,keel::http_server=debug"}"#))
         .await?;
     assert_eq!(json.status, StatusCode::OK, "{}", json.text());
     assert_eq!(current_level(&keel).await?, "warn,keel::http_server=debug");
+    // At warn, the access line of an ordinary call is gone at once.
+    let at_warn = keel.logs().len();
+    fresh_get(keel.http, "/v1/users/nobody").await?;
 
     // SIGHUP rereads the config files: back to their `info`.
     let seen = keel.logs().len();
@@ -125,6 +137,14 @@ async fn put_changes_what_is_logged_a_bad_filter_is_refused_and_sighup_restores_
     let end = wait_for_line(&keel, restored + 1, |l| is_change(l, "api"))?;
     let after = keel.logs()[restored..end].to_vec();
     assert_eq!(debug_lines(&after), 0, "debug lines after SIGHUP restored info:\n{}", after.join(""));
+    let warned = keel.logs()[at_warn..restored].to_vec();
+    assert!(!warned.iter().any(|l| is_access(l)), "an access line at warn:\n{}", warned.join(""));
+    assert_eq!(
+        after.iter().filter(|l| is_access(l)).count(),
+        1,
+        "the access line is back at info:\n{}",
+        after.join("")
+    );
 
     // An edited config file is what SIGHUP applies.
     std::fs::write(&config, "log:\n  level: \"info,keel::http_server=debug\"\n")?;

@@ -255,3 +255,43 @@ async fn a_request_id_follows_the_call_through_gateway_and_grpc_logs() -> Result
     }
     app.stop().await
 }
+
+#[tokio::test]
+async fn grpc_responses_echo_the_request_id_unless_turned_off() -> Result<()> {
+    let logs = captured_logs();
+    let app = spawn_app().await?;
+    create(&app, "echo").await?;
+    let generated = app.users()?.get_user(GetUserRequest { user_id: "echo".into() }).await?;
+    let id = generated.metadata().get("x-request-id").and_then(|v| v.to_str().ok()).context("no echoed id")?;
+    assert_eq!(id.len(), 36, "a generated UUID: {id}");
+    // Errors are trailers-only responses: the id is on them too.
+    let missing = app.users()?.get_user(GetUserRequest { user_id: "nobody".into() }).await;
+    let status = missing.err().context("an unknown user is an error")?;
+    assert_eq!(status.code(), tonic::Code::NotFound);
+    assert_eq!(status.metadata().get("x-request-id").map(|v| v.len()), Some(36));
+    // The gateway's answer carries its one id, and the gRPC side's echo as
+    // metadata, as grpc-gateway forwards it.
+    let response = app.http().send(Method::GET, "/v1/users/echo", &[("x-request-id", "via-rest-1")], None).await?;
+    assert_eq!(response.status, StatusCode::OK);
+    let ids: Vec<_> = response.headers.get_all("x-request-id").iter().map(|v| v.as_bytes().to_vec()).collect();
+    assert_eq!(ids, vec![b"via-rest-1".to_vec()]);
+    assert_eq!(response.header("grpc-metadata-x-request-id"), Some("via-rest-1"));
+    app.stop().await?;
+
+    let quiet = support::spawn_app_with(|settings| settings.grpc.echo_request_id = false).await?;
+    create(&quiet, "echo").await?;
+    let mut request = tonic::Request::new(GetUserRequest { user_id: "echo".into() });
+    request.metadata_mut().insert("x-request-id", "not-echoed-7".parse()?);
+    let answered = quiet.users()?.get_user(request).await?;
+    assert_eq!(answered.metadata().get("x-request-id"), None, "grpc.echo_request_id: false");
+    // Still the call's id everywhere else, and still echoed by the gateway.
+    eventually(READY_BOUND, || async {
+        logs.lines().iter().any(|line| line["message"] == "rpc finished" && line["request_id"] == "not-echoed-7")
+    })
+    .await
+    .context("the id is still logged")?;
+    let response = quiet.http().send(Method::GET, "/v1/users/echo", &[("x-request-id", "via-rest-2")], None).await?;
+    assert_eq!(response.header("x-request-id"), Some("via-rest-2"));
+    assert_eq!(response.header("grpc-metadata-x-request-id"), None);
+    quiet.stop().await
+}

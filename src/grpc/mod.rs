@@ -166,6 +166,7 @@ impl GrpcServer {
             shed,
             limits: SizeLimits::new(settings.max_decoding_message_size.0, settings.max_encoding_message_size.0),
             deadlines: DeadlinePolicy::new(settings.default_timeout, settings.max_timeout),
+            echo_request_id: settings.echo_request_id,
         });
         Ok(Self { incoming, addr, settings: settings.clone(), layers, routes: services.take_routes() })
     }

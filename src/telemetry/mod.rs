@@ -195,6 +195,7 @@ impl LogFilter {
             self.handle.reload(filter).map_err(LogFilterError::Reload)?;
             std::mem::replace(&mut *current, directives.to_owned())
         };
+        access::levels_changed();
         self.changes.fetch_add(1, Ordering::Relaxed);
         // WARN, so the change shows under every filter short of `error`.
         tracing::warn!(previous = %previous, level = %directives, source, "log level changed");
@@ -317,6 +318,8 @@ where
         let (layer, provider) = otel::layer(tracing)?;
         CALL_SPANS.store(layer.is_some() || log.format == LogFormat::Pretty, Ordering::Relaxed);
         registry.with(layer).try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        // Lines recorded between the sink and the subscriber saw no filter.
+        access::levels_changed();
         let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard { provider })
     }
@@ -325,6 +328,7 @@ where
         let _ = tracing;
         CALL_SPANS.store(log.format == LogFormat::Pretty, Ordering::Relaxed);
         registry.try_init().map_err(|_| TelemetryError::AlreadyInstalled)?;
+        access::levels_changed();
         let _ = LOG_FILTER.set(LogFilter { handle, current: Mutex::new(directives), changes: AtomicU64::new(0) });
         Ok(TelemetryGuard {})
     }
@@ -539,6 +543,7 @@ mod call_fields_tests {
             auth_exempt: false,
             shed_exempt: false,
             served: true,
+            access_text: super::access::MethodText::new(path),
         };
         Caller {
             request_id: RequestId::new(id).unwrap_or_else(RequestId::generate),

@@ -104,6 +104,10 @@ impl CallLog {
     pub fn finish(self, code: Code, sent: u64) {
         let duration = self.start.elapsed();
         let method_is_plain = matches!(self.method, Method::Known(_));
+        let method_text = match &self.method {
+            Method::Known(info) => Some(&info.access_text),
+            Method::Unknown(_) => None,
+        };
         let method = match &self.method {
             Method::Known(info) => {
                 if let Some(metrics) = &info.metrics {
@@ -117,6 +121,7 @@ impl CallLog {
         access::record(&access::Entry {
             method,
             method_is_plain,
+            method_text,
             code,
             duration,
             peer: self.peer.as_entry(),

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::metrics::{GrpcFamilies, MethodMetrics};
 use crate::registry::Service;
+use crate::telemetry::access::MethodText;
 
 /// go-grpc-middleware's `grpc_type` label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -65,6 +66,8 @@ pub struct MethodInfo {
     /// A method of a registered service; false for a path no service has,
     /// which the router answers UNIMPLEMENTED, for every caller alike.
     pub served: bool,
+    /// The fixed part of this method's access line, made once here.
+    pub access_text: MethodText,
 }
 
 /// FNV-1a: the method table hashes every call's path, and SipHash over a
@@ -123,6 +126,7 @@ impl MethodTable {
                     // (health Watch) would be an unbounded way in.
                     shed_exempt: service.policy.shed_exempt && grpc_type == GrpcType::Unary,
                     served: true,
+                    access_text: MethodText::new(&path),
                 };
                 by_path.insert(path, Arc::new(info));
             }
@@ -148,6 +152,7 @@ impl MethodTable {
                 auth_exempt: false,
                 shed_exempt: false,
                 served: false,
+                access_text: MethodText::new(""),
             }),
         }
     }

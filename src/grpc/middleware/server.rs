@@ -16,7 +16,7 @@
 //! 8. the handler, polled under panic recovery ([`super::recover`]).
 //!
 //! On the way out, the size limits rewrite the status, the request id is
-//! added to the headers, and the response body (one wrapper) enforces the
+//! added to the headers (unless `grpc.echo_request_id` is off), and the response body (one wrapper) enforces the
 //! encoding limit, counts the messages sent and, once the trailers pass,
 //! ends the call: its metrics, its access line and its shedding slot.
 //!
@@ -105,6 +105,10 @@ pub struct CallPolicy {
     pub limits: SizeLimits,
     /// `grpc.default_timeout` and `grpc.max_timeout`.
     pub deadlines: DeadlinePolicy,
+    /// `grpc.echo_request_id`: whether responses carry `x-request-id`
+    /// (gateway calls too: grpc-gateway clients read it as
+    /// `Grpc-Metadata-X-Request-Id`).
+    pub echo_request_id: bool,
 }
 
 /// The call layer; see the module doc.
@@ -188,7 +192,7 @@ where
         let log = CallLog::start(&mut request, start, method, id.clone(), span);
         // Boxed: it moves from the future to the response body, and the
         // body moves through tonic's layers before tonic boxes it.
-        let mut call = Box::new(CallState { log, permit: None, limits: policy.limits });
+        let mut call = Box::new(CallState { log, permit: None, limits: policy.limits, echo: policy.echo_request_id });
 
         let single = method.grpc_type.single_request();
         let streamed_in = (!single).then(|| method.metrics.clone()).flatten();
@@ -263,6 +267,8 @@ struct CallState {
     /// `None` until the call is admitted.
     permit: Option<Permit>,
     limits: SizeLimits,
+    /// Put `x-request-id` on the response headers.
+    echo: bool,
 }
 
 impl CallState {
@@ -389,7 +395,9 @@ where
         match result {
             Ok(mut response) => {
                 let code = call.limits.rewrite(response.headers_mut());
-                response.headers_mut().insert(X_REQUEST_ID, call.log.request_id().header().clone());
+                if call.echo {
+                    response.headers_mut().insert(X_REQUEST_ID, call.log.request_id().header().clone());
+                }
                 // A trailers-only response (every error tonic returns from a
                 // handler) ends the call with its headers.
                 let call = match code {
