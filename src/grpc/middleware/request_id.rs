@@ -1,8 +1,8 @@
 //! Request ids: taken from `x-request-id` or generated, echoed in the
 //! response metadata (by the gateway always, on gRPC responses unless
-//! `grpc.echo_request_id` is off), and carried by the call's [`Caller`] (and its span,
-//! when spans are on) so every log line of the call, in every step and in
-//! the handler, names it. The [`Caller`] is the call's one task-local: the
+//! `grpc.echo_request_id` is off), and carried by the call's [`Caller`]
+//! (and its span, when spans are on) so every log line of the call, in
+//! every step and in the handler, names it. The [`Caller`] is the call's one task-local: the
 //! downstream clients, the log format and the store read it.
 
 use std::cell::RefCell;

@@ -16,9 +16,10 @@
 //! 8. the handler, polled under panic recovery ([`super::recover`]).
 //!
 //! On the way out, the size limits rewrite the status, the request id is
-//! added to the headers (unless `grpc.echo_request_id` is off), and the response body (one wrapper) enforces the
-//! encoding limit, counts the messages sent and, once the trailers pass,
-//! ends the call: its metrics, its access line and its shedding slot.
+//! added to the headers (unless `grpc.echo_request_id` is off), and the
+//! response body (one wrapper) enforces the encoding limit, counts the
+//! messages sent and, once the trailers pass, ends the call: its metrics,
+//! its access line and its shedding slot.
 //!
 //! Why one layer rather than one per step: as eight tower layers, each step
 //! had its own future, its own body wrapper and its own lookups in the
