@@ -97,7 +97,7 @@ fn bench(c: &mut Criterion) {
         auth_exempt: false,
         shed_exempt: false,
         served: true,
-        access_text: keel::telemetry::access::MethodText::new("/user.v1.UserService/GetUser"),
+        access_text: Some(keel::telemetry::access::MethodText::new("/user.v1.UserService/GetUser")),
     };
     let auth = AuthSettings { tokens: vec!["bench-token".to_owned()], ..AuthSettings::default() };
     let Ok(auth) = Authenticator::new(&auth, None) else {

@@ -54,15 +54,43 @@ pub enum SecretFileError {
 /// The current value of a secret read from files. Cloning is cheap and
 /// every clone sees reloads.
 pub struct Watched<T> {
+    current: Current<T>,
+}
+
+enum Current<T> {
+    /// Never reloaded: read as it is, with no swap to go through (an
+    /// `ArcSwap` load was a third of the static-token check of every call).
+    Fixed(Arc<T>),
     /// Swapped whole on reload. `ArcSwap` rather than a lock: every call
     /// reads the static tokens, and a read lock, shared by all cores, was a
     /// contended write to one cache line per call.
-    current: Arc<ArcSwap<T>>,
+    Swapped(Arc<ArcSwap<T>>),
+}
+
+/// A borrowed look at a [`Watched`] value; see [`Watched::peek`].
+pub enum Peek<'a, T> {
+    Fixed(&'a T),
+    Swapped(arc_swap::Guard<Arc<T>>),
+}
+
+impl<T> std::ops::Deref for Peek<'_, T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        match self {
+            Self::Fixed(value) => value,
+            Self::Swapped(guard) => guard,
+        }
+    }
 }
 
 impl<T> Clone for Watched<T> {
     fn clone(&self) -> Self {
-        Self { current: self.current.clone() }
+        let current = match &self.current {
+            Current::Fixed(value) => Current::Fixed(value.clone()),
+            Current::Swapped(swap) => Current::Swapped(swap.clone()),
+        };
+        Self { current }
     }
 }
 
@@ -77,18 +105,24 @@ impl<T> Watched<T> {
     /// A value that never changes (a secret given inline in config, or a
     /// test), so callers handle both cases alike.
     pub fn fixed(value: T) -> Self {
-        Self { current: Arc::new(ArcSwap::from_pointee(value)) }
+        Self { current: Current::Fixed(Arc::new(value)) }
     }
 
     /// The value as of the last successful read.
     pub fn get(&self) -> Arc<T> {
-        self.current.load_full()
+        match &self.current {
+            Current::Fixed(value) => value.clone(),
+            Current::Swapped(swap) => swap.load_full(),
+        }
     }
 
     /// The value as of the last successful read, borrowed for a moment (a
     /// request's check): no reference count is touched.
-    pub fn peek(&self) -> arc_swap::Guard<Arc<T>> {
-        self.current.load()
+    pub fn peek(&self) -> Peek<'_, T> {
+        match &self.current {
+            Current::Fixed(value) => Peek::Fixed(value),
+            Current::Swapped(swap) => Peek::Swapped(swap.load()),
+        }
     }
 
     fn set(current: &ArcSwap<T>, value: T) {
@@ -122,12 +156,13 @@ where
         path: paths.first().cloned().unwrap_or_default(),
         reason,
     })?;
-    let watched = Watched::fixed(value);
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        let weak = Arc::downgrade(&watched.current);
-        runtime.spawn(poll(secret, paths, interval, Box::new(parse), contents, weak));
-    }
-    Ok(watched)
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        // Nothing can poll the files: the value is fixed.
+        return Ok(Watched::fixed(value));
+    };
+    let swap = Arc::new(ArcSwap::from_pointee(value));
+    runtime.spawn(poll(secret, paths, interval, Box::new(parse), contents, Arc::downgrade(&swap)));
+    Ok(Watched { current: Current::Swapped(swap) })
 }
 
 async fn poll<T: Send + Sync + 'static>(

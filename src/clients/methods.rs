@@ -81,8 +81,8 @@ impl ClientMethods {
             auth_exempt: false,
             shed_exempt: false,
             served: true,
-            // Unused: client calls write no access line of their own.
-            access_text: crate::telemetry::access::MethodText::new(&path),
+            // Client calls write no access line of their own.
+            access_text: None,
         });
         let entry = ClientMethod { info, retryable: grpc_type == GrpcType::Unary && is_idempotent(method) };
         if let Ok(mut known) = self.known.write() {

@@ -543,7 +543,7 @@ mod call_fields_tests {
             auth_exempt: false,
             shed_exempt: false,
             served: true,
-            access_text: super::access::MethodText::new(path),
+            access_text: None,
         };
         Caller {
             request_id: RequestId::new(id).unwrap_or_else(RequestId::generate),

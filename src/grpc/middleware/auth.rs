@@ -12,8 +12,6 @@
 //! Static tokens are the operator's own credentials and are not scoped:
 //! they pass `auth.jwt.required_scopes`.
 
-use std::sync::Arc;
-
 use tonic::Status;
 
 use super::method::MethodInfo;
@@ -30,37 +28,11 @@ type TokenSet = Box<[Box<[u8]>]>;
 pub struct Authenticator {
     /// The current static tokens: fixed for `auth.tokens`, swapped on
     /// reload for `auth.tokens_file`. Each call reads the set once.
-    tokens: Tokens,
+    tokens: Watched<TokenSet>,
     /// Whether static tokens are configured, decided at start: a tokens file
     /// never parses to an empty set, so a reload cannot switch auth off.
     static_tokens: bool,
     jwt: Option<JwtAuth>,
-}
-
-/// Fixed tokens are read as they are; only a watched file's pay for the
-/// swap (an `ArcSwap` load per call, a third of the check).
-#[derive(Clone)]
-enum Tokens {
-    Fixed(Arc<TokenSet>),
-    Watched(Watched<TokenSet>),
-}
-
-impl Tokens {
-    fn accepts(&self, token: &[u8]) -> bool {
-        // Compare against every token, without stopping at a match.
-        let any = |set: &TokenSet| set.iter().fold(false, |found, known| found | constant_time_eq(known, token));
-        match self {
-            Self::Fixed(set) => any(set),
-            Self::Watched(watched) => any(&watched.peek()),
-        }
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Self::Fixed(set) => set.len(),
-            Self::Watched(watched) => watched.get().len(),
-        }
-    }
 }
 
 fn token_set(tokens: &[String]) -> TokenSet {
@@ -69,7 +41,7 @@ fn token_set(tokens: &[String]) -> TokenSet {
 
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Authenticator({} tokens, jwt: {})", self.tokens.len(), self.jwt.is_some())
+        write!(f, "Authenticator({} tokens, jwt: {})", self.tokens.get().len(), self.jwt.is_some())
     }
 }
 
@@ -88,12 +60,12 @@ impl Authenticator {
         interval: std::time::Duration,
     ) -> Result<Self, SecretFileError> {
         if settings.disabled {
-            return Ok(Self { tokens: Tokens::Fixed(Arc::default()), static_tokens: false, jwt: None });
+            return Ok(Self { tokens: Watched::fixed(TokenSet::default()), static_tokens: false, jwt: None });
         }
         if settings.tokens_file.is_empty() {
             let tokens = token_set(&settings.tokens);
             let static_tokens = !tokens.is_empty();
-            return Ok(Self { tokens: Tokens::Fixed(Arc::new(tokens)), static_tokens, jwt });
+            return Ok(Self { tokens: Watched::fixed(tokens), static_tokens, jwt });
         }
         let tokens = secret_file::watch(
             "auth.tokens_file",
@@ -104,7 +76,7 @@ impl Authenticator {
                 parse_tokens(first).map(|tokens| token_set(&tokens))
             },
         )?;
-        Ok(Self { tokens: Tokens::Watched(tokens), static_tokens: true, jwt })
+        Ok(Self { tokens, static_tokens: true, jwt })
     }
 
     pub fn enabled(&self) -> bool {
@@ -114,7 +86,8 @@ impl Authenticator {
     /// Checks an `authorization` header value.
     pub fn accepts(&self, header: Option<&[u8]>) -> bool {
         let Some(token) = header.and_then(bearer_token) else { return false };
-        self.tokens.accepts(token)
+        // Compare against every token, without stopping at a match.
+        self.tokens.peek().iter().fold(false, |found, known| found | constant_time_eq(known, token))
     }
 }
 

@@ -105,7 +105,7 @@ impl CallLog {
         let duration = self.start.elapsed();
         let method_is_plain = matches!(self.method, Method::Known(_));
         let method_text = match &self.method {
-            Method::Known(info) => Some(&info.access_text),
+            Method::Known(info) => info.access_text.as_ref(),
             Method::Unknown(_) => None,
         };
         let method = match &self.method {

@@ -66,8 +66,10 @@ pub struct MethodInfo {
     /// A method of a registered service; false for a path no service has,
     /// which the router answers UNIMPLEMENTED, for every caller alike.
     pub served: bool,
-    /// The fixed part of this method's access line, made once here.
-    pub access_text: MethodText,
+    /// The fixed part of this method's access line, made once here; `None`
+    /// where no access line names the method (paths no service has, and
+    /// the methods downstream clients call).
+    pub access_text: Option<MethodText>,
 }
 
 /// FNV-1a: the method table hashes every call's path, and SipHash over a
@@ -126,7 +128,7 @@ impl MethodTable {
                     // (health Watch) would be an unbounded way in.
                     shed_exempt: service.policy.shed_exempt && grpc_type == GrpcType::Unary,
                     served: true,
-                    access_text: MethodText::new(&path),
+                    access_text: Some(MethodText::new(&path)),
                 };
                 by_path.insert(path, Arc::new(info));
             }
@@ -152,7 +154,7 @@ impl MethodTable {
                 auth_exempt: false,
                 shed_exempt: false,
                 served: false,
-                access_text: MethodText::new(""),
+                access_text: None,
             }),
         }
     }
