@@ -9,6 +9,16 @@ machine's load falls on both. A ratio is keel / bare within one round; the
 table shows the median over rounds of those paired ratios, and the medians
 of the raw figures beside them.
 
+The saturation rows (gRPC GetUser, REST GET, ListUsers) come from a
+phase of their own in each round: keel and bare are both started, and
+loaded in turn, several short runs each
+(--pairs, alternating which goes first). A round's ratio is the median of
+its pairs' ratios. On a 2-core machine the same binary's saturation
+throughput swings by a quarter from one run to the next (which connection
+lands on which worker, and what else the host runs), so one 10-second run
+per target per round minutes apart, as before, moved the 3-round median
+by more than the margin the targets leave.
+
 Only the standard library: the load comes from h2load, wrk and the Rust
 `bench-client`; this script starts processes, reads /proc and does sums.
 """
@@ -357,52 +367,107 @@ def measure_cpu(target, rest, action):
     return result, target.cpu(rest) - before
 
 
+def saturation_pairs(targets, args, bins, work):
+    """The saturation runs of scenarios 1, 2 and 3a, on both targets started
+    side by side with users seeded: `args.pairs` pairs of short runs, each
+    pair loading bare and keel in turn (the first of the pair alternating)
+    with a gRPC GetUser run, a REST GET run and a ListUsers run. An idle
+    server costs next to nothing, so each run has the machine to itself.
+    Returns each target's figures (medians over the pairs, errors summed)
+    and the round's ratios (medians of the pairs' keel / bare)."""
+    body = work / "get_user.bin"
+    runs = {name: [] for name in targets}
+    keel = targets["keel"]
+    errors = {"grpc_errors": 0, "rest_errors": 0, "list_errors": 0}
+    codes = {"grpc_codes": {}, "rest_codes": {}}
+
+    def server_side(key, method, action):
+        """Runs `action`, adding keel's non-OK calls of `method` meanwhile."""
+        before = keel.handled(method)
+        result = action()
+        after = keel.handled(method)
+        errors[key] += errors_between(before, after)
+        if key in ("grpc_errors", "rest_errors"):
+            for code, n in codes_between(before, after).items():
+                codes[key.replace("errors", "codes")][code] = codes[key.replace("errors", "codes")].get(code, 0) + n
+        return result
+
+    for target in targets.values():
+        # The bare hop opens its channel on the first call.
+        wrk(f"http://127.0.0.1:{target.rest_port}/v1/users/{USER_ID}", 1)
+    for i in range(args.pairs):
+        for name in (["bare", "keel"] if i % 2 == 0 else ["keel", "bare"]):
+            target = targets[name]
+            grpc_url = f"http://127.0.0.1:{target.grpc_port}/user.v1.UserService/GetUser"
+            rest_url = f"http://127.0.0.1:{target.rest_port}/v1/users/{USER_ID}"
+            count = server_side if target.keel else (lambda key, method, action: action())
+            # No warm-up (seeding warmed the server), so the CPU delta and
+            # the request count cover the same run.
+            sat, cpu = count("grpc_errors", "GetUser", lambda: measure_cpu(
+                target, False, lambda: h2load(grpc_url, args.pair_seconds, work, 4, 64, body=body, warmup=0)
+            ))
+            rest, rest_cpu = count("rest_errors", "GetUser", lambda: measure_cpu(
+                target, True, lambda: wrk(rest_url, args.pair_seconds)
+            ))
+            listed, list_cpu = count("list_errors", "ListUsers", lambda: measure_cpu(
+                target, False, lambda: run_client(bins, target, "list", "--seconds", args.list_seconds)
+            ))
+            runs[name].append({
+                "grpc_rps": sat["rps"],
+                "grpc_cpu_us": cpu / max(1, sat["done"]) * 1e6,
+                "grpc_client_failed": sat["client_failed"],
+                "rest_rps": rest["rps"],
+                "rest_cpu_us": rest_cpu / max(1, rest["requests"]) * 1e6,
+                "rest_sat_p50_ms": rest["sat_p50_ms"],
+                "rest_sat_p99_ms": rest["sat_p99_ms"],
+                "rest_grpc": rest["rps"] / sat["rps"] if sat["rps"] else float("nan"),
+                "rest_non2xx": rest["non2xx"],
+                "rest_socket_errors": rest["socket_errors"],
+                "list_msgs_per_s": listed["messages"] / listed["seconds"],
+                "list_cpu_us": list_cpu / max(1, listed["messages"]) * 1e6,
+                "list_errors": listed["errors"],
+            })
+    keys = ["grpc_rps", "grpc_cpu_us", "rest_rps", "rest_cpu_us", "rest_sat_p50_ms", "rest_sat_p99_ms",
+            "rest_grpc", "list_msgs_per_s", "list_cpu_us"]
+    figures = {}
+    for name, per_run in runs.items():
+        figures[name] = {key: median([run[key] for run in per_run if run[key] is not None]) for key in keys}
+        figures[name]["grpc_client_failed"] = sum(run["grpc_client_failed"] for run in per_run)
+        figures[name]["rest_errors"] = sum(run["rest_non2xx"] for run in per_run)
+        figures[name]["rest_socket_errors"] = sum(run["rest_socket_errors"] for run in per_run)
+        figures[name]["list_errors"] = sum(run["list_errors"] for run in per_run)
+        figures[name]["pairs"] = per_run
+    # The bare servers keep no counts; h2load cannot see grpc-status.
+    figures["keel"]["grpc_errors"] = errors["grpc_errors"]
+    figures["keel"]["rest_errors"] += errors["rest_errors"]
+    figures["keel"]["list_errors"] += errors["list_errors"]
+    figures["keel"].update(codes)
+    figures["bare"]["grpc_errors"] = None
+    ratios = {
+        key: median([k[key] / b[key] for k, b in zip(runs["keel"], runs["bare"]) if k[key] is not None and b[key]])
+        for key in keys
+    }
+    return figures, ratios
+
+
 def load_scenarios(target, args, bins, work):
-    """Scenarios 1-3 on a started target with users seeded."""
+    """The fixed-rate latency runs of scenarios 1 and 2, and scenario 6, on
+    a started target with users seeded; the saturation runs are in
+    `saturation_pairs`."""
     r = {}
     body = work / "get_user.bin"
     grpc_url = f"http://127.0.0.1:{target.grpc_port}/user.v1.UserService/GetUser"
     rest_url = f"http://127.0.0.1:{target.rest_port}/v1/users/{USER_ID}"
 
-    # 1. gRPC unary at saturation, then at a fixed rate for latency.
-    before = target.handled("GetUser")
-    # No warm-up (seeding warmed the server), so the CPU delta and the
-    # request count cover the same run.
-    sat, cpu = measure_cpu(target, False, lambda: h2load(grpc_url, args.seconds, work, 4, 64, body=body, warmup=0))
-    after = target.handled("GetUser")
-    r["grpc_rps"] = sat["rps"]
-    r["grpc_cpu_us"] = cpu / max(1, sat["done"]) * 1e6
-    # The bare server keeps no counts; h2load cannot see grpc-status.
-    r["grpc_errors"] = errors_between(before, after) if target.keel else None
-    r["grpc_codes"] = codes_between(before, after)
-    r["grpc_client_failed"] = sat["client_failed"]
+    # 1. gRPC unary at a fixed rate, for latency.
     fixed = h2load(grpc_url, args.seconds, work, 4, 64, rps=args.grpc_rate, body=body)
     r["grpc_p50_ms"], r["grpc_p99_ms"] = fixed["p50_ms"], fixed["p99_ms"]
     r["grpc_fixed_rps"] = fixed["rps"]
 
-    # 2. REST GET through the gateway / the bare hop.
-    before = target.handled("GetUser")
-    wrk(rest_url, 1)  # warm the gateway's channel and the JIT-less caches
-    sat, cpu = measure_cpu(target, True, lambda: wrk(rest_url, args.seconds))
-    after = target.handled("GetUser")
-    r["rest_rps"] = sat["rps"]
-    r["rest_cpu_us"] = cpu / max(1, sat["requests"]) * 1e6
-    r["rest_sat_p50_ms"], r["rest_sat_p99_ms"] = sat["sat_p50_ms"], sat["sat_p99_ms"]
-    r["rest_errors"] = sat["non2xx"] + (errors_between(before, after) if target.keel else 0)
-    r["rest_socket_errors"] = sat["socket_errors"]
-    r["rest_codes"] = codes_between(before, after)
+    # 2. REST GET at a fixed rate, for latency.
     fixed = h2load(rest_url, args.seconds, work, 16, 1, rps=args.rest_rate, h1=True)
     r["rest_p50_ms"], r["rest_p99_ms"] = fixed["p50_ms"], fixed["p99_ms"]
     r["rest_fixed_rps"] = fixed["rps"]
-    r["rest_grpc"] = r["rest_rps"] / r["grpc_rps"]
-
-    # 3a. ListUsers over the seeded users.
-    before = target.handled("ListUsers")
-    listed, cpu = measure_cpu(target, False, lambda: run_client(bins, target, "list", "--seconds", args.seconds // 2 or 1))
-    after = target.handled("ListUsers")
-    r["list_msgs_per_s"] = listed["messages"] / listed["seconds"]
-    r["list_cpu_us"] = cpu / max(1, listed["messages"]) * 1e6
-    r["list_errors"] = listed["errors"] + (errors_between(before, after) if target.keel else 0)
 
     # 6. A REST GET while 1,100 REST watch streams are open (the bare hop
     # has no watch route: keel only).
@@ -557,7 +622,7 @@ def memory_scenarios(target, args, bins):
 
 ROWS = [
     # (key, scenario, unit, better, target)
-    ("grpc_rps", "1 gRPC GetUser, h2load c4 m64", "req/s", "higher", "≥ 0.90×"),
+    ("grpc_rps", "1 gRPC GetUser, h2load c4 m64 (--pairs runs per round)", "req/s", "higher", "≥ 0.90×"),
     ("grpc_cpu_us", "1 gRPC GetUser", "CPU-µs/req", "lower", "≤ 1.15×"),
     ("grpc_fixed_rps", "1 gRPC GetUser, fixed-rate run: achieved (--grpc-rate, default 20,000)", "req/s", "higher", ""),
     ("grpc_p50_ms", "1 gRPC GetUser @ fixed rate", "p50 ms", "lower", ""),
@@ -565,14 +630,14 @@ ROWS = [
     ("grpc_errors", "1 gRPC GetUser (server-side non-OK, Canceled aside)", "calls, all rounds", "lower", "0"),
     ("log_bytes_per_line", "1, 2, 3, 6 keel stdout (access log), per line", "bytes", "lower", ""),
     ("log_mb", "1, 2, 3, 6 keel stdout written per round", "MB", "lower", ""),
-    ("rest_rps", "2 REST GET /v1/users/{id}, wrk c64", "req/s", "higher", "≥ 1.3×"),
+    ("rest_rps", "2 REST GET /v1/users/{id}, wrk c64 (--pairs runs per round)", "req/s", "higher", "≥ 1.3×"),
     ("rest_cpu_us", "2 REST GET (bare: both processes)", "CPU-µs/req", "lower", ""),
     ("rest_fixed_rps", "2 REST GET, fixed-rate run: achieved (--rest-rate, default 5,000)", "req/s", "higher", ""),
     ("rest_p50_ms", "2 REST GET @ fixed rate", "p50 ms", "lower", ""),
     ("rest_p99_ms", "2 REST GET @ fixed rate", "p99 ms", "lower", ""),
     ("rest_errors", "2 REST GET (non-2xx + server-side non-OK)", "calls, all rounds", "lower", "0"),
     ("rest_grpc", "2 REST/gRPC req/s", "ratio", "higher", ""),
-    ("list_msgs_per_s", "3 ListUsers, 10,000 users", "msgs/s", "higher", "≥ 0.90×"),
+    ("list_msgs_per_s", "3 ListUsers, 10,000 users (--pairs runs per round)", "msgs/s", "higher", "≥ 0.90×"),
     ("list_cpu_us", "3 ListUsers", "CPU-µs/msg", "lower", ""),
     ("watch_events_per_s", "3 WatchUsers fan-out, 1,000 subscribers", "events/s", "higher", ""),
     ("watch_delivered_ratio", "3 WatchUsers delivered / expected", "ratio", "higher", "1.00"),
@@ -628,7 +693,12 @@ def table(rounds):
             total = lambda xs: "not counted" if any(x is None for x in xs) else str(sum(xs))
             lines.append(f"| {scenario} | {unit} | {total(bare)} | {total(keel)} | — | {goal} |")
             continue
-        ratios = [k / b for k, b in zip(keel, bare) if k is not None and b not in (None, 0) and k == k and b == b]
+        # A round's own ratio when it has one (the median of its pairs).
+        ratios = [
+            r["ratios"][key] if key in r.get("ratios", {}) else k / b
+            for r, k, b in zip(rounds, keel, bare)
+            if key in r.get("ratios", {}) or (k is not None and b not in (None, 0) and k == k and b == b)
+        ]
         ratio = median(ratios)
         if ratio is None or key.endswith("errors"):
             ratio_text = "—"
@@ -670,6 +740,10 @@ def main():
     parser.add_argument("--table-from", type=Path, help="print the table of an earlier run's results.json and exit")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
+    parser.add_argument("--pairs", type=int, default=6,
+                        help="pairs of saturation runs (gRPC GetUser, ListUsers) per round, bare and keel in turn")
+    parser.add_argument("--pair-seconds", type=int, default=3, help="length of each gRPC saturation run of a pair")
+    parser.add_argument("--list-seconds", type=int, default=2, help="length of each ListUsers run of a pair")
     parser.add_argument("--grpc-rate", type=int, default=20000, help="total req/s of the fixed-rate gRPC run")
     parser.add_argument("--rest-rate", type=int, default=5000, help="total req/s of the fixed-rate REST run")
     parser.add_argument("--users", type=int, default=10000, help="users seeded for ListUsers")
@@ -702,7 +776,27 @@ def main():
     rounds = []
     for n in range(args.rounds):
         order = ["bare", "keel"] if n % 2 == 0 else ["keel", "bare"]
-        result = {}
+        result = {name: {} for name in order}
+        if args.only != "memory":
+            log(f"round {n + 1}/{args.rounds}: both: saturation pairs")
+            targets = {name: Target(name, args.bins, work) for name in order}
+            try:
+                for name in order:
+                    targets[name].start("pairs")
+                    seeded = run_client(args.bins, targets[name], "seed", "--count", args.users)
+                    if seeded["errors"]:
+                        raise RuntimeError(f"seeding failed for {seeded['errors']} users")
+                figures, ratios = saturation_pairs(targets, args, args.bins, work)
+                for target in targets.values():
+                    target.stop()
+                paired_log = log_volume(work / "keel-stdout-pairs.log", args.keep_logs, n + 1)
+            finally:
+                for target in targets.values():
+                    target.kill()
+            for name in order:
+                result[name].update(figures[name])
+            result["ratios"] = ratios
+            log("  pairs: " + ", ".join(f"{k}={fmt(v)}" for k, v in ratios.items()))
         for name in order:
             target = Target(name, args.bins, work)
             try:
@@ -716,13 +810,18 @@ def main():
                     r.update(load_scenarios(target, args, args.bins, work))
                     target.stop()
                     if target.keel:
-                        r.update(log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1))
+                        volume = log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1)
+                        lines = volume["log_lines"] + paired_log["log_lines"]
+                        size = volume["log_mb"] + paired_log["log_mb"]
+                        r.update(log_lines=lines, log_mb=size, log_bytes_per_line=size * 2**20 / max(1, lines))
                 if args.only != "load":
                     log(f"round {n + 1}/{args.rounds}: {name}: memory and lifecycle")
                     target.start("memory", rest=False)
                     r.update(memory_scenarios(target, args, args.bins))
-                result[name] = r
-                log(f"  {name}: " + ", ".join(f"{k}={v if isinstance(v, (dict, str)) else fmt(v)}" for k, v in r.items()))
+                result[name].update(r)
+                log(f"  {name}: " + ", ".join(
+                    f"{k}={v if isinstance(v, (dict, str)) else fmt(v)}" for k, v in r.items() if k != "pairs"
+                ))
             finally:
                 target.kill()
         rounds.append(result)
