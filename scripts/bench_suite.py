@@ -11,9 +11,8 @@ of the raw figures beside them.
 
 The saturation rows (gRPC GetUser, REST GET, ListUsers) come from a
 phase of their own in each round: keel and bare are both started, and
-loaded in turn, several short runs each
-(--pairs, alternating which goes first). A round's ratio is the median of
-its pairs' ratios. On a 2-core machine the same binary's saturation
+loaded in turn, several short runs each (--pairs, alternating which goes
+first). A round's ratio is the median of its pairs' ratios. On a 2-core machine the same binary's saturation
 throughput swings by a quarter from one run to the next (which connection
 lands on which worker, and what else the host runs), so one 10-second run
 per target per round minutes apart, as before, moved the 3-round median
@@ -377,19 +376,16 @@ def saturation_pairs(targets, args, bins, work):
     and the round's ratios (medians of the pairs' keel / bare)."""
     body = work / "get_user.bin"
     runs = {name: [] for name in targets}
-    keel = targets["keel"]
-    errors = {"grpc_errors": 0, "rest_errors": 0, "list_errors": 0}
-    codes = {"grpc_codes": {}, "rest_codes": {}}
+    # keel's non-OK calls by code, per scenario, summed over its runs.
+    codes = {"grpc": {}, "rest": {}, "list": {}}
 
-    def server_side(key, method, action):
-        """Runs `action`, adding keel's non-OK calls of `method` meanwhile."""
-        before = keel.handled(method)
+    def counted(target, scenario, method, action):
+        """Runs `action`; on keel, adds the non-OK calls of `method` that
+        ended meanwhile to `codes[scenario]`."""
+        before = target.handled(method)
         result = action()
-        after = keel.handled(method)
-        errors[key] += errors_between(before, after)
-        if key in ("grpc_errors", "rest_errors"):
-            for code, n in codes_between(before, after).items():
-                codes[key.replace("errors", "codes")][code] = codes[key.replace("errors", "codes")].get(code, 0) + n
+        for code, n in codes_between(before, target.handled(method)).items():
+            codes[scenario][code] = codes[scenario].get(code, 0) + n
         return result
 
     for target in targets.values():
@@ -400,16 +396,15 @@ def saturation_pairs(targets, args, bins, work):
             target = targets[name]
             grpc_url = f"http://127.0.0.1:{target.grpc_port}/user.v1.UserService/GetUser"
             rest_url = f"http://127.0.0.1:{target.rest_port}/v1/users/{USER_ID}"
-            count = server_side if target.keel else (lambda key, method, action: action())
             # No warm-up (seeding warmed the server), so the CPU delta and
             # the request count cover the same run.
-            sat, cpu = count("grpc_errors", "GetUser", lambda: measure_cpu(
+            sat, cpu = counted(target, "grpc", "GetUser", lambda: measure_cpu(
                 target, False, lambda: h2load(grpc_url, args.pair_seconds, work, 4, 64, body=body, warmup=0)
             ))
-            rest, rest_cpu = count("rest_errors", "GetUser", lambda: measure_cpu(
+            rest, rest_cpu = counted(target, "rest", "GetUser", lambda: measure_cpu(
                 target, True, lambda: wrk(rest_url, args.pair_seconds)
             ))
-            listed, list_cpu = count("list_errors", "ListUsers", lambda: measure_cpu(
+            listed, list_cpu = counted(target, "list", "ListUsers", lambda: measure_cpu(
                 target, False, lambda: run_client(bins, target, "list", "--seconds", args.list_seconds)
             ))
             runs[name].append({
@@ -437,11 +432,13 @@ def saturation_pairs(targets, args, bins, work):
         figures[name]["rest_socket_errors"] = sum(run["rest_socket_errors"] for run in per_run)
         figures[name]["list_errors"] = sum(run["list_errors"] for run in per_run)
         figures[name]["pairs"] = per_run
-    # The bare servers keep no counts; h2load cannot see grpc-status.
-    figures["keel"]["grpc_errors"] = errors["grpc_errors"]
-    figures["keel"]["rest_errors"] += errors["rest_errors"]
-    figures["keel"]["list_errors"] += errors["list_errors"]
-    figures["keel"].update(codes)
+    # The bare servers keep no counts (`handled` is empty for them), and
+    # h2load cannot see grpc-status.
+    failed = {scenario: errors_between({}, by_code) for scenario, by_code in codes.items()}
+    figures["keel"]["grpc_errors"] = failed["grpc"]
+    figures["keel"]["rest_errors"] += failed["rest"]
+    figures["keel"]["list_errors"] += failed["list"]
+    figures["keel"].update(grpc_codes=codes["grpc"], rest_codes=codes["rest"])
     figures["bare"]["grpc_errors"] = None
     ratios = {
         key: median([k[key] / b[key] for k, b in zip(runs["keel"], runs["bare"]) if k[key] is not None and b[key]])
@@ -450,7 +447,7 @@ def saturation_pairs(targets, args, bins, work):
     return figures, ratios
 
 
-def load_scenarios(target, args, bins, work):
+def load_scenarios(target, args, work):
     """The fixed-rate latency runs of scenarios 1 and 2, and scenario 6, on
     a started target with users seeded; the saturation runs are in
     `saturation_pairs`."""
@@ -479,10 +476,11 @@ def load_scenarios(target, args, bins, work):
 
 
 def log_volume(path, keep, round_no):
-    """How much keel wrote to stdout in the load scenarios (one access line
-    per call, plus the lifecycle lines). The file is large (about 300 MB
-    per round), so it is removed unless --keep-logs; the lines of calls
-    that did not end OK are kept in keel-non-ok-calls.log either way."""
+    """How much keel wrote to one stdout file (one access line per call,
+    plus the lifecycle lines), as (lines, bytes). The file is large (about
+    300 MB per phase and round), so it is removed unless --keep-logs; the
+    lines of calls that did not end OK are kept in keel-non-ok-calls.log
+    either way."""
     lines = size = 0
     with open(path, "rb") as f, open(path.parent / "keel-non-ok-calls.log", "ab") as failed:
         for line in f:
@@ -492,6 +490,12 @@ def log_volume(path, keep, round_no):
                 failed.write(f"round {round_no}: ".encode() + line)
     if not keep:
         path.unlink()
+    return lines, size
+
+
+def log_figures(*volumes):
+    """The log rows of the table, over the (lines, bytes) of several files."""
+    lines, size = sum(v[0] for v in volumes), sum(v[1] for v in volumes)
     return {"log_lines": lines, "log_bytes_per_line": size / max(1, lines), "log_mb": size / 2**20}
 
 
@@ -680,6 +684,17 @@ def median(values):
     return statistics.median(values) if values else None
 
 
+def round_ratio(result, key, keel, bare):
+    """A round's keel / bare for `key`: its own paired ratio when it has one
+    (the median of its pairs), else the ratio of its two figures; None
+    when a figure is missing, zero or NaN."""
+    if key in result.get("ratios", {}):
+        return result["ratios"][key]
+    if keel is None or bare in (None, 0) or keel != keel or bare != bare:
+        return None
+    return keel / bare
+
+
 def table(rounds):
     lines = [
         "| scenario | unit | bare (median) | keel (median) | keel / bare: median of paired ratios (each round) | target |",
@@ -693,12 +708,7 @@ def table(rounds):
             total = lambda xs: "not counted" if any(x is None for x in xs) else str(sum(xs))
             lines.append(f"| {scenario} | {unit} | {total(bare)} | {total(keel)} | — | {goal} |")
             continue
-        # A round's own ratio when it has one (the median of its pairs).
-        ratios = [
-            r["ratios"][key] if key in r.get("ratios", {}) else k / b
-            for r, k, b in zip(rounds, keel, bare)
-            if key in r.get("ratios", {}) or (k is not None and b not in (None, 0) and k == k and b == b)
-        ]
+        ratios = [x for x in map(lambda r, k, b: round_ratio(r, key, k, b), rounds, keel, bare) if x is not None]
         ratio = median(ratios)
         if ratio is None or key.endswith("errors"):
             ratio_text = "—"
@@ -741,8 +751,8 @@ def main():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10, help="length of each load run")
     parser.add_argument("--pairs", type=int, default=6,
-                        help="pairs of saturation runs (gRPC GetUser, ListUsers) per round, bare and keel in turn")
-    parser.add_argument("--pair-seconds", type=int, default=3, help="length of each gRPC saturation run of a pair")
+                        help="pairs of saturation runs (gRPC GetUser, REST GET, ListUsers) per round, bare and keel in turn")
+    parser.add_argument("--pair-seconds", type=int, default=3, help="length of each gRPC and REST saturation run of a pair")
     parser.add_argument("--list-seconds", type=int, default=2, help="length of each ListUsers run of a pair")
     parser.add_argument("--grpc-rate", type=int, default=20000, help="total req/s of the fixed-rate gRPC run")
     parser.add_argument("--rest-rate", type=int, default=5000, help="total req/s of the fixed-rate REST run")
@@ -789,6 +799,8 @@ def main():
                 figures, ratios = saturation_pairs(targets, args, args.bins, work)
                 for target in targets.values():
                     target.stop()
+                # Read (and removed) now, not after the load phase: the file
+                # runs to hundreds of MB.
                 paired_log = log_volume(work / "keel-stdout-pairs.log", args.keep_logs, n + 1)
             finally:
                 for target in targets.values():
@@ -807,13 +819,11 @@ def main():
                     seeded = run_client(args.bins, target, "seed", "--count", args.users)
                     if seeded["errors"]:
                         raise RuntimeError(f"seeding failed for {seeded['errors']} users")
-                    r.update(load_scenarios(target, args, args.bins, work))
+                    r.update(load_scenarios(target, args, work))
                     target.stop()
                     if target.keel:
-                        volume = log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1)
-                        lines = volume["log_lines"] + paired_log["log_lines"]
-                        size = volume["log_mb"] + paired_log["log_mb"]
-                        r.update(log_lines=lines, log_mb=size, log_bytes_per_line=size * 2**20 / max(1, lines))
+                        load_log = log_volume(work / "keel-stdout-load.log", args.keep_logs, n + 1)
+                        r.update(log_figures(paired_log, load_log))
                 if args.only != "load":
                     log(f"round {n + 1}/{args.rounds}: {name}: memory and lifecycle")
                     target.start("memory", rest=False)
