@@ -3,10 +3,13 @@
 //! gRPC metrics use exactly the names and labels of go-grpc-middleware's
 //! Prometheus provider, so dashboards and alerts built for Go services work
 //! unchanged. Label children are resolved once per method or route at
-//! startup; the request path only increments pre-resolved counters.
-//! Process metrics come from [`process`].
+//! startup; the request path only increments pre-resolved counters. The
+//! gRPC series, which every call touches several times, are kept per
+//! thread and summed at scrape time ([`sharded`]). Process metrics come
+//! from [`process`].
 
 mod process;
+mod sharded;
 
 use std::sync::Arc;
 
@@ -210,11 +213,11 @@ enum RpcSide {
 /// One side's (server or client) gRPC metric families.
 #[derive(Clone)]
 pub struct GrpcFamilies {
-    started: IntCounterVec,
-    handled: IntCounterVec,
-    msg_received: IntCounterVec,
-    msg_sent: IntCounterVec,
-    handling: HistogramVec,
+    /// The five families and their series, kept per thread
+    /// ([`sharded`]) and registered as one collector.
+    families: Arc<sharded::Families>,
+    /// The variable labels of the families without a code.
+    labels: &'static [&'static str],
     /// The `grpc_client_target` label of client families; `None` on the
     /// server side, which has no such label.
     target: Option<Arc<str>>,
@@ -236,21 +239,11 @@ impl GrpcFamilies {
             RpcSide::Server => ("grpc_server", "on the server"),
             RpcSide::Client => ("grpc_client", "by the client"),
         };
-        // go-grpc-middleware's labels; the client side adds its target.
-        let (labels, with_code): (&[&str], &[&str]) = match side {
-            RpcSide::Server => (
-                &["grpc_type", "grpc_service", "grpc_method"],
-                &["grpc_type", "grpc_service", "grpc_method", "grpc_code"],
-            ),
-            RpcSide::Client => (
-                &["grpc_type", "grpc_service", "grpc_method", "grpc_client_target"],
-                &["grpc_type", "grpc_service", "grpc_method", "grpc_code", "grpc_client_target"],
-            ),
-        };
-        let counter = |name: &str, help: String, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
-            let vec = IntCounterVec::new(Opts::new(format!("{prefix}_{name}"), help), labels)?;
-            registry.register(Box::new(vec.clone()))?;
-            Ok(vec)
+        // go-grpc-middleware's labels; the client side adds its target
+        // (and `handled_total` adds the code after the method).
+        let labels: &'static [&'static str] = match side {
+            RpcSide::Server => &["grpc_type", "grpc_service", "grpc_method"],
+            RpcSide::Client => &["grpc_type", "grpc_service", "grpc_method", "grpc_client_target"],
         };
         let (received_help, sent_help) = match side {
             RpcSide::Server => (
@@ -262,26 +255,29 @@ impl GrpcFamilies {
                 "Total number of gRPC stream messages sent by the client.",
             ),
         };
-        let handling = HistogramVec::new(
-            HistogramOpts::new(
-                format!("{prefix}_handling_seconds"),
-                format!(
-                    "Histogram of response latency (seconds) of gRPC that had been application-level handled {who}."
+        let text = |name: &str, help: String| sharded::FamilyText { name: format!("{prefix}_{name}"), help };
+        let families = Arc::new(sharded::Families::new(
+            [
+                text("started_total", format!("Total number of RPCs started {who}.")),
+                text(
+                    "handled_total",
+                    format!("Total number of RPCs completed {who}, regardless of success or failure."),
                 ),
-            ),
+                text("msg_received_total", received_help.to_owned()),
+                text("msg_sent_total", sent_help.to_owned()),
+                text(
+                    "handling_seconds",
+                    format!(
+                        "Histogram of response latency (seconds) of gRPC that had been application-level handled {who}."
+                    ),
+                ),
+            ],
             labels,
-        )?;
-        registry.register(Box::new(handling.clone()))?;
+        )?);
+        registry.register(Box::new(SharedFamilies(families.clone())))?;
         Ok(Self {
-            started: counter("started_total", format!("Total number of RPCs started {who}."), labels)?,
-            handled: counter(
-                "handled_total",
-                format!("Total number of RPCs completed {who}, regardless of success or failure."),
-                with_code,
-            )?,
-            msg_received: counter("msg_received_total", received_help.to_owned(), labels)?,
-            msg_sent: counter("msg_sent_total", sent_help.to_owned(), labels)?,
-            handling,
+            families,
+            labels,
             target: match side {
                 RpcSide::Server => None,
                 RpcSide::Client => Some(Arc::from(GATEWAY_TARGET)),
@@ -291,58 +287,50 @@ impl GrpcFamilies {
 
     /// Resolves (and so pre-initialises at zero) every series of a method.
     pub fn method(&self, grpc_type: &str, service: &str, method: &str) -> MethodMetrics {
-        let target = self.target.as_deref();
-        let mut labels = vec![grpc_type, service, method];
-        labels.extend(target);
-        let handled = ALL_CODES.map(|code| {
-            let mut with_code = vec![grpc_type, service, method, code_name(code)];
-            with_code.extend(target);
-            self.handled.with_label_values(&with_code)
-        });
-        MethodMetrics(Arc::new(MethodSeries {
-            started: self.started.with_label_values(&labels),
-            msg_received: self.msg_received.with_label_values(&labels),
-            msg_sent: self.msg_sent.with_label_values(&labels),
-            handling: self.handling.with_label_values(&labels),
-            handled,
-        }))
+        let mut values = vec![grpc_type, service, method];
+        values.extend(self.target.as_deref());
+        MethodMetrics(self.families.series(self.labels, &values))
+    }
+}
+
+/// The registry owns its collectors; the families stay shared with every
+/// [`GrpcFamilies`] that makes series.
+struct SharedFamilies(Arc<sharded::Families>);
+
+impl prometheus::core::Collector for SharedFamilies {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        self.0.desc()
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        self.0.collect()
     }
 }
 
 /// The pre-resolved series of one method.
 #[derive(Clone, Debug)]
-pub struct MethodMetrics(Arc<MethodSeries>);
-
-#[derive(Debug)]
-struct MethodSeries {
-    started: IntCounter,
-    msg_received: IntCounter,
-    msg_sent: IntCounter,
-    handling: Histogram,
-    handled: [IntCounter; 17],
-}
+pub struct MethodMetrics(Arc<sharded::Series>);
 
 impl MethodMetrics {
     pub fn started(&self) {
-        self.0.started.inc();
+        self.0.started();
     }
 
     pub fn received(&self, messages: u64) {
         if messages > 0 {
-            self.0.msg_received.inc_by(messages);
+            self.0.received(messages);
         }
     }
 
     pub fn sent(&self, messages: u64) {
         if messages > 0 {
-            self.0.msg_sent.inc_by(messages);
+            self.0.sent(messages);
         }
     }
 
-    pub fn handled(&self, code: Code, seconds: f64) {
-        let index = ALL_CODES.iter().position(|c| *c == code).unwrap_or(2);
-        self.0.handled[index].inc();
-        self.0.handling.observe(seconds);
+    /// The call ended with `code` after `elapsed`.
+    pub fn handled(&self, code: Code, elapsed: std::time::Duration) {
+        self.0.handled(code, elapsed);
     }
 }
 

@@ -25,6 +25,13 @@ use std::time::{Duration, Instant};
 pub const CAPACITY: usize = 4 << 20;
 /// Queued bytes that wake the writer at once.
 pub const BATCH: usize = 64 << 10;
+/// The capacity each of the two buffers (the queue and the batch being
+/// written) keeps: room for what arrives while the writer wakes up. With
+/// the queue sized at exactly a batch, the line that woke the writer was
+/// nearly always followed by a few more before the writer took the
+/// queue, and those grew it: a 128 KiB allocation and a 64 KiB copy
+/// under the lock, once per batch.
+const ROOM: usize = 2 * BATCH;
 /// The longest a line waits in the buffer before it is written.
 pub const LATENCY: Duration = Duration::from_millis(20);
 /// How long [`SinkGuard`]'s drop waits for the last write.
@@ -75,7 +82,7 @@ impl LogSink {
     pub fn start<W: Write + Send + 'static>(out: W) -> std::io::Result<(Self, SinkGuard)> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                queued: Vec::with_capacity(BATCH),
+                queued: Vec::with_capacity(ROOM),
                 writer_waiting: false,
                 closing: false,
                 finished: false,
@@ -117,7 +124,7 @@ impl LogSink {
 /// The writer thread: sleeps until a line arrives, gives the buffer up to
 /// [`LATENCY`] to fill a batch, then writes it all with one call.
 fn write_batches<W: Write>(shared: &Shared, mut out: W) {
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut batch = Vec::with_capacity(ROOM);
     loop {
         let closing = {
             let mut state = shared.lock();
@@ -138,9 +145,9 @@ fn write_batches<W: Write>(shared: &Shared, mut out: W) {
         // A failed write (stdout closed) loses this batch; there is nowhere
         // left to report it.
         let _ = out.write_all(&batch).and_then(|()| out.flush());
-        // Keep one batch's worth of capacity, not a burst's.
+        // Keep the usual room, not a burst's.
         batch.clear();
-        batch.shrink_to(BATCH);
+        batch.shrink_to(ROOM);
         if closing {
             shared.lock().finished = true;
             shared.wake.notify_all();

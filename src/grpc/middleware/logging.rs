@@ -112,7 +112,7 @@ impl CallLog {
             Method::Known(info) => {
                 if let Some(metrics) = &info.metrics {
                     metrics.sent(sent);
-                    metrics.handled(code, duration.as_secs_f64());
+                    metrics.handled(code, duration);
                 }
                 info.path.as_str()
             }

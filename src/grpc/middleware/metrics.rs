@@ -110,7 +110,7 @@ impl OnCallEnd for CallMetrics {
     fn call_ended(self, code: Code) {
         // The response's messages are what the client received.
         self.metrics.received(self.counter.messages);
-        self.metrics.handled(code, self.start.elapsed().as_secs_f64());
+        self.metrics.handled(code, self.start.elapsed());
     }
 }
 
