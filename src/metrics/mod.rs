@@ -216,8 +216,6 @@ pub struct GrpcFamilies {
     /// The five families and their series, kept per thread
     /// ([`sharded`]) and registered as one collector.
     families: Arc<sharded::Families>,
-    /// The variable labels of the families without a code.
-    labels: &'static [&'static str],
     /// The `grpc_client_target` label of client families; `None` on the
     /// server side, which has no such label.
     target: Option<Arc<str>>,
@@ -241,7 +239,7 @@ impl GrpcFamilies {
         };
         // go-grpc-middleware's labels; the client side adds its target
         // (and `handled_total` adds the code after the method).
-        let labels: &'static [&'static str] = match side {
+        let labels: &[&str] = match side {
             RpcSide::Server => &["grpc_type", "grpc_service", "grpc_method"],
             RpcSide::Client => &["grpc_type", "grpc_service", "grpc_method", "grpc_client_target"],
         };
@@ -277,7 +275,6 @@ impl GrpcFamilies {
         registry.register(Box::new(SharedFamilies(families.clone())))?;
         Ok(Self {
             families,
-            labels,
             target: match side {
                 RpcSide::Server => None,
                 RpcSide::Client => Some(Arc::from(GATEWAY_TARGET)),
@@ -289,7 +286,7 @@ impl GrpcFamilies {
     pub fn method(&self, grpc_type: &str, service: &str, method: &str) -> MethodMetrics {
         let mut values = vec![grpc_type, service, method];
         values.extend(self.target.as_deref());
-        MethodMetrics(self.families.series(self.labels, &values))
+        MethodMetrics(self.families.series(&values))
     }
 }
 

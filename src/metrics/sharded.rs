@@ -51,8 +51,10 @@ const BOUNDS_NANOS: [u64; 11] = {
     nanos
 };
 
-/// This thread's shard: threads take the next index as they first count
-/// something, so the runtime's workers, started together, get their own.
+/// This thread's shard: a thread takes the next index the first time it
+/// counts, and keeps it. The runtime's workers do nearly all the counting,
+/// so with up to [`SHARDS`] threads counting each has its own; past that,
+/// or when other threads count too, some share one.
 fn shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
@@ -84,9 +86,11 @@ struct Shard {
     /// Observations per bucket, not cumulative; the last is above every
     /// bound (`+Inf`).
     buckets: [AtomicU64; BOUNDS.len() + 1],
-    /// The sum of the observed durations, in nanoseconds: an integer add,
-    /// exact, where a float sum needs a compare-and-swap loop.
-    sum_nanos: AtomicU64,
+    /// The sum of the observed durations, in microseconds: an integer
+    /// add, where a float sum needs a compare-and-swap loop. Microseconds,
+    /// not nanoseconds: long streams add up fast (a thousand open for a
+    /// year is 3·10^16 µs), and a u64 of them lasts 584,000 stream-years.
+    sum_micros: AtomicU64,
 }
 
 /// One method's series (one label set of each family).
@@ -122,19 +126,24 @@ impl Series {
 
     pub(super) fn handled(&self, code: Code, elapsed: Duration) {
         let shard = self.local();
-        // `Code` is the wire number, which is the index in ALL_CODES; an
-        // unknown one counts as Unknown, as tonic reads it.
+        // `Code` is the wire number, which is the index in ALL_CODES (the
+        // bound only keeps the index in range).
         let index = usize::try_from(code as i32).ok().filter(|i| *i < ALL_CODES.len()).unwrap_or(2);
         shard.handled[index].fetch_add(1, Ordering::Relaxed);
         let nanos = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = BOUNDS_NANOS.iter().position(|bound| nanos <= *bound).unwrap_or(BOUNDS.len());
         shard.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        shard.sum_nanos.fetch_add(nanos, Ordering::Relaxed);
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        shard.sum_micros.fetch_add(micros, Ordering::Relaxed);
     }
 
-    /// The sum over shards of one count.
+    /// The sum over shards of one count. Counts are read one after the
+    /// other, not at one instant: a series' counts in one scrape may
+    /// differ by the calls that ended meanwhile (the histogram's `_sum`
+    /// may include one its buckets don't), and every count only grows
+    /// from one scrape to the next.
     fn total(&self, count: impl Fn(&Shard) -> &AtomicU64) -> u64 {
-        self.shards.iter().map(|shard| count(shard).load(Ordering::Relaxed)).fold(0, u64::wrapping_add)
+        self.shards.iter().map(|shard| count(shard).load(Ordering::Relaxed)).fold(0, u64::saturating_add)
     }
 
     fn labels_with(&self, name: &str, value: &str) -> Vec<LabelPair> {
@@ -166,6 +175,8 @@ fn counter(labels: Vec<LabelPair>, value: u64) -> Metric {
 pub(super) struct Families {
     /// started, handled, msg_received, msg_sent, handling_seconds.
     descs: [Desc; 5],
+    /// The variable labels of the families without a code, in order.
+    label_names: Vec<String>,
     /// By label values, so asking twice for a series gives the same one.
     series: Mutex<HashMap<Vec<String>, Arc<Series>>>,
 }
@@ -205,19 +216,21 @@ impl Families {
                 desc(sent, false)?,
                 desc(handling, false)?,
             ],
+            label_names: names(false),
             series: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The series of one label set (`label_names` as given to
+    /// The series of one label set (values of the labels given to
     /// [`Families::new`], in that order), made at zero the first time.
-    pub(super) fn series(&self, label_names: &[&str], values: &[&str]) -> Arc<Series> {
+    pub(super) fn series(&self, values: &[&str]) -> Arc<Series> {
+        debug_assert_eq!(values.len(), self.label_names.len(), "one value per label");
         let key: Vec<String> = values.iter().map(|value| (*value).to_owned()).collect();
         let mut all = self.series.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         all.entry(key)
             .or_insert_with(|| {
                 let mut labels: Vec<LabelPair> =
-                    label_names.iter().zip(values).map(|(name, value)| label(name, value)).collect();
+                    self.label_names.iter().zip(values).map(|(name, value)| label(name, value)).collect();
                 labels.sort_by(|a, b| a.name().cmp(b.name()));
                 Arc::new(Series { labels, shards: Box::default() })
             })
@@ -272,7 +285,7 @@ impl Collector for Families {
                 let mut histogram = Histogram::default();
                 histogram.set_bucket(buckets);
                 histogram.set_sample_count(count);
-                histogram.set_sample_sum(Duration::from_nanos(series.total(|shard| &shard.sum_nanos)).as_secs_f64());
+                histogram.set_sample_sum(series.total(|shard| &shard.sum_micros) as f64 / 1e6);
                 let mut metric = Metric::from_label(series.labels.clone());
                 metric.set_histogram(histogram);
                 metric
@@ -307,9 +320,8 @@ mod tests {
             &["grpc_type", "grpc_service", "grpc_method"],
         )
         .unwrap();
-        let names = ["grpc_type", "grpc_service", "grpc_method"];
-        let series = families.series(&names, &["unary", "s", "m"]);
-        assert!(Arc::ptr_eq(&series, &families.series(&names, &["unary", "s", "m"])), "one series per label set");
+        let series = families.series(&["unary", "s", "m"]);
+        assert!(Arc::ptr_eq(&series, &families.series(&["unary", "s", "m"])), "one series per label set");
         std::thread::scope(|scope| {
             for _ in 0..(SHARDS + 3) {
                 scope.spawn(|| {

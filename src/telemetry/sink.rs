@@ -26,11 +26,11 @@ pub const CAPACITY: usize = 4 << 20;
 /// Queued bytes that wake the writer at once.
 pub const BATCH: usize = 64 << 10;
 /// The capacity each of the two buffers (the queue and the batch being
-/// written) keeps: room for what arrives while the writer wakes up. With
-/// the queue sized at exactly a batch, the line that woke the writer was
-/// nearly always followed by a few more before the writer took the
-/// queue, and those grew it: a 128 KiB allocation and a 64 KiB copy
-/// under the lock, once per batch.
+/// written) keeps: room for the line that fills a batch and for what
+/// arrives while the writer wakes up. With the queue sized at exactly a
+/// batch, the line that took it past a batch (the one that wakes the
+/// writer) grew it: a 128 KiB allocation and a 64 KiB copy under the
+/// lock, once per batch.
 const ROOM: usize = 2 * BATCH;
 /// The longest a line waits in the buffer before it is written.
 pub const LATENCY: Duration = Duration::from_millis(20);
