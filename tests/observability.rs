@@ -295,3 +295,197 @@ async fn grpc_responses_echo_the_request_id_unless_turned_off() -> Result<()> {
     assert_eq!(response.header("grpc-metadata-x-request-id"), None);
     quiet.stop().await
 }
+
+/// The bytes a connection read, kept for the test to parse.
+struct Recording {
+    io: tokio::net::TcpStream,
+    read: Arc<Mutex<Vec<u8>>>,
+}
+
+impl tokio::io::AsyncRead for Recording {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        let fresh = buf.filled()[before..].to_vec();
+        self.read.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(&fresh);
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Recording {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// The header blocks of the HEADERS frames in `bytes` (server to client,
+/// so no preface) that do not end their stream: the response headers, in
+/// order. Padding and priority are not used by the server.
+fn response_header_blocks(bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let mut blocks = Vec::new();
+    let mut at = 0;
+    while at + 9 <= bytes.len() {
+        let len = usize::from(bytes[at]) << 16 | usize::from(bytes[at + 1]) << 8 | usize::from(bytes[at + 2]);
+        let (kind, flags) = (bytes[at + 3], bytes[at + 4]);
+        let payload = bytes.get(at + 9..at + 9 + len).context("a truncated frame")?;
+        anyhow::ensure!(kind != 0x9, "CONTINUATION frames are not expected here");
+        if kind == 0x1 && flags & 0x1 == 0 {
+            anyhow::ensure!(flags & 0x4 != 0, "a header block split over frames");
+            blocks.push(payload.to_vec());
+        }
+        at += 9 + len;
+    }
+    Ok(blocks)
+}
+
+/// One HPACK field representation (RFC 7541 §6): its kind, and its name's
+/// table index (0: the name is spelled out).
+#[derive(Debug, PartialEq)]
+enum Field {
+    Indexed,
+    Incremental { name: u64 },
+    WithoutIndexing { name: u64 },
+    NeverIndexed { name: u64 },
+}
+
+fn hpack_int(block: &[u8], at: &mut usize, prefix: u32) -> Result<u64> {
+    let mask = (1u16 << prefix) - 1;
+    let first = u16::from(*block.get(*at).context("a truncated integer")?) & mask;
+    *at += 1;
+    if first < mask {
+        return Ok(u64::from(first));
+    }
+    let (mut value, mut shift) = (u64::from(mask), 0);
+    loop {
+        let byte = *block.get(*at).context("a truncated integer")?;
+        *at += 1;
+        value += u64::from(byte & 0x7f) << shift;
+        shift += 7;
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+}
+
+fn hpack_skip_string(block: &[u8], at: &mut usize) -> Result<()> {
+    let len = usize::try_from(hpack_int(block, at, 7)?)?;
+    *at += len;
+    anyhow::ensure!(*at <= block.len(), "a truncated string");
+    Ok(())
+}
+
+/// The field representations of one header block; strings are skipped,
+/// not decoded: what matters here is how each field refers to its name.
+fn hpack_fields(block: &[u8]) -> Result<Vec<Field>> {
+    let mut fields = Vec::new();
+    let mut at = 0;
+    while at < block.len() {
+        let first = block[at];
+        let field = if first & 0x80 != 0 {
+            hpack_int(block, &mut at, 7)?;
+            Field::Indexed
+        } else if first & 0x40 != 0 {
+            Field::Incremental { name: hpack_int(block, &mut at, 6)? }
+        } else if first & 0x20 != 0 {
+            hpack_int(block, &mut at, 5)?; // a table size update
+            continue;
+        } else if first & 0x10 != 0 {
+            Field::NeverIndexed { name: hpack_int(block, &mut at, 4)? }
+        } else {
+            Field::WithoutIndexing { name: hpack_int(block, &mut at, 4)? }
+        };
+        if let Field::Incremental { name } | Field::WithoutIndexing { name } | Field::NeverIndexed { name } = field {
+            if name == 0 {
+                hpack_skip_string(block, &mut at)?;
+            }
+            hpack_skip_string(block, &mut at)?;
+        }
+        fields.push(field);
+    }
+    Ok(fields)
+}
+
+/// Request ids are unique, so they are never indexed; but the first
+/// response of a connection sends its id indexable, so the name has a
+/// table entry and every later id names it by index instead of spelling
+/// out `x-request-id` again (9 bytes fewer per response). Read off the
+/// bytes a raw HTTP/2 client received.
+#[tokio::test]
+async fn echoed_request_ids_name_the_header_by_index_after_the_first_response() -> Result<()> {
+    use prost::Message as _;
+
+    let app = spawn_app().await?;
+    create(&app, "indexed").await?;
+    let read = Arc::new(Mutex::new(Vec::new()));
+    let tcp = tokio::net::TcpStream::connect(app.grpc_addr).await?;
+    let (client, connection) = h2::client::handshake(Recording { io: tcp, read: read.clone() }).await?;
+    tokio::spawn(connection);
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut client = client.clone().ready().await?;
+        let request = http::Request::post(format!("http://{}/{SERVICE}/GetUser", app.grpc_addr))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())?;
+        let (response, mut send) = client.send_request(request, false)?;
+        let message = GetUserRequest { user_id: "indexed".into() }.encode_to_vec();
+        let mut body = vec![0u8];
+        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+        body.extend_from_slice(&message);
+        send.send_data(bytes::Bytes::from(body), true)?;
+        let response = tokio::time::timeout(READY_BOUND, response).await??;
+        ids.push(response.headers().get("x-request-id").cloned().context("no echoed id")?);
+        let mut body = response.into_body();
+        while let Some(chunk) = body.data().await {
+            chunk?;
+        }
+        let trailers = body.trailers().await?.context("no trailers")?;
+        assert_eq!(trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    }
+    assert!(ids[0] != ids[1] && ids[1] != ids[2], "each call has its own id: {ids:?}");
+
+    let blocks = response_header_blocks(&read.lock().unwrap())?;
+    assert_eq!(blocks.len(), 3, "one response header block per call");
+    let fields: Vec<Vec<Field>> = blocks.iter().map(|block| hpack_fields(block)).collect::<Result<_>>()?;
+    // The first spells the name out once, indexable: the only field with
+    // a name not in the static table.
+    let spelled: Vec<&Field> = fields[0].iter().filter(|f| matches!(f, Field::Incremental { name: 0 })).collect();
+    assert_eq!(spelled.len(), 1, "{:?}", fields[0]);
+    for later in &fields[1..] {
+        // No name spelled out, and the id never indexed, its name from the
+        // dynamic table (indexes above the static table's 61).
+        assert!(
+            !later.iter().any(|f| matches!(
+                f,
+                Field::Incremental { name: 0 } | Field::WithoutIndexing { name: 0 } | Field::NeverIndexed { name: 0 }
+            )),
+            "{later:?}"
+        );
+        let never: Vec<&Field> = later.iter().filter(|f| matches!(f, Field::NeverIndexed { .. })).collect();
+        assert!(matches!(never[..], [Field::NeverIndexed { name }] if *name > 61), "{later:?}");
+        assert!(blocks[1].len() + 8 <= blocks[0].len(), "blocks of {} and {} bytes", blocks[0].len(), blocks[1].len());
+    }
+    app.stop().await
+}

@@ -24,6 +24,8 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -100,6 +102,48 @@ pub struct GrpcConnectInfo {
     pub remote_addr: Option<SocketAddr>,
     /// The verified client certificate's identity (mTLS only).
     pub client: Option<Arc<ClientIdentity>>,
+    /// When a response on this connection next sends its `x-request-id`
+    /// indexable (see [`EchoName`]).
+    pub echo_name: EchoName,
+}
+
+/// When this connection's next response sends its `x-request-id`
+/// indexable. Request ids are unique, so ids are sent never-indexed (see
+/// `request_id`); but with no entry of that name in the connection's HPACK
+/// table, each also spells out the 12-byte name, Huffman coded: a quarter
+/// of the header's encoding. An indexed id now and then gives the name a
+/// table entry, and the ids in between refer to it by index: 9 bytes fewer
+/// per response, less to encode here and to decode on the client.
+///
+/// Now and then, not once: the table evicts its oldest entries as new
+/// ones come (hyper's `date` adds one a second, so a 4 KiB table forgets
+/// an entry after about a minute), and a never-indexed id never puts the
+/// name back. Not often: every indexed id stays in the table until it is
+/// evicted, and each later id is compared against all of them.
+#[derive(Debug, Clone, Default)]
+pub struct EchoName(Arc<AtomicU64>);
+
+/// Seconds between indexable ids on one connection: about half the time a
+/// default table keeps an entry, so the name is nearly always there and
+/// at most three ids of a connection are in its table.
+const ECHO_NAME_PERIOD_SECS: u64 = 30;
+
+impl EchoName {
+    /// Whether the call that started at `at` sends the indexable id: true
+    /// for a connection's first call, then at most once per period.
+    pub fn claim(&self, at: Instant) -> bool {
+        static BASE: OnceLock<Instant> = OnceLock::new();
+        // Seconds since the first call of the process, plus one, so that 0
+        // (a fresh connection's value) is always due.
+        let now = at.saturating_duration_since(*BASE.get_or_init(|| at)).as_secs() + 1;
+        self.claim_at(now)
+    }
+
+    fn claim_at(&self, now: u64) -> bool {
+        let due = self.0.load(Ordering::Relaxed);
+        now >= due
+            && self.0.compare_exchange(due, now + ECHO_NAME_PERIOD_SECS, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
 }
 
 /// One accepted connection, plaintext or TLS.
@@ -206,7 +250,7 @@ async fn handshake(
     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => {
             let client = ClientIdentity::of(&tls);
-            let info = GrpcConnectInfo { remote_addr: Some(peer), client };
+            let info = GrpcConnectInfo { remote_addr: Some(peer), client, echo_name: EchoName::default() };
             let _ = done.send(ServerIo { io: MaybeTls::Tls(Box::new(tls)), info }).await;
         }
         // A client's failure (no certificate, an untrusted CA, plaintext
@@ -268,7 +312,8 @@ impl Stream for Incoming {
                         }
                         continue;
                     }
-                    let info = GrpcConnectInfo { remote_addr: Some(peer), client: None };
+                    let info =
+                        GrpcConnectInfo { remote_addr: Some(peer), client: None, echo_name: EchoName::default() };
                     Poll::Ready(Some(Ok(ServerIo { io: MaybeTls::Plain(stream), info })))
                 }
                 Poll::Ready(Err(error)) => match classify_accept_error(&error) {
@@ -295,6 +340,25 @@ impl Stream for Incoming {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connection_sends_an_indexable_id_first_then_once_per_period() {
+        let name = EchoName::default();
+        assert!(name.claim_at(1), "a fresh connection's first call");
+        assert!(!name.claim_at(1));
+        assert!(!name.claim_at(ECHO_NAME_PERIOD_SECS));
+        assert!(name.claim_at(1 + ECHO_NAME_PERIOD_SECS), "due again after the period");
+        assert!(!name.claim_at(1 + ECHO_NAME_PERIOD_SECS));
+        // Connections keep their own schedules; clones (one per request)
+        // share their connection's.
+        let other = EchoName::default();
+        assert!(other.claim_at(5));
+        assert!(!other.clone().claim_at(6));
+        // Through the clock: the first call of a process is due too.
+        let timed = EchoName::default();
+        assert!(timed.claim(Instant::now()));
+        assert!(!timed.claim(Instant::now()));
+    }
 
     /// Every option lands on a real socket as the kernel reads it back.
     #[tokio::test]

@@ -34,6 +34,9 @@ pub struct CallLog {
     span: Option<Span>,
     /// The verified client certificate's identity (mTLS only).
     client: Option<Arc<ClientIdentity>>,
+    /// This call's response sends its request id indexable (see
+    /// [`crate::grpc::incoming::EchoName`]).
+    echo_indexed: bool,
 }
 
 /// The method, shared with the method table when it is known (its path
@@ -56,15 +59,18 @@ impl CallLog {
     /// message, for a single-request method), and takes the peer and client
     /// identity from the request, leaving the identity in its extensions as
     /// the one type auth and handlers read (gateway calls bring theirs from
-    /// the HTTP side).
+    /// the HTTP side). With `echo`, it also claims the connection's
+    /// indexable request id, when one is due.
     pub fn start<B>(
         request: &mut Request<B>,
         start: Instant,
         info: &'static MethodInfo,
         request_id: RequestId,
         span: Option<Span>,
+        echo: bool,
     ) -> Self {
         let connection = request.extensions().get::<GrpcConnectInfo>();
+        let echo_indexed = echo && connection.is_some_and(|c| c.echo_name.claim(start));
         let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
             None => request.headers().get(&X_FORWARDED_FOR).cloned().map_or(Peer::Unknown, Peer::Forwarded),
@@ -86,12 +92,22 @@ impl CallLog {
             }
             None => Method::Unknown(request.uri().path().to_owned()),
         };
-        Self { method, start, peer, request_id, span, client }
+        Self { method, start, peer, request_id, span, client, echo_indexed }
     }
 
     /// The call's request id, for the response headers.
     pub fn request_id(&self) -> &RequestId {
         &self.request_id
+    }
+
+    /// The `x-request-id` value for the response headers: never indexed,
+    /// but for the calls that give the name its HPACK table entry.
+    pub fn echo_value(&self) -> HeaderValue {
+        let mut value = self.request_id.header().clone();
+        if self.echo_indexed {
+            value.set_sensitive(false);
+        }
+        value
     }
 
     /// The call's span, when spans are on.

@@ -67,7 +67,9 @@ impl RequestId {
     /// Never indexed by HPACK: an id is unique per call, so adding it to a
     /// connection's header table would only evict the entries that do
     /// repeat (grpc-status, content-type) and cost a table update per
-    /// response.
+    /// response. (A gRPC connection's first response, and one every half
+    /// minute, sends its id indexable, so the name keeps a table entry:
+    /// see [`crate::grpc::incoming::EchoName`].)
     fn sensitive(mut value: HeaderValue, generated: bool) -> Self {
         value.set_sensitive(true);
         Self { value, generated }

@@ -190,7 +190,7 @@ where
         } else {
             None
         };
-        let log = CallLog::start(&mut request, start, method, id.clone(), span);
+        let log = CallLog::start(&mut request, start, method, id.clone(), span, policy.echo_request_id);
         // Boxed: it moves from the future to the response body, and the
         // body moves through tonic's layers before tonic boxes it.
         let mut call = Box::new(CallState { log, permit: None, limits: policy.limits, echo: policy.echo_request_id });
@@ -397,7 +397,7 @@ where
             Ok(mut response) => {
                 let code = call.limits.rewrite(response.headers_mut());
                 if call.echo {
-                    response.headers_mut().insert(X_REQUEST_ID, call.log.request_id().header().clone());
+                    response.headers_mut().insert(X_REQUEST_ID, call.log.echo_value());
                 }
                 // A trailers-only response (every error tonic returns from a
                 // handler) ends the call with its headers.
