@@ -359,6 +359,23 @@ def wrk(url, seconds, connections=64, threads=2):
 # ---------------------------------------------------------------- scenarios
 
 
+def host_steal():
+    """(steal, total) CPU ticks of the whole machine from /proc/stat: the
+    time the hypervisor ran something else while this VM wanted the CPU.
+    A run with much steal is a noisy run, whatever the target."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user).
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+def steal_share(before, after):
+    """The share of the machine's CPU time stolen between two host_steal()
+    readings, in percent."""
+    total = after[1] - before[1]
+    return 100.0 * (after[0] - before[0]) / total if total > 0 else None
+
+
 def measure_cpu(target, rest, action):
     """Runs `action` and returns (its result, CPU seconds the target used)."""
     before = target.cpu(rest)
@@ -398,9 +415,11 @@ def saturation_pairs(targets, args, bins, work):
             rest_url = f"http://127.0.0.1:{target.rest_port}/v1/users/{USER_ID}"
             # No warm-up (seeding warmed the server), so the CPU delta and
             # the request count cover the same run.
+            stolen = host_steal()
             sat, cpu = counted(target, "grpc", "GetUser", lambda: measure_cpu(
                 target, False, lambda: h2load(grpc_url, args.pair_seconds, work, 4, 64, body=body, warmup=0)
             ))
+            stolen = steal_share(stolen, host_steal())
             rest, rest_cpu = counted(target, "rest", "GetUser", lambda: measure_cpu(
                 target, True, lambda: wrk(rest_url, args.pair_seconds)
             ))
@@ -411,6 +430,7 @@ def saturation_pairs(targets, args, bins, work):
                 "grpc_rps": sat["rps"],
                 "grpc_cpu_us": cpu / max(1, sat["done"]) * 1e6,
                 "grpc_client_failed": sat["client_failed"],
+                "grpc_steal_pct": stolen,
                 "rest_rps": rest["rps"],
                 "rest_cpu_us": rest_cpu / max(1, rest["requests"]) * 1e6,
                 "rest_sat_p50_ms": rest["sat_p50_ms"],
@@ -422,7 +442,7 @@ def saturation_pairs(targets, args, bins, work):
                 "list_cpu_us": list_cpu / max(1, listed["messages"]) * 1e6,
                 "list_errors": listed["errors"],
             })
-    keys = ["grpc_rps", "grpc_cpu_us", "rest_rps", "rest_cpu_us", "rest_sat_p50_ms", "rest_sat_p99_ms",
+    keys = ["grpc_rps", "grpc_cpu_us", "grpc_steal_pct", "rest_rps", "rest_cpu_us", "rest_sat_p50_ms", "rest_sat_p99_ms",
             "rest_grpc", "list_msgs_per_s", "list_cpu_us"]
     figures = {}
     for name, per_run in runs.items():
@@ -628,6 +648,7 @@ ROWS = [
     # (key, scenario, unit, better, target)
     ("grpc_rps", "1 gRPC GetUser, h2load c4 m64 (--pairs runs per round)", "req/s", "higher", "≥ 0.90×"),
     ("grpc_cpu_us", "1 gRPC GetUser", "CPU-µs/req", "lower", "≤ 1.15×"),
+    ("grpc_steal_pct", "1 … host CPU steal during those runs (/proc/stat; high = a noisy run)", "% of CPU", "lower", ""),
     ("grpc_fixed_rps", "1 gRPC GetUser, fixed-rate run: achieved (--grpc-rate, default 20,000)", "req/s", "higher", ""),
     ("grpc_p50_ms", "1 gRPC GetUser @ fixed rate", "p50 ms", "lower", ""),
     ("grpc_p99_ms", "1 gRPC GetUser @ fixed rate", "p99 ms", "lower", ""),
