@@ -445,10 +445,7 @@ async fn a_request_cut_off_by_the_client_is_canceled_not_unknown() -> Result<()>
     let (client, connection) = h2::client::handshake(tcp).await?;
     let connection = tokio::spawn(connection);
     let mut client = client.ready().await?;
-    let request = http::Request::post(format!("http://{}/user.v1.UserService/GetUser", app.grpc_addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())?;
+    let request = support::raw_grpc_request(app.grpc_addr, "user.v1.UserService/GetUser")?;
     let (_response, mut send) = client.send_request(request, false)?;
     // A prefix announcing 100 bytes, then 3 of them, then the connection
     // goes away.
@@ -496,18 +493,10 @@ async fn a_unary_call_with_two_request_messages_is_rejected() -> Result<()> {
     let (client, connection) = h2::client::handshake(tcp).await?;
     tokio::spawn(connection);
     let mut client = client.ready().await?;
-    let request = http::Request::post(format!("http://{}/user.v1.UserService/GetUser", app.grpc_addr))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(())?;
+    let request = support::raw_grpc_request(app.grpc_addr, "user.v1.UserService/GetUser")?;
     let (response, mut send) = client.send_request(request, false)?;
     let message = GetUserRequest { user_id: "nobody".into() }.encode_to_vec();
-    let mut body = Vec::new();
-    for _ in 0..2 {
-        body.push(0u8);
-        body.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
-        body.extend_from_slice(&message);
-    }
+    let body = support::grpc_frame(&message)?.repeat(2);
     send.send_data(Bytes::from(body), true)?;
     let response = tokio::time::timeout(READY_BOUND, response).await??;
     let headers_status = response.headers().get("grpc-status").cloned();
@@ -549,15 +538,10 @@ async fn unread_streams_past_their_deadline_release_their_shedding_slots() -> Re
     tokio::spawn(connection);
     let mut client = client.ready().await?;
     let message = ListUsersRequest {}.encode_to_vec();
-    let mut frame = vec![0u8];
-    frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
-    frame.extend_from_slice(&message);
+    let frame = support::grpc_frame(&message)?;
     let mut pending = Vec::new();
     for _ in 0..2 {
-        let request = http::Request::post(format!("http://{}/user.v1.UserService/ListUsers", app.grpc_addr))
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())?;
+        let request = support::raw_grpc_request(app.grpc_addr, "user.v1.UserService/ListUsers")?;
         let (response, mut send) = client.send_request(request, false)?;
         send.send_data(Bytes::from(frame.clone()), true)?;
         pending.push(response);

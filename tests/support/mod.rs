@@ -172,6 +172,24 @@ pub fn sample(scrape: &exposition::Exposition, metric: &str, labels: &[(&str, &s
     scrape.value(metric, labels)
 }
 
+/// The headers of a gRPC call to `method` (`package.Service/Method`) on
+/// `addr`, for a raw HTTP/2 client: the body is the caller's to send.
+pub fn raw_grpc_request(addr: SocketAddr, method: &str) -> Result<::http::Request<()>> {
+    Ok(::http::Request::post(format!("http://{addr}/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())?)
+}
+
+/// One uncompressed gRPC message frame: the flag byte, the length, then
+/// `message`.
+pub fn grpc_frame(message: &[u8]) -> Result<Vec<u8>> {
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+    frame.extend_from_slice(message);
+    Ok(frame)
+}
+
 /// Compiles a test-only proto under `tests/proto` (imports from `proto/`)
 /// into an encoded descriptor set, as build.rs does for the real ones.
 pub fn compile_test_proto(file: &str) -> Result<Vec<u8>> {

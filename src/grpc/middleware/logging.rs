@@ -34,9 +34,20 @@ pub struct CallLog {
     span: Option<Span>,
     /// The verified client certificate's identity (mTLS only).
     client: Option<Arc<ClientIdentity>>,
-    /// This call's response sends its request id indexable (see
-    /// [`crate::grpc::incoming::EchoName`]).
-    echo_indexed: bool,
+    /// How the response headers carry the request id.
+    echo: Echo,
+}
+
+/// Whether and how a call's response headers carry its `x-request-id`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Echo {
+    /// `grpc.echo_request_id: false`.
+    Off,
+    /// Never indexed by HPACK, as ids are unique.
+    NeverIndexed,
+    /// Indexable, to give the name its HPACK table entry on this connection
+    /// (see [`crate::grpc::incoming::EchoName`]).
+    Indexable,
 }
 
 /// The method, shared with the method table when it is known (its path
@@ -70,7 +81,11 @@ impl CallLog {
         echo: bool,
     ) -> Self {
         let connection = request.extensions().get::<GrpcConnectInfo>();
-        let echo_indexed = echo && connection.is_some_and(|c| c.echo_name.claim(start));
+        let echo = match connection {
+            _ if !echo => Echo::Off,
+            Some(c) if c.echo_name.claim(start) => Echo::Indexable,
+            _ => Echo::NeverIndexed,
+        };
         let peer = match connection.and_then(|c| c.remote_addr) {
             Some(addr) => Peer::Tcp(addr),
             None => request.headers().get(&X_FORWARDED_FOR).cloned().map_or(Peer::Unknown, Peer::Forwarded),
@@ -92,22 +107,21 @@ impl CallLog {
             }
             None => Method::Unknown(request.uri().path().to_owned()),
         };
-        Self { method, start, peer, request_id, span, client, echo_indexed }
+        Self { method, start, peer, request_id, span, client, echo }
     }
 
-    /// The call's request id, for the response headers.
-    pub fn request_id(&self) -> &RequestId {
-        &self.request_id
-    }
-
-    /// The `x-request-id` value for the response headers: never indexed,
-    /// but for the calls that give the name its HPACK table entry.
-    pub fn echo_value(&self) -> HeaderValue {
+    /// The `x-request-id` value for the response headers, unless the echo
+    /// is off: never indexed, but for the calls that give the name its
+    /// HPACK table entry.
+    pub fn echo_value(&self) -> Option<HeaderValue> {
+        if self.echo == Echo::Off {
+            return None;
+        }
         let mut value = self.request_id.header().clone();
-        if self.echo_indexed {
+        if self.echo == Echo::Indexable {
             value.set_sensitive(false);
         }
-        value
+        Some(value)
     }
 
     /// The call's span, when spans are on.

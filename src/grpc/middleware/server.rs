@@ -193,7 +193,7 @@ where
         let log = CallLog::start(&mut request, start, method, id.clone(), span, policy.echo_request_id);
         // Boxed: it moves from the future to the response body, and the
         // body moves through tonic's layers before tonic boxes it.
-        let mut call = Box::new(CallState { log, permit: None, limits: policy.limits, echo: policy.echo_request_id });
+        let mut call = Box::new(CallState { log, permit: None, limits: policy.limits });
 
         let single = method.grpc_type.single_request();
         let streamed_in = (!single).then(|| method.metrics.clone()).flatten();
@@ -268,8 +268,6 @@ struct CallState {
     /// `None` until the call is admitted.
     permit: Option<Permit>,
     limits: SizeLimits,
-    /// Put `x-request-id` on the response headers.
-    echo: bool,
 }
 
 impl CallState {
@@ -396,8 +394,8 @@ where
         match result {
             Ok(mut response) => {
                 let code = call.limits.rewrite(response.headers_mut());
-                if call.echo {
-                    response.headers_mut().insert(X_REQUEST_ID, call.log.echo_value());
+                if let Some(id) = call.log.echo_value() {
+                    response.headers_mut().insert(X_REQUEST_ID, id);
                 }
                 // A trailers-only response (every error tonic returns from a
                 // handler) ends the call with its headers.
