@@ -14,8 +14,8 @@
 //! - [`net`]: binding listeners, and the open-file limit.
 //! - [`http_server`]: serving HTTP (gateway, admin): header, body and idle
 //!   timeouts, the connection cap, the drain.
-//! - [`startup_pages`]: handing the executable's start-up code pages back
-//!   once serving begins, for a small idle footprint.
+//! - [`startup_pages`]: handing the start-up code pages of the executable and
+//!   its shared libraries back once serving begins, for a small idle footprint.
 //! - [`shutdown`]: the shutdown handle every server, stream and task obeys,
 //!   and the signals that trigger it.
 //! - [`health`]: `grpc.health.v1` statuses, flipped at start and shutdown,
