@@ -24,7 +24,7 @@ use tower::{Service, ServiceExt};
 
 use super::methods::ClientMethods;
 use crate::grpc::middleware::call::{ObservedFuture, OnCallEnd, status_code};
-use crate::grpc::middleware::deadline::{current_deadline, parse_grpc_timeout};
+use crate::grpc::middleware::deadline::{GRPC_TIMEOUT, current_deadline, parse_grpc_timeout};
 use crate::grpc::middleware::request_id::{self, with_caller};
 use crate::secret_file::Watched;
 
@@ -217,7 +217,7 @@ where
         if let Some(caller) = current_deadline() {
             at = at.min(caller);
         }
-        let asked = request.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let asked = request.headers().get(&GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
         if let Some(asked) = asked {
             at = at.min(now + asked);
         }
@@ -226,7 +226,7 @@ where
             return ready_response(Status::deadline_exceeded("the deadline had passed before the call was sent"));
         }
         if let Ok(value) = HeaderValue::from_str(&encode_grpc_timeout(left)) {
-            request.headers_mut().insert("grpc-timeout", value);
+            request.headers_mut().insert(GRPC_TIMEOUT, value);
         }
         request.extensions_mut().insert(ClientDeadline(at));
         let call = self.inner.call(request);
@@ -304,8 +304,8 @@ impl<S: Service<Req, Response = Res, Error = Status>> Service<Req> for Propagate
             crate::telemetry::propagate(headers);
         }
         with_caller(|caller| {
-            if !headers.contains_key(request_id::HEADER) {
-                headers.insert(request_id::HEADER, caller.request_id.header().clone());
+            if !headers.contains_key(&request_id::HEADER_NAME) {
+                headers.insert(request_id::HEADER_NAME, caller.request_id.header().clone());
             }
             if !headers.contains_key("traceparent")
                 && let Some(traceparent) = &caller.traceparent

@@ -340,9 +340,9 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     let started = std::time::Instant::now();
     // Every call gets an id here, passed on to gRPC as metadata and echoed
     // back, so one id follows the request through both servers' logs.
-    let id = RequestId::from_header(request.headers().get(request_id::HEADER));
+    let id = RequestId::from_header(request.headers().get(&request_id::HEADER_NAME));
     let id_header = id.header().clone();
-    request.headers_mut().insert(request_id::HEADER, id_header.clone());
+    request.headers_mut().insert(request_id::HEADER_NAME, id_header.clone());
     // A span only when something reads spans (see `telemetry::call_spans`);
     // the gateway's JSON log lines name the call from its `Caller`.
     let span = if crate::telemetry::call_spans() {
@@ -363,7 +363,7 @@ async fn dispatch(State(gateway): State<Arc<Gateway>>, mut request: Request) -> 
     let (metrics, outcome) = tracing::Instrument::instrument(handled, span).await;
     let mut response = outcome.unwrap_or_else(|error| error.into_response(&gateway.pool));
     metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
-    response.headers_mut().insert(request_id::HEADER, id_header);
+    response.headers_mut().insert(request_id::HEADER_NAME, id_header);
     response
 }
 

@@ -11,7 +11,9 @@ use tokio::time::Instant;
 
 use super::shed::ShedSlot;
 
-pub(super) const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
+/// The header, as a name made at compile time: looked up by `&str`, a name
+/// is parsed and checked on every lookup.
+pub const GRPC_TIMEOUT: http::HeaderName = http::HeaderName::from_static("grpc-timeout");
 
 /// `grpc.default_timeout` and `grpc.max_timeout`.
 #[derive(Clone, Copy, Debug)]

@@ -16,6 +16,9 @@ use tokio::time::Instant;
 use super::method::MethodInfo;
 
 pub const HEADER: &str = "x-request-id";
+/// [`HEADER`] as a name made at compile time, for lookups and inserts that
+/// would otherwise parse and check the name each time.
+pub const HEADER_NAME: http::HeaderName = http::HeaderName::from_static(HEADER);
 const MAX_LEN: usize = 128;
 
 /// The id of the current call. It is kept as the header value it is sent

@@ -54,7 +54,7 @@ use super::recover::{panic_message, panic_status};
 use super::request_id::{self, Caller, InCall, RequestId};
 use super::shed::{Permit, Shedder};
 
-const X_REQUEST_ID: HeaderName = HeaderName::from_static(request_id::HEADER);
+const X_REQUEST_ID: HeaderName = request_id::HEADER_NAME;
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The request headers the call layer reads, found in one walk over the
