@@ -27,6 +27,7 @@ use crate::grpc::middleware::call::{ObservedFuture, OnCallEnd, status_code};
 use crate::grpc::middleware::deadline::{GRPC_TIMEOUT, current_deadline, parse_grpc_timeout};
 use crate::grpc::middleware::request_id::{self, with_caller};
 use crate::secret_file::Watched;
+use crate::telemetry::TRACEPARENT;
 
 pub type Req = http::Request<Body>;
 pub type Res = http::Response<Body>;
@@ -300,17 +301,17 @@ impl<S: Service<Req, Response = Res, Error = Status>> Service<Req> for Propagate
 
     fn call(&mut self, mut request: Req) -> Self::Future {
         let headers = request.headers_mut();
-        if !headers.contains_key("traceparent") {
+        if !headers.contains_key(&TRACEPARENT) {
             crate::telemetry::propagate(headers);
         }
         with_caller(|caller| {
             if !headers.contains_key(&request_id::HEADER_NAME) {
                 headers.insert(request_id::HEADER_NAME, caller.request_id.header().clone());
             }
-            if !headers.contains_key("traceparent")
+            if !headers.contains_key(&TRACEPARENT)
                 && let Some(traceparent) = &caller.traceparent
             {
-                headers.insert("traceparent", traceparent.clone());
+                headers.insert(TRACEPARENT, traceparent.clone());
             }
             if matches!(self.credentials, Credentials::Propagate)
                 && !headers.contains_key(http::header::AUTHORIZATION)

@@ -20,8 +20,10 @@ use tower::util::BoxCloneSyncService;
 
 use super::error::GatewayError;
 use crate::grpc::middleware::deadline::{GRPC_TIMEOUT, parse_grpc_timeout};
+use crate::grpc::middleware::logging::X_FORWARDED_FOR;
 use crate::grpc::middleware::metrics::{GrpcMetrics, GrpcMetricsLayer};
 use crate::grpc::middleware::request_id;
+use crate::telemetry::TRACEPARENT;
 use crate::telemetry::access::push_ip;
 
 /// What the gateway calls, measured as `grpc_client_*`. Transport errors
@@ -110,14 +112,9 @@ impl Forwarder {
 // about a dozen such lookups (some 2,000 instructions).
 
 /// Request headers that become gRPC metadata, besides `Grpc-Metadata-*`.
-static FORWARDED: [HeaderName; 4] = [
-    http::header::AUTHORIZATION,
-    request_id::HEADER_NAME,
-    HeaderName::from_static("traceparent"),
-    HeaderName::from_static("tracestate"),
-];
+static FORWARDED: [HeaderName; 4] =
+    [http::header::AUTHORIZATION, request_id::HEADER_NAME, TRACEPARENT, HeaderName::from_static("tracestate")];
 const METADATA_PREFIX: &str = "grpc-metadata-";
-const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// The echoed request id's header on the HTTP side, which every gateway
 /// response carries: made once rather than prefixed and parsed each time.

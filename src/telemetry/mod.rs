@@ -133,6 +133,10 @@ pub fn init(log: &LogSettings, tracing: &TracingSettings) -> Result<TelemetryGua
 /// the text ends up in a metric label.
 const MAX_FILTER_LEN: usize = 4096;
 
+/// The W3C trace context header, as a name made at compile time: the call
+/// layer, the gateway and the downstream clients look it up on every call.
+pub const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// Why a new log filter was refused; the filter in force stays.
 #[derive(Debug, thiserror::Error)]
 pub enum LogFilterError {
@@ -454,7 +458,7 @@ mod otel {
     }
 
     pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
-        if headers.contains_key("traceparent") {
+        if headers.contains_key(&crate::telemetry::TRACEPARENT) {
             let parent = TraceContextPropagator::new().extract(&Headers(headers));
             let _ = span.set_parent(parent);
         }

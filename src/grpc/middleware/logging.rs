@@ -21,7 +21,8 @@ use crate::grpc::incoming::GrpcConnectInfo;
 use crate::telemetry::access;
 use crate::tls::ClientIdentity;
 
-const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
+/// Read here for a gateway call's client, and set by the gateway.
+pub const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 /// The pending log line and metrics of one call. It holds what it found on
 /// the request as is; formatting waits until the line is written.

@@ -53,9 +53,9 @@ use super::method::MethodTable;
 use super::recover::{panic_message, panic_status};
 use super::request_id::{self, Caller, InCall, RequestId};
 use super::shed::{Permit, Shedder};
+use crate::telemetry::TRACEPARENT;
 
 const X_REQUEST_ID: HeaderName = request_id::HEADER_NAME;
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// The request headers the call layer reads, found in one walk over the
 /// header map. Looked up by name, each hashed its name and probed the map,
